@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(os.environ.get("QUANTSD_ASSETS", REPO.parent / "shared" / "assets"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe():
+    """One shared tiny pipeline; tests that mutate weights must restore them or build their own."""
+    from quantsd.models import load_pipeline
+
+    return load_pipeline("tiny")
+
+
+@pytest.fixture(scope="session")
+def sd15_meta_pipe():
+    from quantsd.models import load_pipeline
+
+    return load_pipeline("sd15-arch", device="meta")
