@@ -1,0 +1,9 @@
+"""Command-line interface: parse arguments, call the library, print. No logic lives here.
+
+One module per command; each registers itself on the ``main`` group when imported.
+"""
+
+from ._base import main
+from . import blocks  # noqa: F401  (registers `quantsd blocks`)
+
+__all__ = ["main"]
