@@ -1,0 +1,196 @@
+"""Packed-weight layers: QuantLinear / QuantConv2d (DESIGN §7 ``weights="packed"``).
+
+The n-bit codes (``weight_packed``, the checkpoint's LSB-first bitstream, uint8) and the
+stored parameters (``weight_scale`` and, for PWLQ, ``weight_breakpoint``, in their stored
+float16/float32 dtype) stay resident as buffers on the layer's device; the dense weight is
+rebuilt inside ``forward`` by :func:`dequantize_weight` and dropped afterwards.  That one
+function is the whole decode path, so a fused (Triton) kernel can replace it later.
+
+The decode is exactly the quantizer's (``quantsd.quant``): a weight rebuilt here equals the
+simulated ``quantize_tensor(...).dequantize()`` bit for bit.
+
+``module.to(dtype)`` / ``.half()`` change the compute dtype (and the bias) but never the
+stored parameters: scales/breakpoints keep their stored dtype, so casting a packed pipeline
+cannot change which weights it computes with beyond the final rounding to the compute dtype.
+Embeddings are not packed at run time: the loader dequantizes them once (a table lookup on a
+packed table would need a gather-then-decode kernel; see docs/FORMAT.md).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant.granularity import grouped_view, param_shape
+from .quant.packing import unpack_bits
+from .quant.quantizers import PWLQ_METHODS, decode
+
+__all__ = ["dequantize_weight", "QuantLinear", "QuantConv2d", "QuantModule", "packed_modules"]
+
+
+def dequantize_weight(
+    packed: torch.Tensor,
+    shape: Sequence[int],
+    bits: int,
+    method: str,
+    granularity: str,
+    scale: torch.Tensor,
+    breakpoint: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> torch.Tensor:
+    """Dense weight of ``shape`` in ``dtype`` from packed codes and stored parameters.
+
+    Pure torch on ``packed.device``: unpack the LSB-first n-bit stream, view it as the
+    granularity's groups, decode in float32 with the stored parameters (as float32), cast.
+    Identical to ``QTensor.from_packed(...).dequantize()`` minus the validation.
+    """
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    codes = unpack_bits(packed, bits, numel)
+    pshape = param_shape(shape, granularity)
+    cv = grouped_view(codes, pshape)
+    p = None if breakpoint is None else breakpoint.float()
+    w = decode(cv, method, bits, scale.float(), p)
+    return w.reshape(tuple(int(s) for s in shape)).to(dtype)
+
+
+class QuantModule(nn.Module):
+    """Shared buffers and bookkeeping of the packed layers."""
+
+    _STORED = ("weight_scale", "weight_breakpoint")
+
+    def _init_quant(self, shape, bits, method, granularity, packed, scale, breakpoint, dtype, device):
+        self.weight_shape = tuple(int(s) for s in shape)
+        self.bits = int(bits)
+        self.method = str(method)
+        self.granularity = str(granularity)
+        device = packed.device if device is None else torch.device(device)
+        self.register_buffer("weight_packed", packed.to(device))
+        self.register_buffer("weight_scale", scale.to(device))
+        self.register_buffer("weight_breakpoint", None if breakpoint is None else breakpoint.to(device))
+        # follows .to(dtype)/.half(): the dtype forward computes in
+        self.register_buffer("_compute_dtype_ref", torch.empty(0, dtype=dtype, device=device), persistent=False)
+        if (self.method in PWLQ_METHODS) != (breakpoint is not None):
+            raise ValueError(f"method {method!r} {'needs' if self.method in PWLQ_METHODS else 'takes no'} breakpoint")
+
+    def _apply(self, fn, recurse=True):
+        # Stored quantization parameters follow the device, never a dtype cast.
+        saved = {k: self._buffers.pop(k) for k in self._STORED if k in self._buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            dev = self.weight_packed.device
+            for k, t in saved.items():
+                self._buffers[k] = None if t is None else t.to(dev)
+        return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self._compute_dtype_ref.dtype
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_weight(self.weight_packed, self.weight_shape, self.bits, self.method, self.granularity,
+                                 self.weight_scale, self.weight_breakpoint, dtype or self.compute_dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, rebuilt on every access (for code that reads ``.weight``)."""
+        return self.dequantized_weight()
+
+    @property
+    def nbytes_packed(self) -> int:
+        n = self.weight_packed.numel() + self.weight_scale.numel() * self.weight_scale.element_size()
+        if self.weight_breakpoint is not None:
+            n += self.weight_breakpoint.numel() * self.weight_breakpoint.element_size()
+        return n
+
+    def _quant_repr(self) -> str:
+        return (f"bits={self.bits}, method={self.method!r}, granularity={self.granularity!r}, "
+                f"scale_dtype={self.weight_scale.dtype}, packed_bytes={self.weight_packed.numel()}")
+
+
+class QuantLinear(QuantModule):
+    """``nn.Linear`` with a packed weight, dequantized in forward."""
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, *, bits: int, method: str,
+                 granularity: str, packed: torch.Tensor, scale: torch.Tensor,
+                 breakpoint: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self._init_quant((out_features, in_features), bits, method, granularity, packed, scale, breakpoint, dtype,
+                         device)
+        self.bias = None if bias is None else nn.Parameter(bias.to(self.weight_packed.device, dtype),
+                                                             requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, qt, device=None) -> "QuantLinear":
+        """From a dense layer (for its shape and bias) and a QTensor of its weight."""
+        dtype = linear.bias.dtype if linear.bias is not None else qt.dtype
+        return cls(linear.in_features, linear.out_features, None if linear.bias is None else linear.bias.detach(),
+                   bits=qt.bits, method=qt.method, granularity=qt.granularity, packed=qt.pack(), scale=qt.scale,
+                   breakpoint=qt.breakpoint, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               + self._quant_repr()
+
+
+class QuantConv2d(QuantModule):
+    """``nn.Conv2d`` with a packed weight, dequantized in forward."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, bias: torch.Tensor | None, *, stride=1,
+                 padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros", bits: int, method: str,
+                 granularity: str, packed: torch.Tensor, scale: torch.Tensor,
+                 breakpoint: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        pair = nn.modules.utils._pair
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.kernel_size = pair(kernel_size)
+        self.stride = pair(stride)
+        self.padding = padding if isinstance(padding, str) else pair(padding)
+        self.dilation = pair(dilation)
+        self.groups = int(groups)
+        self.padding_mode = padding_mode
+        if padding_mode != "zeros":
+            if isinstance(self.padding, str):
+                raise ValueError("string padding needs padding_mode='zeros'")
+            # same as nn.Conv2d: F.pad takes (left, right, top, bottom)
+            self._reversed_padding_repeated_twice = tuple(x for x in reversed(self.padding) for _ in range(2))
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        self._init_quant(shape, bits, method, granularity, packed, scale, breakpoint, dtype, device)
+        self.bias = None if bias is None else nn.Parameter(bias.to(self.weight_packed.device, dtype),
+                                                             requires_grad=False)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, qt, device=None) -> "QuantConv2d":
+        dtype = conv.bias.dtype if conv.bias is not None else qt.dtype
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size,
+                   None if conv.bias is None else conv.bias.detach(), stride=conv.stride, padding=conv.padding,
+                   dilation=conv.dilation, groups=conv.groups, padding_mode=conv.padding_mode, bits=qt.bits,
+                   method=qt.method, granularity=qt.granularity, packed=qt.pack(), scale=qt.scale,
+                   breakpoint=qt.breakpoint, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight()
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}, " + self._quant_repr())
+
+
+def packed_modules(module: nn.Module):
+    """(name, QuantModule) for every packed layer below ``module``."""
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, QuantModule)]
