@@ -128,7 +128,7 @@ def _load_directory(path: Path, dtype: torch.dtype | None, **kwargs: Any) -> Sta
             "Pass a folder written by `pipe.save_pretrained(...)` or by `quantsd export`."
         )
     return StableDiffusionPipeline.from_pretrained(
-        path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+        path, dtype=dtype, safety_checker=None, requires_safety_checker=False,
         local_files_only=True,
     )
 
@@ -136,7 +136,7 @@ def _load_directory(path: Path, dtype: torch.dtype | None, **kwargs: Any) -> Sta
 def _load_hub(model_id: str, dtype: torch.dtype | None) -> StableDiffusionPipeline:
     try:
         return StableDiffusionPipeline.from_pretrained(
-            model_id, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+            model_id, dtype=dtype, safety_checker=None, requires_safety_checker=False,
         )
     except Exception as exc:  # network errors, missing repos, gated repos, offline mode
         raise ModelSourceError(
@@ -183,9 +183,15 @@ def load_pipeline(
             f"unknown model {name!r}: expected one of {', '.join(BUILTIN_MODELS)}, an existing "
             "local pipeline directory, or a hub id of the form 'org/name'"
         )
-    if dtype is not None:
+    return place_pipeline(pipe, dtype=dtype, device=device)
+
+
+def place_pipeline(pipe: StableDiffusionPipeline, dtype: torch.dtype | None = None,
+                   device: str | torch.device | None = None) -> StableDiffusionPipeline:
+    """Move/cast a pipeline, skipping no-op casts (diffusers warns on every ``.to(dtype)``)."""
+    if dtype is not None and pipe.unet.dtype != dtype:
         pipe.to(dtype=dtype)
-    if device is not None:
+    if device is not None and pipe.unet.device != torch.device(device):
         pipe.to(device)
     return pipe
 

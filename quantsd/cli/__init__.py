@@ -5,5 +5,6 @@ One module per command; each registers itself on the ``main`` group when importe
 
 from ._base import main
 from . import blocks  # noqa: F401  (registers `quantsd blocks`)
+from . import sensitivity  # noqa: F401
 
 __all__ = ["main"]
