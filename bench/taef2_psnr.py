@@ -4,7 +4,8 @@ Encodes real photos (scikit-image samples) with the fp32 TAEF2 encoder once, the
 with the fp32 decoder and with every decoder Conv2d weight replaced by
 ``quantsd.quant.fake_quantize(w, bits, method, granularity, seed=<layer index>)``
 (biases and GroupNorm parameters kept in fp32).  PSNR is against the *input* image, so
-the fp32 row is the autoencoder's own ceiling.  Writes a Markdown table (and JSON).
+the fp32 row is the autoencoder's own ceiling.  Writes a Markdown table (text below a
+``<!-- bench:end -->`` marker in an existing file is kept); ``--json`` also dumps the numbers.
 
     .venv/bin/python bench/taef2_psnr.py --out docs/TAEF2.md
 """
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", default=",".join(IMAGES))
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
     ap.add_argument("--out", default="docs/TAEF2.md")
+    ap.add_argument("--json", default=None, help="also write raw results as JSON here")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -157,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         # keep hand-written notes below the marker
         text += "\n<!-- bench:end -->" + out.read_text().split("<!-- bench:end -->", 1)[1]
     out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps({"results": results, "packed_bytes": sizes,
-                                                    "fp16_bytes": fp16_bytes}, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"results": results, "packed_bytes": sizes,
+                                               "fp16_bytes": fp16_bytes}, indent=1))
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

@@ -212,6 +212,33 @@ def test_scale_is_stored_fp16_value_used_for_decode():
     assert torch.equal(qt.dequantize(), (2 * m16.float()) * (qt.codes.float() / 255 - 0.5))
 
 
+@pytest.mark.parametrize("method", ["uniform", "pwlq"])
+def test_codes_use_the_stored_fp16_scale(method):
+    # m = 0.70006 is stored as fp16 0.7001; codes must come from the stored value
+    m32 = 0.70006
+    w = torch.cat([torch.tensor([m32]), torch.linspace(-m32, m32, 20001)])
+    m16 = float(torch.tensor(m32).half())
+    assert m16 != m32
+    L = 255
+    x = w.double().numpy()
+
+    def ref_codes(m):
+        t = (x / (2 * m) + 0.5) * L
+        return np.clip(np.round(t), 0, L), np.abs(t - np.floor(t) - 0.5) < 1e-6
+
+    c16, tie16 = ref_codes(m16)
+    c32, _ = ref_codes(m32)
+    assert (c16 != c32).sum() > 10  # the test can tell the two apart
+    qt = quantize_tensor(w, 8, "uniform")
+    assert np.array_equal(qt.codes.numpy()[~tie16], c16[~tie16])
+    if method == "pwlq":  # breakpoint formula also takes the stored m
+        qt = quantize_tensor(w, 8, "pwlq")
+        sigma = x.std()
+        p = sigma * np.log(0.8030 * m16 / sigma - 0.3167)
+        p = min(max(p, m16 / 64), 63 * m16 / 64)
+        assert qt.breakpoint.item() == float(np.float16(p))
+
+
 def test_pwlq_breakpoint_formula_float64():
     g = torch.Generator().manual_seed(3)
     w = torch.randn(4, 4096, generator=g) * torch.tensor([[0.5], [1.0], [2.0], [0.01]])
