@@ -1,0 +1,41 @@
+"""`quantsd generate`."""
+
+from __future__ import annotations
+
+import click
+
+from ._base import FORMAT, main, model_option
+
+
+@main.command("generate")
+@model_option()
+@click.option("-p", "--prompt", required=True, help="Text prompt.")
+@click.option("-n", "--negative-prompt", default=None, help="Negative prompt.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Noise seed (CPU generator).")
+@click.option("--steps", default=25, show_default=True, type=click.IntRange(min=1), help="Denoising steps.")
+@click.option("--guidance", default=7.5, show_default=True, type=float, help="Classifier-free guidance scale.")
+@click.option("--height", default=None, type=int, help="Image height (default: the model's native size).")
+@click.option("--width", default=None, type=int, help="Image width (default: the model's native size).")
+@click.option("--weights", type=click.Choice(["packed", "dequantize"]), default=None,
+              help="Quantsd checkpoints: keep packed codes resident (default on CUDA) or dequantize once.")
+@click.option("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Compute dtype (default: float16 on CUDA, float32 on CPU).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@FORMAT
+def generate_cmd(model, prompt, negative_prompt, seed, steps, guidance, height, width, weights, device, dtype, out,
+                 fmt) -> None:
+    """Generate an image from MODEL (a model source or a quantsd checkpoint)."""
+    from ..generate import generate, save_png
+    from ..reporting import to_json
+
+    image, info = generate(model, prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
+                           guidance=guidance, height=height, width=width, weights=weights, device=device,
+                           dtype=dtype)
+    save_png(image, out, info)
+    info["output"] = out
+    if fmt == "json":
+        click.echo(to_json(info))
+    else:
+        click.echo(f"wrote {out} ({info['width']}x{info['height']}, {info['steps']} steps, seed {info['seed']}, "
+                   f"{info['weights']} weights on {info['device']} {info['dtype']}, {info['seconds']:.2f} s)")
