@@ -8,6 +8,7 @@ the same decode, so simulated and loaded weights agree bit for bit.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -169,7 +170,7 @@ def quantize_tensor(
     if w.numel() == 0:
         raise QuantError(f"cannot quantize an empty tensor (shape {list(w.shape)})")
     pshape = param_shape(w.shape, gran)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise QuantError(f"seed must be an int, got {seed!r}")
 
     with torch.no_grad():
