@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,15 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..blocks import Block, get_module, list_blocks
-from ..quant import fake_quantize, quantize_tensor
+from ..quant import quantize_tensor
+from ..recipe import layer_seed  # same per-layer seeds as recipes/export
 from .config import SweepConfig
 
 COMPONENT_OUTPUT = {"text_encoder": "text_embeddings", "unet": "latents", "vae_decoder": "image"}
-
-
-def layer_seed(path: str, seed: int) -> int:
-    """Per-layer seed for stochastic methods: stable across runs, machines and processes."""
-    return (zlib.crc32(path.encode("utf-8")) ^ (seed * 0x9E3779B1)) & 0x7FFFFFFF
 
 
 def relative_l2(v_q: torch.Tensor, v_ref: torch.Tensor) -> float:
@@ -136,7 +131,7 @@ def quantized_block(pipe, block: Block, method: str | None, bits: int, granulari
             original = weight.detach().clone()
             saved.append((weight, original))
             qt = quantize_tensor(original.float(), bits=bits, method=method, granularity=granularity,
-                                 seed=layer_seed(path, seed))
+                                 seed=layer_seed(seed, path))
             packed += qt.nbytes_packed
             quantized_numel += original.numel()
             with torch.no_grad():

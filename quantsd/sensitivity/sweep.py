@@ -58,7 +58,10 @@ def run_sensitivity(pipe, config: SweepConfig, out_dir: str | Path, device: str 
     device = torch.device(device) if device is not None else next(pipe.unet.parameters()).device
     place_pipeline(pipe, dtype=getattr(torch, config.dtype), device=device)
     old_meta = out_dir / "sweep.json"
-    meta = config.to_dict() | {"versions": _versions()}
+    unswept = [b for b in list_blocks(pipe) if b.component in config.components and not b.layer_names]
+    # Bytes of parameters no sweep entry covers (norms outside any layer-bearing block), at fp16:
+    # the search adds them to every bit map so its sizes are whole-pipeline sizes.
+    meta = config.to_dict() | {"versions": _versions(), "fixed_bytes": sum(b.fp16_bytes for b in unswept)}
     if old_meta.exists():  # extending a sweep with more methods/bits keeps the union listed
         old = json.loads(old_meta.read_text())
         meta["methods"] = sorted(set(old.get("methods", [])) | set(config.methods))
