@@ -301,8 +301,8 @@ def _check_files(root: Path, manifest: dict, verify: bool) -> None:
             raise CheckpointError(f"{root}: missing file {rel} (incomplete copy?)")
         size = p.stat().st_size
         if size != nbytes:
-            raise CheckpointError(f"{p}: {'truncated' if size < nbytes else 'wrong size'}: {size} bytes, "
-                                  f"the manifest says {nbytes}")
+            raise CheckpointError(f"{p}: {size} bytes, the manifest says {nbytes} "
+                                  f"({'truncated' if size < nbytes else 'modified or replaced'} file)")
         if verify and _sha256_file(p) != sha:
             raise CheckpointError(f"{p}: sha256 mismatch (corrupt file); pass verify=False to skip this check")
 

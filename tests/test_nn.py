@@ -1,0 +1,51 @@
+"""QuantLinear / QuantConv2d: forward equals the dense layer with the dequantized weight."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantsd.nn import QuantConv2d, QuantLinear, dequantize_weight
+from quantsd.quant import quantize_tensor
+
+
+@pytest.mark.parametrize("method, bits, gran", [("uniform", 3, "channel"), ("pwlq", 4, "group:8"),
+                                                ("pwlq-stochastic", 2, "tensor"), ("stochastic", 8, "tensor")])
+def test_dequantize_weight_equals_qtensor(method, bits, gran):
+    w = torch.randn(16, 32)
+    qt = quantize_tensor(w, bits, method, gran, seed=3)
+    got = dequantize_weight(qt.pack(), w.shape, bits, method, gran, qt.scale, qt.breakpoint, torch.float32)
+    assert torch.equal(got, qt.dequantize())
+
+
+def test_quant_linear_forward_and_dtype_handling():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    qt = quantize_tensor(lin.weight.detach(), 4, "pwlq", "channel")
+    q = QuantLinear.from_linear(lin, qt)
+    x = torch.randn(5, 32)
+    assert torch.equal(q(x), F.linear(x, qt.dequantize(), lin.bias))
+    assert torch.equal(q.weight, qt.dequantize())
+    assert q.weight_packed.dtype == torch.uint8 and q.weight_packed.numel() == 16 * 32 * 4 // 8
+    q.to(torch.float64)  # compute dtype follows; stored parameters keep their dtype
+    assert q.compute_dtype == torch.float64 and q.bias.dtype == torch.float64
+    assert q.weight_scale.dtype == torch.float16 and q.weight_breakpoint.dtype == torch.float16
+    assert torch.equal(q.weight, qt.dequantize().double())
+    q.half()
+    assert q.compute_dtype == torch.float16 and q.weight_scale.dtype == torch.float16
+    assert set(q.state_dict()) == {"weight_packed", "weight_scale", "weight_breakpoint", "bias"}
+    assert "bits=4" in repr(q)
+
+
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(padding=1, padding_mode="reflect"), dict(stride=2, groups=2)])
+def test_quant_conv_forward(kw):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 3, **kw)
+    qt = quantize_tensor(conv.weight.detach(), 5, "uniform", "channel")
+    q = QuantConv2d.from_conv(conv, qt)
+    ref = nn.Conv2d(8, 6, 3, **kw)
+    with torch.no_grad():
+        ref.weight.copy_(qt.dequantize())
+        ref.bias.copy_(conv.bias)
+    x = torch.randn(2, 8, 9, 9)
+    assert torch.equal(q(x), ref(x))
