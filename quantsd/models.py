@@ -117,11 +117,13 @@ def build_sd15_arch_pipeline(seed: int = 0, device: str | torch.device | None = 
         return _assemble(SD15_TEXT_ENCODER, SD15_UNET, SD15_VAE, PNDMScheduler(**SD15_SCHEDULER), seed)
 
 
-def _load_directory(path: Path, dtype: torch.dtype | None, **kwargs: Any) -> StableDiffusionPipeline:
+def _load_directory(path: Path, dtype: torch.dtype | None, device: str | torch.device | None = None,
+                    **kwargs: Any) -> StableDiffusionPipeline:
     if (path / "quantsd.json").exists():
         from .io import load_checkpoint  # packed checkpoint: the quantsd loader, never pickle
 
-        return load_checkpoint(path, dtype=dtype, **kwargs)
+        # the device decides the weight mode's default (packed on CUDA), so it goes in here
+        return load_checkpoint(path, dtype=dtype, device=device, **kwargs)
     if not (path / "model_index.json").exists():
         raise ModelSourceError(
             f"{str(path)!r} is a directory but not a diffusers pipeline (no model_index.json). "
@@ -173,9 +175,9 @@ def load_pipeline(
                 f"the trained fixture pipeline is not installed at {FIXTURE_DIR}; "
                 "reinstall quantsd, or use --model tiny"
             )
-        pipe = _load_directory(FIXTURE_DIR, dtype, **kwargs)
+        pipe = _load_directory(FIXTURE_DIR, dtype, device, **kwargs)
     elif Path(name).expanduser().is_dir():
-        pipe = _load_directory(Path(name).expanduser(), dtype, **kwargs)
+        pipe = _load_directory(Path(name).expanduser(), dtype, device, **kwargs)
     elif _looks_like_hub_id(name) and not Path(name).expanduser().exists():
         pipe = _load_hub(name, dtype)
     else:
