@@ -88,33 +88,40 @@ def encode(
 
     ``noise`` is u ~ Unif(-1/2, 1/2) of ``wv``'s shape for the stochastic methods, else None.
     """
+    # In-place ops below only ever touch fresh temporaries (never ``wv``, which may alias the
+    # caller's weight); they compute exactly what the out-of-place expressions would.
     L, L1, L2 = _levels(bits)
     m = m.unsqueeze(-1)
     if method in ("uniform", "stochastic"):
         safe_m = torch.where(m > 0, m, torch.ones_like(m))  # m == 0 groups: w == 0, decode gives 0
-        t = (wv / (2 * safe_m) + 0.5) * L
+        t = wv / (2 * safe_m)
+        t.add_(0.5).mul_(L)  # (w/(2m) + 1/2) * L
         if noise is not None:
-            t = t + noise
-        return torch.round(t).clamp_(0, L).to(torch.uint8)
+            t.add_(noise)
+        return t.round_().clamp_(0, L).to(torch.uint8)
 
     assert p is not None
     p = p.unsqueeze(-1)
-    a = wv.abs()
-    center = a <= p
+    sign = (wv < 0).to(torch.uint8)
     # center: (n-1)-bit uniform level over [-p, p]
     safe_p = torch.where(p > 0, p, torch.ones_like(p))
-    tc = (wv / (2 * safe_p) + 0.5) * L1
+    tc = wv / (2 * safe_p)
+    tc.add_(0.5).mul_(L1)
+    if noise is not None:
+        tc.add_(noise)
+    cc = tc.round_().clamp_(0, L1).to(torch.uint8)
+    del tc
     # tail: (n-2)-bit level of |w| over [p, m]
     d = m - p
     safe_d = torch.where(d > 0, d, torch.ones_like(d))
-    tl = (a - p) / safe_d * L2
+    tl = wv.abs()
+    center = tl <= p
+    tl.sub_(p).div_(safe_d).mul_(L2)  # (|w| - p) / (m - p) * L2
     if noise is not None:
-        tc = tc + noise
-        tl = tl + noise
-    cc = torch.round(tc).clamp_(0, L1).to(torch.uint8)
-    lvl = torch.round(tl).clamp_(0, L2).to(torch.uint8)
-    sign = (wv < 0).to(torch.uint8)
-    tail = (1 << (bits - 1)) | (sign << (bits - 2)) | lvl
+        tl.add_(noise)
+    lvl = tl.round_().clamp_(0, L2).to(torch.uint8)
+    del tl
+    tail = lvl.bitwise_or_(sign.bitwise_left_shift_(bits - 2)).bitwise_or_(1 << (bits - 1))
     return torch.where(center, cc, tail)
 
 
@@ -126,24 +133,23 @@ def decode(
     p: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Float32 weights from codes ``cv`` (grouped view) and float32 stored params m, p."""
+    # Decoded in place in one or two float32 buffers (this runs inside QuantLinear/QuantConv2d's
+    # forward); each in-place op computes exactly what the paper's expression does.
     L, L1, L2 = _levels(bits)
     m = m.unsqueeze(-1)
-    zero = torch.zeros((), dtype=torch.float32, device=cv.device)
     if method in ("uniform", "stochastic"):
-        v = (2 * m) * (cv.float() / L - 0.5)
-        return torch.where(m == 0, zero, v)
+        out = cv.float().div_(L).sub_(0.5).mul_(2 * m)  # 2m * (c/L - 1/2)
+        return out.masked_fill_(m == 0, 0.0)  # +0.0 (not -0.0) for all-zero groups
 
     assert p is not None
     p = p.unsqueeze(-1)
-    region = (cv >> (bits - 1)) & 1
-    cc = (cv & L1).float()
-    center = (2 * p) * (cc / L1 - 0.5)
-    center = torch.where(p == 0, zero, center)
+    out = (cv & L1).float().div_(L1).sub_(0.5).mul_(2 * p)  # center: 2p * (c/L1 - 1/2)
+    out.masked_fill_(p == 0, 0.0)
     if L2 > 0:
-        lvl = (cv & L2).float()
-        mag = p + (m - p) * (lvl / L2)
+        mag = (cv & L2).float().div_(L2).mul_(m - p).add_(p)  # tail: p + (m-p) * l/L2
     else:  # n = 2: no level bits, one magnitude per tail at the middle of [p, m]
-        mag = ((p + m) * 0.5).expand(cv.shape)
-    neg = ((cv >> (bits - 2)) & 1).bool()
-    tail = torch.where(neg, -mag, mag)
-    return torch.where(region.bool(), tail, center)
+        mag = ((p + m) * 0.5).expand(cv.shape).contiguous()
+    sign = 1 - 2 * ((cv >> (bits - 2)) & 1).to(torch.int8)  # +1 / -1 (1 = negative)
+    mag.mul_(sign)
+    region = cv >= (1 << (bits - 1))
+    return torch.where(region, mag, out, out=out)
