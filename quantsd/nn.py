@@ -3,8 +3,10 @@
 The n-bit codes (``weight_packed``, the checkpoint's LSB-first bitstream, uint8) and the
 stored parameters (``weight_scale`` and, for PWLQ, ``weight_breakpoint``, in their stored
 float16/float32 dtype) stay resident as buffers on the layer's device; the dense weight is
-rebuilt inside ``forward`` by :func:`dequantize_weight` and dropped afterwards.  That one
-function is the whole decode path, so a fused (Triton) kernel can replace it later.
+rebuilt inside ``forward`` by :func:`dequantize_weight` and dropped afterwards.  On CUDA the
+rebuild is one Triton kernel launch per layer (``quantsd.kernels``: unpack + decode + cast in
+one pass, bit-identical to the pure-torch decode, a custom op under torch.compile); the
+pure-torch decode below is the reference and the CPU path.
 
 The decode is exactly the quantizer's (``quantsd.quant``): a weight rebuilt here equals the
 simulated ``quantize_tensor(...).dequantize()`` bit for bit.
@@ -40,13 +42,22 @@ def dequantize_weight(
     scale: torch.Tensor,
     breakpoint: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float16,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Dense weight of ``shape`` in ``dtype`` from packed codes and stored parameters.
 
-    Pure torch on ``packed.device``: unpack the LSB-first n-bit stream, view it as the
-    granularity's groups, decode in float32 with the stored parameters (as float32), cast.
-    Identical to ``QTensor.from_packed(...).dequantize()`` minus the validation.
+    ``backend="torch"`` (the reference; the only one on the CPU): unpack the LSB-first n-bit
+    stream, view it as the granularity's groups, decode in float32 with the stored parameters
+    (as float32), cast.  Identical to ``QTensor.from_packed(...).dequantize()`` minus the
+    validation.  ``backend="auto"`` uses the Triton kernel (same bits) on CUDA for float16 /
+    bfloat16 / float32 outputs; ``"triton"`` insists on it.
     """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "triton" or (backend == "auto" and packed.is_cuda and _triton_ok(packed.device, dtype)):
+        from .kernels import dequantize
+
+        return dequantize(packed, shape, bits, method, granularity, scale, breakpoint, dtype)
     numel = 1
     for s in shape:
         numel *= int(s)
@@ -56,6 +67,15 @@ def dequantize_weight(
     p = None if breakpoint is None else breakpoint.float()
     w = decode(cv, method, bits, scale.float(), p)
     return w.reshape(tuple(int(s) for s in shape)).to(dtype)
+
+
+_FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    from .kernels.dequant import SUPPORTED_DTYPES, available
+
+    return dtype in SUPPORTED_DTYPES and available(device)
 
 
 class QuantModule(nn.Module):
@@ -76,6 +96,20 @@ class QuantModule(nn.Module):
         self.register_buffer("_compute_dtype_ref", torch.empty(0, dtype=dtype, device=device), persistent=False)
         if (self.method in PWLQ_METHODS) != (breakpoint is not None):
             raise ValueError(f"method {method!r} {'needs' if self.method in PWLQ_METHODS else 'takes no'} breakpoint")
+        from .kernels.dequant import HAS_TRITON, prepare
+
+        # launch constants for the Triton path, computed once (nothing per call but the launch)
+        self._plan = prepare(self.weight_shape, self.bits, self.method, self.granularity) if HAS_TRITON else None
+        self._refresh_lut()
+
+    def _refresh_lut(self) -> None:
+        """The shared level table for the kernel on this layer's device (None where it can't run)."""
+        self._lut = None
+        dev = self.weight_packed.device
+        if self._plan is not None and dev.type == "cuda":
+            from .kernels.dequant import level_table
+
+            self._lut = level_table(self.bits, self.method, dev)
 
     def _apply(self, fn, recurse=True):
         # Stored quantization parameters follow the device, never a dtype cast.
@@ -86,6 +120,8 @@ class QuantModule(nn.Module):
             dev = self.weight_packed.device
             for k, t in saved.items():
                 self._buffers[k] = None if t is None else t.to(dev)
+        if getattr(self, "_plan", None) is not None and (self._lut is None or self._lut.device != self.weight_packed.device):
+            self._refresh_lut()
         return self
 
     @property
@@ -93,8 +129,13 @@ class QuantModule(nn.Module):
         return self._compute_dtype_ref.dtype
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.compute_dtype
+        if self._lut is not None and dtype in _FAST_DTYPES:  # CUDA: one Triton launch, no validation
+            from .kernels.dequant import op_call
+
+            return op_call(self._plan, self.weight_packed, self.weight_scale, self.weight_breakpoint, self._lut, dtype)
         return dequantize_weight(self.weight_packed, self.weight_shape, self.bits, self.method, self.granularity,
-                                 self.weight_scale, self.weight_breakpoint, dtype or self.compute_dtype)
+                                 self.weight_scale, self.weight_breakpoint, dtype, backend="torch")
 
     @property
     def weight(self) -> torch.Tensor:

@@ -1,0 +1,276 @@
+"""Triton dequantization of packed n-bit weights (bits 2..8, every method and granularity).
+
+One launch rebuilds one dense weight from its packed LSB-first bitstream (docs/FORMAT.md)
+and its stored scale / breakpoint, writing the compute dtype directly.  The output equals
+the pure-torch reference (:func:`quantsd.nn.dequantize_weight` on the same device), bit for
+bit, because it performs the same float32 operations in the same order:
+
+* the only division in the reference, ``code / L`` (then ``- 0.5`` for uniform levels), is
+  not recomputed in the kernel: it is read from a small table (``level_table``) that torch
+  computes on the weight's device with the reference's own expression, so whatever torch
+  does there (true division on CPU, reciprocal multiply for a scalar divisor on CUDA) is
+  reproduced exactly;
+* multiplies and adds are kept separate (launch option ``enable_fp_fusion=False``): torch
+  eager never contracts ``p + (m - p) * x`` into an FMA, so neither may the kernel;
+* the final cast to float16 / bfloat16 is round-to-nearest-even, like ``Tensor.to`` (bfloat16 by
+  integer rounding of the float32 bits: finite weights only, which is all a decode produces).
+
+Work split: 8 consecutive codes of n bits are exactly n bytes, so each program takes
+``CHUNKS`` chunks of 8 codes, reads each chunk's n bytes once into a 64-bit word and
+shifts the 8 codes out of it (n byte loads per 8 weights, one 16-byte store of fp16).
+The group (scale) index is a constant for per-tensor scales, one division per chunk when
+the group size is a multiple of 8 (every SD layer), and per element otherwise.
+
+Entry points: :func:`dequantize` (launch, any device Triton runs on: CUDA, or the CPU under
+``TRITON_INTERPRET=1``), :func:`prepare` (per-layer launch constants, computed once), and
+the custom op ``torch.ops.quantsd.dequantize`` (opaque to torch.compile, with a fake impl, so
+compiled graphs keep the quantized layers without graph breaks and CUDA graphs can capture
+the launch).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+try:  # Triton is optional: without it every layer uses the pure-torch decode
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - platform without triton
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+__all__ = ["HAS_TRITON", "interpreting", "available", "level_table", "prepare", "dequantize", "DequantPlan",
+           "SUPPORTED_DTYPES"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_PWLQ = ("pwlq", "pwlq-stochastic")
+_UNIFORM = ("uniform", "stochastic")
+CHUNKS = 256            # chunks of 8 codes per program: 2048 weights
+NUM_WARPS = 4
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available(device: torch.device) -> bool:
+    """Can the Triton kernel run for tensors on ``device``?"""
+    if not HAS_TRITON:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreting()
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _dequant_kernel(packed_ptr, scale_ptr, bp_ptr, lut_ptr, out_ptr, numel, nbytes, group, group8,
+                        BITS: tl.constexpr, PWLQ: tl.constexpr, GMODE: tl.constexpr, CHUNKS: tl.constexpr,
+                        OUT_BF16: tl.constexpr):
+        # GMODE: 0 one scale (tensor), 1 group size a multiple of 8 (index per chunk), 2 any group size
+        pid = tl.program_id(0).to(tl.int64)
+        c = pid * CHUNKS + tl.arange(0, CHUNKS)                 # chunk index, int64
+        j = tl.arange(0, 8)
+        e = c[:, None] * 8 + j[None, :]                         # element index [CHUNKS, 8]
+        emask = e < numel
+        # the n bytes of each chunk into one 64-bit word (byte k at bits 8k..8k+7: LSB-first stream)
+        word = tl.zeros([CHUNKS], dtype=tl.int64)
+        for k in tl.static_range(BITS):
+            b = c * BITS + k
+            byte = tl.load(packed_ptr + b, mask=b < nbytes, other=0)
+            word = word | (byte.to(tl.int64) << (8 * k))
+        code = ((word[:, None] >> (j[None, :] * BITS)) & ((1 << BITS) - 1)).to(tl.int32)
+
+        if GMODE == 0:
+            m = tl.load(scale_ptr).to(tl.float32)
+        elif GMODE == 1:
+            g = (c // group8)[:, None]
+            m = tl.load(scale_ptr + g, mask=c[:, None] * 8 < numel, other=0.0).to(tl.float32)
+        else:
+            g = e // group
+            m = tl.load(scale_ptr + g, mask=emask, other=0.0).to(tl.float32)
+
+        if PWLQ:
+            L1: tl.constexpr = (1 << (BITS - 1)) - 1
+            L2: tl.constexpr = (1 << (BITS - 2)) - 1
+            if GMODE == 0:
+                p = tl.load(bp_ptr).to(tl.float32)
+            elif GMODE == 1:
+                p = tl.load(bp_ptr + g, mask=c[:, None] * 8 < numel, other=0.0).to(tl.float32)
+            else:
+                p = tl.load(bp_ptr + g, mask=emask, other=0.0).to(tl.float32)
+            region = (code >> (BITS - 1)) & 1
+            cc = code & L1
+            center = (2.0 * p) * tl.load(lut_ptr + cc)          # (2p) * (cc/L1 - 0.5)
+            center = tl.where(p == 0.0, 0.0, center)
+            if L2 > 0:
+                lvl = code & L2
+                mag = p + (m - p) * tl.load(lut_ptr + 256 + lvl)   # p + (m-p) * (lvl/L2), no FMA
+            else:
+                mag = (p + m) * 0.5 + tl.zeros([CHUNKS, 8], dtype=tl.float32)
+            neg = ((code >> (BITS - 2)) & 1) != 0
+            tail = tl.where(neg, -mag, mag)
+            w = tl.where(region != 0, tail, center)
+        else:
+            v = (2.0 * m) * tl.load(lut_ptr + code)             # 2m * (c/L - 0.5)
+            w = tl.where(m == 0.0, 0.0, v)
+        if OUT_BF16:
+            # round-to-nearest-even to bfloat16 by hand, stored as int16 bits: the same result as
+            # torch's cast, on the GPU and in the interpreter (whose own cast truncates)
+            u = w.to(tl.uint32, bitcast=True)
+            r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+            tl.store(out_ptr + e, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=emask)
+        else:
+            tl.store(out_ptr + e, w.to(out_ptr.dtype.element_ty), mask=emask)
+
+
+_LUTS: dict = {}
+
+
+def level_table(bits: int, method: str, device: torch.device) -> torch.Tensor:
+    """float32[512] on ``device``: [0:256] the reference's ``c/L - 0.5`` (uniform: L = 2^n-1;
+    PWLQ center: L1 = 2^(n-1)-1), [256:512] PWLQ's ``lvl/L2`` (L2 = 2^(n-2)-1; zeros for n=2).
+
+    Computed by torch on ``device`` with the reference's own expressions (quantizers.decode),
+    cached per (bits, kind, device) and shared by every layer.
+    """
+    pwlq = method in _PWLQ
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (int(bits), pwlq, device)
+    t = _LUTS.get(key)
+    if t is None:
+        L, L1, L2 = (1 << bits) - 1, (1 << (bits - 1)) - 1, (1 << (bits - 2)) - 1
+        idx = torch.arange(256, device=device, dtype=torch.uint8)
+        a = idx.float() / (L1 if pwlq else L) - 0.5
+        b = idx.float() / L2 if (pwlq and L2 > 0) else torch.zeros(256, device=device)
+        t = torch.cat([a, b]).contiguous()
+        _LUTS[key] = t
+    return t
+
+
+class DequantPlan(NamedTuple):
+    """Launch constants of one layer (computed once, at layer construction)."""
+
+    shape: tuple
+    numel: int
+    nbytes: int
+    bits: int
+    pwlq: bool
+    gmode: int
+    group: int       # elements per scale (numel for per-tensor)
+    grid: int
+
+
+def prepare(shape: Sequence[int], bits: int, method: str, granularity: str) -> DequantPlan:
+    from ..quant.granularity import param_shape, parse_granularity
+    from ..quant.packing import check_bits, packed_nbytes
+
+    bits = check_bits(bits)
+    if method not in _PWLQ + _UNIFORM:
+        raise ValueError(f"unknown method {method!r}")
+    shape = tuple(int(s) for s in shape)
+    numel = 1
+    for s in shape:
+        numel *= s
+    pshape = param_shape(shape, granularity)
+    nparams = 1
+    for s in pshape:
+        nparams *= s
+    g = parse_granularity(granularity)
+    if g.kind == "tensor" or nparams <= 1:
+        gmode, group = 0, max(numel, 1)
+    else:
+        group = numel // nparams
+        gmode = 1 if group % 8 == 0 else 2
+    grid = triton.cdiv(triton.cdiv(numel, 8), CHUNKS) if HAS_TRITON else 0
+    return DequantPlan(shape, numel, packed_nbytes(bits, numel), bits, method in _PWLQ, gmode, group, grid)
+
+
+def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor],
+           lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Run the kernel for a prepared layer (no validation: the hot path)."""
+    out = torch.empty(plan.shape, dtype=dtype, device=packed.device)
+    if plan.numel == 0:
+        return out
+    bf16 = dtype == torch.bfloat16
+    _dequant_kernel[(plan.grid,)](
+        packed, scale, scale if breakpoint is None else breakpoint, lut, out.view(torch.int16) if bf16 else out,
+        plan.numel, plan.nbytes, plan.group, plan.group // 8 if plan.gmode == 1 else 1,
+        BITS=plan.bits, PWLQ=plan.pwlq, GMODE=plan.gmode, CHUNKS=CHUNKS, OUT_BF16=bf16, num_warps=NUM_WARPS,
+        enable_fp_fusion=False)
+    return out
+
+
+def dequantize(packed: torch.Tensor, shape: Sequence[int], bits: int, method: str, granularity: str,
+               scale: torch.Tensor, breakpoint: torch.Tensor | None = None,
+               dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Triton counterpart of :func:`quantsd.nn.dequantize_weight` (same arguments, same bits out).
+
+    Validates sizes like the reference, then launches.  Runs on CUDA, or on the CPU under
+    ``TRITON_INTERPRET=1``.
+    """
+    if not available(packed.device):
+        raise RuntimeError(f"the Triton dequant kernel cannot run on {packed.device} "
+                           "(needs CUDA, or TRITON_INTERPRET=1 on the CPU)")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"Triton dequant writes {SUPPORTED_DTYPES}, not {dtype}")
+    plan = prepare(shape, bits, method, granularity)
+    if packed.dtype != torch.uint8 or packed.numel() != plan.nbytes:
+        from ..quant import QuantError
+
+        raise QuantError(f"packed data has {packed.numel()} bytes but {plan.numel} codes of {bits} bits need "
+                         f"exactly {plan.nbytes} bytes")
+    if (breakpoint is not None) != plan.pwlq:
+        raise ValueError(f"method {method!r} {'needs' if plan.pwlq else 'takes no'} breakpoint")
+    packed = packed.reshape(-1).contiguous()
+    scale = scale.contiguous()
+    breakpoint = None if breakpoint is None else breakpoint.contiguous()
+    lut = level_table(bits, method, packed.device)
+    return launch(plan, packed, scale, breakpoint, lut, dtype)
+
+
+# --------------------------------------------------------------------------- custom op
+_OP = None
+
+
+def _register_op():
+    """``torch.ops.quantsd.dequantize``: one opaque node per layer in compiled graphs."""
+    global _OP
+    if _OP is not None or not HAS_TRITON:
+        return _OP
+
+    @torch.library.custom_op("quantsd::dequantize", mutates_args=())
+    def _op(packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor], lut: torch.Tensor,
+            shape: list[int], bits: int, pwlq: bool, gmode: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for s in shape:
+            numel *= s
+        plan = DequantPlan(tuple(shape), numel, (bits * numel + 7) // 8, bits, pwlq, gmode, group,
+                           triton.cdiv(triton.cdiv(numel, 8), CHUNKS))
+        return launch(plan, packed, scale, breakpoint, lut, dtype)
+
+    @_op.register_fake
+    def _(packed, scale, breakpoint, lut, shape, bits, pwlq, gmode, group, dtype):
+        return packed.new_empty(shape, dtype=dtype)
+
+    _OP = _op
+    return _OP
+
+
+def op_call(plan: DequantPlan, packed, scale, breakpoint, lut, dtype) -> torch.Tensor:
+    """The layer's dequant: the custom op while torch.compile traces, the direct launch in eager
+    (skips the dispatcher: one Python call and one kernel launch per layer)."""
+    if torch.compiler.is_compiling():
+        return _register_op()(packed, scale, breakpoint, lut, list(plan.shape), plan.bits, plan.pwlq, plan.gmode,
+                              plan.group, dtype)
+    return launch(plan, packed, scale, breakpoint, lut, dtype)
