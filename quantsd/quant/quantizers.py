@@ -60,16 +60,19 @@ def pwlq_breakpoint(wv: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
     sigma is the population std (correction=0: defined for groups of one element),
     reduced in float64 so the result does not depend on the reduction order (CPU vs
-    CUDA) before it is rounded to the storage dtype.
+    CUDA) before it is rounded to the storage dtype.  Runs in float64 on parameter-sized
+    tensors only, so its cost is one reduction over the weight.
     """
-    sigma = wv.double().std(dim=-1, correction=0)
-    m64 = m.double()
+    sigma = wv.double().std(dim=-1, correction=0).cpu()
+    # The formula runs on CPU (parameter-sized tensors): CUDA's libm log may differ from the
+    # CPU's in the last ulp, which could flip the fp16 rounding of p between devices.
+    m64 = m.double().cpu()
     p = sigma * torch.log(0.8030 * (m64 / sigma) - 0.3167)
     lo = m64 * BP_CLAMP_LO
     hi = m64 * BP_CLAMP_HI
     p = torch.where(torch.isfinite(p) & (p > lo), p, lo)
     p = torch.minimum(p, hi)
-    return p.float()
+    return p.float().to(m.device)
 
 
 def _levels(bits: int) -> tuple[int, int, int]:
@@ -135,18 +138,25 @@ def decode(
     """Float32 weights from codes ``cv`` (grouped view) and float32 stored params m, p."""
     # Decoded in place in one or two float32 buffers (this runs inside QuantLinear/QuantConv2d's
     # forward); each in-place op computes exactly what the paper's expression does.
+    # Divisors are 0-dim tensors on cv's device, never Python scalars: PyTorch's CUDA kernels
+    # turn division by a scalar into multiplication by its reciprocal, which rounds differently
+    # from the CPU's true division (seen on H100: up to 6 ulp after the "- 1/2" cancellation).
     L, L1, L2 = _levels(bits)
     m = m.unsqueeze(-1)
+
+    def level(k: int) -> torch.Tensor:
+        return torch.full((), float(k), dtype=torch.float32, device=cv.device)
+
     if method in ("uniform", "stochastic"):
-        out = cv.float().div_(L).sub_(0.5).mul_(2 * m)  # 2m * (c/L - 1/2)
+        out = cv.float().div_(level(L)).sub_(0.5).mul_(2 * m)  # 2m * (c/L - 1/2)
         return out.masked_fill_(m == 0, 0.0)  # +0.0 (not -0.0) for all-zero groups
 
     assert p is not None
     p = p.unsqueeze(-1)
-    out = (cv & L1).float().div_(L1).sub_(0.5).mul_(2 * p)  # center: 2p * (c/L1 - 1/2)
+    out = (cv & L1).float().div_(level(L1)).sub_(0.5).mul_(2 * p)  # center: 2p * (c/L1 - 1/2)
     out.masked_fill_(p == 0, 0.0)
     if L2 > 0:
-        mag = (cv & L2).float().div_(L2).mul_(m - p).add_(p)  # tail: p + (m-p) * l/L2
+        mag = (cv & L2).float().div_(level(L2)).mul_(m - p).add_(p)  # tail: p + (m-p) * l/L2
     else:  # n = 2: no level bits, one magnitude per tail at the middle of [p, m]
         mag = ((p + m) * 0.5).expand(cv.shape).contiguous()
     sign = 1 - 2 * ((cv >> (bits - 2)) & 1).to(torch.int8)  # +1 / -1 (1 = negative)
