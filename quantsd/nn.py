@@ -106,8 +106,11 @@ class QuantModule(nn.Module):
         """The shared level table for the kernel on this layer's device (None where it can't run)."""
         self._lut = None
         dev = self.weight_packed.device
-        if self._plan is not None and dev.type == "cuda":
-            from .kernels.dequant import level_table
+        if self._plan is not None and dev.type != "meta":
+            from .kernels.dequant import available, level_table
+
+            if not available(dev):  # CUDA, or the CPU under TRITON_INTERPRET=1 (tests)
+                return
 
             self._lut = level_table(self.bits, self.method, dev)
 
