@@ -352,3 +352,14 @@ def test_stochastic_rounding_is_unbiased(method):
     w = torch.tensor([0.8, -0.33, 0.05, 0.41, -0.77, 1.0, -1.0, 0.6])
     mean = torch.stack([fake_quantize(w, 3, method, seed=s) for s in range(2000)]).mean(0)
     assert torch.allclose(mean, w, atol=0.02), (mean, w)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_decode_levels_use_true_division(bits):
+    # decode's c/L must be IEEE float32 division (what CUDA also does via true_div_),
+    # not c * (1/L), which differs for most c and every L > 1
+    L = 2**bits - 1
+    c = torch.arange(L + 1, dtype=torch.uint8)
+    qt = QTensor(c, torch.tensor(0.5, dtype=torch.float16), None, bits, "uniform", "tensor", c.shape, torch.float32)
+    ref = (np.arange(L + 1, dtype=np.float32) / np.float32(L) - np.float32(0.5)) * np.float32(1.0)
+    assert np.array_equal(qt.dequantize().numpy(), ref)

@@ -35,6 +35,7 @@ __all__ = [
     "pwlq_breakpoint",
     "encode",
     "decode",
+    "true_div_",
 ]
 
 METHODS: tuple[str, ...] = ("uniform", "stochastic", "pwlq", "pwlq-stochastic")
@@ -73,6 +74,16 @@ def pwlq_breakpoint(wv: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     p = torch.where(torch.isfinite(p) & (p > lo), p, lo)
     p = torch.minimum(p, hi)
     return p.float().to(m.device)
+
+
+def true_div_(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x /= k`` in place with IEEE division on every device (use this for ``code / L``).
+
+    ``x / k`` with a Python number ``k`` is *not* the same on CUDA: PyTorch computes it as
+    ``x * (1/k)``, which rounds differently from the CPU's true division; a 0-dim tensor
+    divisor on x's device forces true division, so CPU and CUDA decode agree bit for bit.
+    """
+    return x.div_(torch.full((), float(k), dtype=x.dtype, device=x.device))
 
 
 def _levels(bits: int) -> tuple[int, int, int]:
@@ -143,20 +154,16 @@ def decode(
     # from the CPU's true division (seen on H100: up to 6 ulp after the "- 1/2" cancellation).
     L, L1, L2 = _levels(bits)
     m = m.unsqueeze(-1)
-
-    def level(k: int) -> torch.Tensor:
-        return torch.full((), float(k), dtype=torch.float32, device=cv.device)
-
     if method in ("uniform", "stochastic"):
-        out = cv.float().div_(level(L)).sub_(0.5).mul_(2 * m)  # 2m * (c/L - 1/2)
+        out = true_div_(cv.float(), L).sub_(0.5).mul_(2 * m)  # 2m * (c/L - 1/2)
         return out.masked_fill_(m == 0, 0.0)  # +0.0 (not -0.0) for all-zero groups
 
     assert p is not None
     p = p.unsqueeze(-1)
-    out = (cv & L1).float().div_(level(L1)).sub_(0.5).mul_(2 * p)  # center: 2p * (c/L1 - 1/2)
+    out = true_div_((cv & L1).float(), L1).sub_(0.5).mul_(2 * p)  # center: 2p * (c/L1 - 1/2)
     out.masked_fill_(p == 0, 0.0)
     if L2 > 0:
-        mag = (cv & L2).float().div_(level(L2)).mul_(m - p).add_(p)  # tail: p + (m-p) * l/L2
+        mag = true_div_((cv & L2).float(), L2).mul_(m - p).add_(p)  # tail: p + (m-p) * l/L2
     else:  # n = 2: no level bits, one magnitude per tail at the middle of [p, m]
         mag = ((p + m) * 0.5).expand(cv.shape).contiguous()
     sign = 1 - 2 * ((cv >> (bits - 2)) & 1).to(torch.int8)  # +1 / -1 (1 = negative)
