@@ -267,10 +267,13 @@ def _register_op():
     return _OP
 
 
+_register_op()  # at import: registering inside a traced region would break the graph
+
+
 def op_call(plan: DequantPlan, packed, scale, breakpoint, lut, dtype) -> torch.Tensor:
     """The layer's dequant: the custom op while torch.compile traces, the direct launch in eager
     (skips the dispatcher: one Python call and one kernel launch per layer)."""
     if torch.compiler.is_compiling():
-        return _register_op()(packed, scale, breakpoint, lut, list(plan.shape), plan.bits, plan.pwlq, plan.gmode,
+        return _OP(packed, scale, breakpoint, lut, list(plan.shape), plan.bits, plan.pwlq, plan.gmode,
                               plan.group, dtype)
     return launch(plan, packed, scale, breakpoint, lut, dtype)
