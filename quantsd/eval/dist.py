@@ -56,7 +56,10 @@ def init_dist() -> Dist:
     try:
         from accelerate import PartialState
 
-        st = PartialState()
+        # Without CUDA (or with ACCELERATE_USE_CPU) accelerate must be told it is a CPU job, else it
+        # silently stays single-process under torchrun; CPU multi-process then uses gloo.
+        cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+        st = PartialState(cpu=cpu)
         return Dist(st.process_index, st.num_processes, st.local_process_index, str(st.backend), st)
     except ImportError:
         import torch.distributed as td

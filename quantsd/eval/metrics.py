@@ -17,6 +17,8 @@ Pixel/latent metrics against the full-precision reference:
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -50,7 +52,7 @@ def fid(real: np.ndarray, fake: np.ndarray) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     r, f = _as_tensor(real), _as_tensor(fake)
-    m = FrechetInceptionDistance(feature=PassThrough(r.shape[1]), reset_real_features=False)
+    m = FrechetInceptionDistance(feature=PassThrough(r.shape[1]), reset_real_features=False, sync_on_compute=False)
     m.set_dtype(torch.float64)
     m.update(r, real=True)
     m.update(f, real=False)
@@ -64,7 +66,9 @@ def fid_numpy(real: np.ndarray, fake: np.ndarray, eps: float = 1e-6) -> float:
     a, b = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1.dot(s2), disp=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # singular covariances (fewer images than dims) are handled below
+        covmean, _ = linalg.sqrtm(s1.dot(s2), disp=False)
     if not np.isfinite(covmean).all():
         off = np.eye(s1.shape[0]) * eps
         covmean = linalg.sqrtm((s1 + off).dot(s2 + off))
@@ -87,12 +91,17 @@ def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int
         degree: int = 3, gamma: float | None = None, coef: float = 1.0) -> tuple[float, float]:
     """torchmetrics ``KernelInceptionDistance`` (polynomial kernel, unbiased MMD^2; mean, std over
     random subsets drawn with ``torch.randperm`` under ``seed``)."""
+    import warnings
+
     from torchmetrics.image.kid import KernelInceptionDistance
 
     r, f = _as_tensor(real), _as_tensor(fake)
     check_kid_sizes(len(r), len(f), subset_size)
-    m = KernelInceptionDistance(feature=PassThrough(r.shape[1]), subsets=subsets, subset_size=subset_size,
-                                degree=degree, gamma=gamma, coef=coef, reset_real_features=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "will save all extracted features in buffer"
+        m = KernelInceptionDistance(feature=PassThrough(r.shape[1]), subsets=subsets, subset_size=subset_size,
+                                    degree=degree, gamma=gamma, coef=coef, reset_real_features=False,
+                                    sync_on_compute=False)
     m.update(r, real=True)
     m.update(f, real=False)
     with torch.random.fork_rng():
@@ -132,7 +141,7 @@ def inception_score(logits: np.ndarray, splits: int = 10, seed: int = 0) -> tupl
         raise ValueError(f"Inception Score with {splits} splits needs at least {splits} images, got {len(x)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "will save all extracted features in buffer"
-        m = InceptionScore(feature=PassThrough(x.shape[1]), splits=splits)
+        m = InceptionScore(feature=PassThrough(x.shape[1]), splits=splits, sync_on_compute=False)
     m.update(x)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
