@@ -16,7 +16,108 @@ from typing import Any
 
 import torch
 
-__all__ = ["generate", "save_png", "resolve_device", "load_for_generation"]
+__all__ = ["generate", "save_png", "resolve_device", "load_for_generation", "configure_pipeline",
+           "cfg_cutoff_kwargs", "set_attention", "SCHEDULERS", "OFFLOAD_MODES", "ATTENTION_MODES"]
+
+SCHEDULERS = ("default", "dpm", "ddim", "euler", "pndm")
+OFFLOAD_MODES = ("model", "sequential")
+ATTENTION_MODES = ("sdpa", "classic")
+
+
+def set_attention(module, mode: str = "sdpa") -> None:
+    """``"sdpa"``: diffusers' AttnProcessor2_0 (F.scaled_dot_product_attention; flash on CUDA in
+    fp16/bf16 where the shapes allow); ``"classic"``: AttnProcessor (explicit softmax(QK^T)V, the
+    paper's fp32 baseline).  Applies to a UNet or VAE (anything with ``set_attn_processor``)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {mode!r}")
+    if hasattr(module, "set_attn_processor"):
+        module.set_attn_processor(AttnProcessor2_0() if mode == "sdpa" else AttnProcessor())
+
+
+def _set_scheduler(pipe, name: str) -> None:
+    import diffusers
+
+    classes = {"dpm": "DPMSolverMultistepScheduler", "ddim": "DDIMScheduler",
+               "euler": "EulerDiscreteScheduler", "pndm": "PNDMScheduler"}
+    if name in (None, "default"):
+        return
+    if name not in classes:
+        raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+    pipe.scheduler = getattr(diffusers, classes[name]).from_config(pipe.scheduler.config)
+
+
+def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode: str = "reduce-overhead",
+                       channels_last: bool = False, scheduler: str | None = None, attention: str | None = None,
+                       attention_slicing: bool = False, vae_tiling: bool = False, vae_slicing: bool = False,
+                       offload: str | None = None, tiny_vae: str | os.PathLike | None = None):
+    """Apply generation options to a loaded pipeline (in place; returns it).
+
+    Order matters: the tiny VAE and memory format first, then offload hooks, then torch.compile
+    of the UNet (``compile_mode`` "reduce-overhead" = CUDA graphs where shapes are static).
+    """
+    dev = resolve_device(device) if device is not None else pipe.unet.device
+    if tiny_vae is not None:
+        from diffusers import AutoencoderTiny
+
+        path = Path(tiny_vae).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"--tiny-vae {str(path)!r} is not a directory (an AutoencoderTiny folder with "
+                                    "config.json and weights)")
+        vae = AutoencoderTiny.from_pretrained(str(path), local_files_only=True)
+        pipe.register_modules(vae=vae.to(pipe.unet.device, pipe.unet.dtype))
+    _set_scheduler(pipe, scheduler)
+    if attention is not None:
+        set_attention(pipe.unet, attention)
+        set_attention(pipe.vae, attention)
+    if attention_slicing:
+        pipe.enable_attention_slicing()
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    if vae_slicing:
+        pipe.vae.enable_slicing()
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if offload is not None:
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
+        if dev.type != "cuda":
+            raise ValueError("CPU offload needs a CUDA device to offload to")
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=dev)
+        else:
+            pipe.enable_sequential_cpu_offload(device=dev)
+    if compile:
+        pipe.unet = torch.compile(pipe.unet, mode=compile_mode)
+    return pipe
+
+
+def cfg_cutoff_kwargs(steps: int, cutoff: float | None) -> dict:
+    """Pipeline-call kwargs for dynamic CFG: classifier-free guidance for the first
+    ``ceil(cutoff * steps)`` steps, then the unconditional half is dropped (batch 1, guidance
+    off) through diffusers' ``callback_on_step_end``.  ``cutoff`` None or >= 1: CFG throughout;
+    0: no CFG at all (``{"guidance_scale": 1.0}``)."""
+    import math
+
+    if cutoff is None or cutoff >= 1:
+        return {}
+    if cutoff < 0:
+        raise ValueError(f"cfg cutoff must be in [0, 1], got {cutoff}")
+    n_cfg = math.ceil(cutoff * steps - 1e-9)
+    if n_cfg <= 0:
+        return {"guidance_scale": 1.0}
+    if n_cfg >= steps:
+        return {}
+
+    def drop_cfg(pipe, step_index, timestep, callback_kwargs):
+        if step_index == n_cfg - 1 and pipe.do_classifier_free_guidance:
+            callback_kwargs["prompt_embeds"] = callback_kwargs["prompt_embeds"].chunk(2)[-1]
+            pipe._guidance_scale = 0.0
+        return callback_kwargs
+
+    return {"callback_on_step_end": drop_cfg, "callback_on_step_end_tensor_inputs": ["prompt_embeds"]}
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -67,11 +168,44 @@ def generate(
     weights: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | str | None = None,
+    compile: bool = False,
+    channels_last: bool = False,
+    scheduler: str | None = None,
+    cfg_cutoff: float | None = None,
+    attention: str | None = None,
+    attention_slicing: bool = False,
+    vae_tiling: bool = False,
+    vae_slicing: bool = False,
+    offload: str | None = None,
+    tiny_vae: str | os.PathLike | None = None,
 ):
-    """Generate one image; returns (PIL.Image, info dict)."""
+    """Generate one image; returns (PIL.Image, info dict).
+
+    Generation options (see :func:`configure_pipeline`): ``compile`` (torch.compile of the UNet,
+    mode reduce-overhead), ``channels_last``, ``scheduler`` ("dpm" = DPMSolverMultistep, ...),
+    ``cfg_cutoff`` (dynamic CFG: guidance only for that fraction of the steps), ``attention``
+    ("sdpa" or "classic"), ``attention_slicing``, ``vae_tiling``, ``vae_slicing``, ``offload``
+    ("model" / "sequential" CPU offload) and ``tiny_vae`` (an AutoencoderTiny directory).
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    pipe = load_for_generation(model, device, dtype, weights)
+    if offload is not None:
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
+        target = resolve_device(device)
+        if target.type != "cuda":
+            raise ValueError("CPU offload needs a CUDA device to offload to")
+        if dtype is None:
+            dtype = torch.float16
+        if weights is None and _is_checkpoint(model):
+            weights = "packed"
+        pipe = load_for_generation(model, "cpu", dtype, weights)  # the offload hooks move modules
+    else:
+        target = None
+        pipe = load_for_generation(model, device, dtype, weights)
+    configure_pipeline(pipe, device=target, compile=compile, channels_last=channels_last, scheduler=scheduler,
+                       attention=attention, attention_slicing=attention_slicing, vae_tiling=vae_tiling,
+                       vae_slicing=vae_slicing, offload=offload, tiny_vae=tiny_vae)
     scale = getattr(pipe, "vae_scale_factor", 8)
     default = int(pipe.unet.config.sample_size) * scale
     height = height or default
@@ -81,15 +215,18 @@ def generate(
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                   height=height, width=width, generator=gen, output_type="pil")
+        kw = {"guidance_scale": guidance, **cfg_cutoff_kwargs(steps, cfg_cutoff)}
+        out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, height=height, width=width,
+                   generator=gen, output_type="pil", **kw)
     elapsed = time.perf_counter() - t0
     ck = getattr(pipe, "quantsd_checkpoint", None)
     info = {"model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
             "prompt": prompt, "negative_prompt": negative_prompt, "seed": int(seed), "steps": steps,
             "guidance": guidance, "height": height, "width": width, "device": str(pipe.device),
             "dtype": str(pipe.unet.dtype).replace("torch.", ""),
-            "weights": ck["weights"] if ck else "dense", "seconds": round(elapsed, 3)}
+            "weights": ck["weights"] if ck else "dense", "seconds": round(elapsed, 3),
+            "scheduler": type(pipe.scheduler).__name__, "cfg_cutoff": cfg_cutoff, "compile": compile,
+            "channels_last": channels_last, "offload": offload, "tiny_vae": None if tiny_vae is None else str(tiny_vae)}
     return out.images[0], info
 
 

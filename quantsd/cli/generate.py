@@ -21,17 +21,35 @@ from ._base import FORMAT, main, model_option
 @click.option("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="Compute dtype (default: float16 on CUDA, float32 on CPU).")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the UNet (mode reduce-overhead: CUDA graphs).")
+@click.option("--channels-last", is_flag=True, help="UNet and VAE in channels-last memory format.")
+@click.option("--scheduler", type=click.Choice(["default", "dpm", "ddim", "euler", "pndm"]), default="default",
+              show_default=True, help="Sampler; dpm = DPMSolverMultistepScheduler (good in ~20 steps).")
+@click.option("--cfg-cutoff", type=click.FloatRange(0, 1), default=None,
+              help="Dynamic CFG: classifier-free guidance only for this fraction of the steps, then batch 1.")
+@click.option("--attention", type=click.Choice(["sdpa", "classic"]), default=None,
+              help="Attention processor: sdpa (F.scaled_dot_product_attention, flash on CUDA) or classic.")
+@click.option("--attention-slicing", is_flag=True, help="Compute attention in slices (less memory).")
+@click.option("--vae-tiling", is_flag=True, help="Decode latents in tiles (large images in little memory).")
+@click.option("--vae-slicing", is_flag=True, help="Decode a batch one image at a time.")
+@click.option("--offload", type=click.Choice(["model", "sequential"]), default=None,
+              help="CPU offload: whole models (model) or layer by layer (sequential); needs CUDA.")
+@click.option("--tiny-vae", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Decode with an AutoencoderTiny from this local directory.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @FORMAT
-def generate_cmd(model, prompt, negative_prompt, seed, steps, guidance, height, width, weights, device, dtype, out,
-                 fmt) -> None:
+def generate_cmd(model, prompt, negative_prompt, seed, steps, guidance, height, width, weights, device, dtype,
+                 compile_, channels_last, scheduler, cfg_cutoff, attention, attention_slicing, vae_tiling, vae_slicing,
+                 offload, tiny_vae, out, fmt) -> None:
     """Generate an image from MODEL (a model source or a quantsd checkpoint)."""
     from ..generate import generate, save_png
     from ..reporting import to_json
 
     image, info = generate(model, prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
                            guidance=guidance, height=height, width=width, weights=weights, device=device,
-                           dtype=dtype)
+                           dtype=dtype, compile=compile_, channels_last=channels_last, scheduler=scheduler,
+                           cfg_cutoff=cfg_cutoff, attention=attention, attention_slicing=attention_slicing,
+                           vae_tiling=vae_tiling, vae_slicing=vae_slicing, offload=offload, tiny_vae=tiny_vae)
     save_png(image, out, info)
     info["output"] = out
     if fmt == "json":
