@@ -170,6 +170,8 @@ def load_pipeline(
             return build_sd15_arch_pipeline(seed, device="meta")
         pipe = build_sd15_arch_pipeline(seed, device=device if _is_cuda(device) else None)
     elif name == "fixture":
+        # Shipped as fp16 files; the reference model everything is compared with is fp32.
+        dtype = torch.float32 if dtype is None else dtype
         if not (FIXTURE_DIR / "model_index.json").exists():
             raise ModelSourceError(
                 f"the trained fixture pipeline is not installed at {FIXTURE_DIR}; "
