@@ -129,8 +129,10 @@ def _load_directory(path: Path, dtype: torch.dtype | None, device: str | torch.d
             f"{str(path)!r} is a directory but not a diffusers pipeline (no model_index.json). "
             "Pass a folder written by `pipe.save_pretrained(...)` or by `quantsd export`."
         )
+    # An explicit dtype for every component: transformers 5 loads the text encoder in its stored
+    # dtype ("auto") while diffusers loads fp32, and mixed dtypes break generation.
     return StableDiffusionPipeline.from_pretrained(
-        path, dtype=dtype, safety_checker=None, requires_safety_checker=False,
+        path, dtype=dtype or torch.float32, safety_checker=None, requires_safety_checker=False,
         local_files_only=True,
     )
 
@@ -138,7 +140,7 @@ def _load_directory(path: Path, dtype: torch.dtype | None, device: str | torch.d
 def _load_hub(model_id: str, dtype: torch.dtype | None) -> StableDiffusionPipeline:
     try:
         return StableDiffusionPipeline.from_pretrained(
-            model_id, dtype=dtype, safety_checker=None, requires_safety_checker=False,
+            model_id, dtype=dtype or torch.float32, safety_checker=None, requires_safety_checker=False,
         )
     except Exception as exc:  # network errors, missing repos, gated repos, offline mode
         raise ModelSourceError(
@@ -170,8 +172,6 @@ def load_pipeline(
             return build_sd15_arch_pipeline(seed, device="meta")
         pipe = build_sd15_arch_pipeline(seed, device=device if _is_cuda(device) else None)
     elif name == "fixture":
-        # Shipped as fp16 files; the reference model everything is compared with is fp32.
-        dtype = torch.float32 if dtype is None else dtype
         if not (FIXTURE_DIR / "model_index.json").exists():
             raise ModelSourceError(
                 f"the trained fixture pipeline is not installed at {FIXTURE_DIR}; "
