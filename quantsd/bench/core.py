@@ -1,0 +1,606 @@
+"""Speed / memory / max-resolution benchmarks (``quantsd bench``; protocol in BENCHMARKS.md).
+
+Every run measures, in one process, a list of *configurations* (see :func:`default_configs`):
+
+* ``fp32-classic``      fp32 weights, diffusers ``AttnProcessor`` (explicit softmax(QK^T)V): the
+                        paper's baseline;
+* ``fp16-sdpa``         fp16 weights, ``AttnProcessor2_0`` (F.scaled_dot_product_attention), eager;
+* ``fp16-sdpa-compiled``  the same under ``torch.compile(mode="reduce-overhead")`` (with --compile);
+* ``packed``            the model quantized with the recipe, packed codes resident, Triton
+                        dequant in each layer's forward, fp16 SDPA, eager;
+* ``packed-compiled``   the same, compiled (with --compile).
+
+Per configuration: weight bytes resident on the GPU per component, UNet ms/step (CFG batch 2,
+CUDA events, median after warm-up), seconds per image (full pipeline call), peak VRAM of one
+image, and UNet ms/step over a resolution sweep (the time-vs-pixels plot).  Then the maximum
+square resolution under each VRAM cap (:func:`max_resolution`).  Every measurement is wrapped:
+an OOM or error is recorded in the results instead of ending the run, and ``results.json`` is
+rewritten after each measurement, so a run cut short still leaves its numbers.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import statistics
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = ["BenchConfig", "default_configs", "binary_search_max", "weight_bytes", "to_packed", "Bench",
+           "write_reports", "markdown_report", "plot_time_vs_pixels", "sdpa_report"]
+
+
+# --------------------------------------------------------------------------- pure logic (CPU-tested)
+def binary_search_max(fits: Callable[[int], bool], lo: int, hi: int, step: int = 64,
+                      deadline: float | None = None) -> dict:
+    """Largest multiple of ``step`` in [lo, hi] with ``fits(s)`` True, assuming monotonicity.
+
+    Returns {"max": s or None, "fit": largest s seen fitting, "fail": smallest s seen failing,
+    "probes": [(s, ok), ...], "complete": bool}.  ``lo`` is probed first (if it fails the answer
+    is None); stops early (complete=False) when ``time.monotonic()`` passes ``deadline``.
+    """
+    lo = int(math.ceil(lo / step)) * step
+    hi = int(hi // step) * step
+    probes: list[tuple[int, bool]] = []
+
+    def probe(s: int) -> bool:
+        ok = bool(fits(s))
+        probes.append((s, ok))
+        return ok
+
+    if lo > hi:
+        raise ValueError(f"empty search range [{lo}, {hi}] for step {step}")
+    if not probe(lo):
+        return {"max": None, "fit": None, "fail": lo, "probes": probes, "complete": True}
+    good, bad = lo, None
+    if probe(hi):
+        return {"max": hi, "fit": hi, "fail": None, "probes": probes, "complete": True}
+    bad = hi
+    while bad - good > step:
+        if deadline is not None and time.monotonic() > deadline:
+            return {"max": good, "fit": good, "fail": bad, "probes": probes, "complete": False}
+        mid = ((good + bad) // 2 // step) * step
+        if mid <= good:
+            mid = good + step
+        if probe(mid):
+            good = mid
+        else:
+            bad = mid
+    return {"max": good, "fit": good, "fail": bad, "probes": probes, "complete": True}
+
+
+def weight_bytes(module: torch.nn.Module, device_type: str | None = None) -> int:
+    """Bytes of parameters + buffers (each tensor once), optionally only those on ``device_type``."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        if device_type is not None and t.device.type != device_type:
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _pctl(xs: Sequence[float]) -> dict:
+    xs = sorted(xs)
+    return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1], "n": len(xs)}
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    dtype: str = "float16"           # compute dtype
+    attention: str = "sdpa"          # sdpa | classic
+    packed: bool = False             # quantize with the recipe, packed modules
+    compile: bool = False            # torch.compile(unet, mode="reduce-overhead")
+    sweep: tuple[int, ...] = (256, 512, 768, 1024)
+    max_res: bool = False            # run the VRAM-cap search for this config
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+
+
+def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
+    """The baselines (always) + the quantized model (with a recipe/checkpoint); order = run order."""
+    cfgs = [BenchConfig("fp16-sdpa", max_res=True)]
+    if recipe:
+        cfgs.append(BenchConfig("packed", packed=True, max_res=True))
+    cfgs.append(BenchConfig("fp32-classic", dtype="float32", attention="classic", sweep=(256, 512, 768)))
+    if compile:
+        cfgs.append(BenchConfig("fp16-sdpa-compiled", compile=True, sweep=()))
+        if recipe:
+            cfgs.append(BenchConfig("packed-compiled", packed=True, compile=True, sweep=()))
+    return cfgs
+
+
+# --------------------------------------------------------------------------- model building
+def to_packed(pipe, recipe, dtype: torch.dtype = torch.float16):
+    """Quantize ``pipe`` in memory with ``recipe`` and swap every planned Linear/Conv2d for a
+    QuantLinear/QuantConv2d holding the packed codes (no disk round trip); embeddings are
+    replaced by their dequantized weight, as the checkpoint loader does.  The codes, scales and
+    breakpoints are exactly what ``quantsd.export`` would write (same quantize_layer_weight).
+    Returns (pipe, plan)."""
+    from torch import nn
+
+    from ..blocks import get_module
+    from ..nn import QuantConv2d, QuantLinear
+    from ..recipe import quantize_layer_weight, resolve_recipe
+
+    plan = resolve_recipe(pipe, recipe, warn=False)
+    for lp in plan.layers:
+        mod = get_module(pipe, lp.path)
+        qt = quantize_layer_weight(mod.weight.detach(), lp)
+        if isinstance(mod, nn.Linear):
+            new = QuantLinear.from_linear(mod, qt)
+        elif isinstance(mod, nn.Conv2d):
+            new = QuantConv2d.from_conv(mod, qt)
+        else:  # embeddings: dense dequantized weight
+            with torch.no_grad():
+                mod.weight.copy_(qt.dequantize().to(mod.weight.dtype))
+            continue
+        parent, _, child = lp.path.rpartition(".")
+        setattr(get_module(pipe, parent), child, new)
+        del mod, qt
+    for m in ("text_encoder", "unet", "vae"):
+        getattr(pipe, m).to(dtype)
+    return pipe, plan
+
+
+def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=None, checkpoint=None):
+    """A pipeline for one configuration, on ``device`` (built there directly for sd15-arch)."""
+    from ..generate import set_attention
+    from ..models import load_pipeline
+
+    if cfg.packed and checkpoint is not None:
+        from ..io import load_checkpoint
+
+        pipe = load_checkpoint(checkpoint, dtype=cfg.torch_dtype, device=device, weights="packed")
+    else:
+        pipe = load_pipeline(model, device=device)   # fp32 (random init on the GPU for sd15-arch)
+        if cfg.packed:
+            to_packed(pipe, recipe, cfg.torch_dtype)
+        elif cfg.torch_dtype != torch.float32:
+            pipe.to(dtype=cfg.torch_dtype)
+    pipe.set_progress_bar_config(disable=True)
+    set_attention(pipe.unet, cfg.attention)
+    set_attention(pipe.vae, cfg.attention)
+    if cfg.compile:
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead")
+    return pipe
+
+
+# --------------------------------------------------------------------------- measurements (CUDA)
+def _unet_inputs(pipe, batch: int, side: int, device, dtype):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    lat = torch.randn(batch, 4, side // 8, side // 8, generator=g).to(device, dtype)
+    ctx = torch.randn(batch, 77, pipe.text_encoder.config.hidden_size, generator=g).to(device, dtype)
+    t = torch.tensor(500, device=device)
+    return lat, t, ctx
+
+
+def unet_step_ms(pipe, side: int, iters: int = 20, warmup: int = 3, batch: int = 2) -> dict:
+    """Median UNet forward time (ms) at ``side``² (latents side/8), CFG batch 2, CUDA events."""
+    dev, dt = pipe.unet.device, pipe.unet.dtype
+    lat, t, ctx = _unet_inputs(pipe, batch, side, dev, dt)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            pipe.unet(lat, t, encoder_hidden_states=ctx, return_dict=False)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            pipe.unet(lat, t, encoder_hidden_states=ctx, return_dict=False)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+    return _pctl(times)
+
+
+def seconds_per_image(pipe, steps: int, guidance: float, height: int, width: int, repeats: int = 2,
+                      warmup: int = 1) -> dict:
+    """Wall seconds of whole pipeline calls (text encode, ``steps`` steps with CFG, VAE decode,
+    output_type="np"); peak VRAM of the last call (max_memory_allocated, stats reset before it)."""
+    gen = torch.Generator(device="cpu")
+    kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, output_type="np")
+    with torch.inference_mode():
+        for _ in range(warmup):
+            pipe("a photograph of an astronaut riding a horse", generator=gen.manual_seed(0), **kw)
+        times = []
+        for i in range(repeats):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            pipe("a photograph of an astronaut riding a horse", generator=gen.manual_seed(i), **kw)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return {**_pctl(times), "peak_vram_bytes": torch.cuda.max_memory_allocated()}
+
+
+def fits_under_cap(pipe, side: int, cfg_mode: str = "sequential") -> bool:
+    """One probe of the max-resolution protocol: one UNet step with CFG at ``side``² (batch 2,
+    or the two CFG halves as two batch-1 calls with ``cfg_mode="sequential"``) and a tiled VAE
+    decode of one ``side``² latent.  False on CUDA OOM."""
+    dev, dt = pipe.unet.device, pipe.unet.dtype
+    try:
+        with torch.inference_mode():
+            if cfg_mode == "batch2":
+                lat, t, ctx = _unet_inputs(pipe, 2, side, dev, dt)
+                out = pipe.unet(lat, t, encoder_hidden_states=ctx, return_dict=False)[0]
+                del out
+            else:
+                lat, t, ctx = _unet_inputs(pipe, 1, side, dev, dt)
+                for _ in range(2):
+                    out = pipe.unet(lat, t, encoder_hidden_states=ctx, return_dict=False)[0]
+                    del out
+            del ctx
+            pipe.vae.enable_tiling()
+            img = pipe.vae.decode(lat[:1] / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            del img, lat
+            torch.cuda.synchronize()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def max_resolution(pipe, cap_gb: float, cfg_mode: str, lo: int = 256, hi: int = 8192,
+                   deadline: float | None = None) -> dict:
+    """Largest square side (multiple of 64) whose probe fits with the caching allocator capped at
+    ``cap_gb`` GiB (``torch.cuda.set_per_process_memory_fraction``; resident weights count)."""
+    total = torch.cuda.get_device_properties(pipe.unet.device).total_memory
+    frac = min(1.0, cap_gb * 2**30 / total)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(frac, pipe.unet.device)
+    try:
+        res = binary_search_max(lambda s: fits_under_cap(pipe, s, cfg_mode), lo, hi, 64, deadline)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, pipe.unet.device)
+        pipe.vae.disable_tiling()
+    return {**res, "cap_gb": cap_gb, "cfg_mode": cfg_mode, "fraction": frac}
+
+
+def sdpa_report(device, dtype=torch.float16, heads: int = 8, tokens: int = 4096,
+                head_dims: Sequence[int] = (40, 80, 160), context: int = 77) -> dict:
+    """Flash availability: the global switches, and a probe of SD1.5's attention shapes at 512²
+    (self-attention tokens x tokens, cross-attention tokens x 77) forced onto the flash backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    rep: dict[str, Any] = {"flash_sdp_enabled": torch.backends.cuda.flash_sdp_enabled(),
+                           "mem_efficient_sdp_enabled": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                           "math_sdp_enabled": torch.backends.cuda.math_sdp_enabled(),
+                           "cudnn_sdp_enabled": getattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: None)(),
+                           "dtype": str(dtype).replace("torch.", ""), "probes": {}}
+    for d in head_dims:
+        for kind, kv in (("self", tokens), ("cross", context)):
+            q = torch.randn(2, heads, tokens // (d // 40) ** 2, d, device=device, dtype=dtype)
+            k = torch.randn(2, heads, kv if kind == "cross" else q.shape[2], d, device=device, dtype=dtype)
+            try:
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    F.scaled_dot_product_attention(q, k, k)
+                torch.cuda.synchronize()
+                rep["probes"][f"{kind}_d{d}"] = "flash ok"
+            except Exception as e:  # flash refused these shapes/dtype
+                rep["probes"][f"{kind}_d{d}"] = f"flash refused: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return rep
+
+
+def attention_kernels_used(pipe, side: int = 512) -> dict:
+    """Which SDPA kernels one UNet forward actually launched (profiler kernel names)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    lat, t, ctx = _unet_inputs(pipe, 2, side, pipe.unet.device, pipe.unet.dtype)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        pipe.unet(lat, t, encoder_hidden_states=ctx, return_dict=False)
+        torch.cuda.synchronize()
+    counts: dict[str, int] = {}
+    for ev in prof.key_averages():
+        name = ev.key.lower()
+        for tag in ("flash", "fmha", "efficient_attention", "cudnn", "softmax", "dequant"):
+            if tag in name:
+                counts[tag] = counts.get(tag, 0) + ev.count
+    backend = ("flash" if counts.get("flash") else "mem_efficient" if counts.get("fmha") or
+               counts.get("efficient_attention") else "cudnn" if counts.get("cudnn") else "math/classic")
+    return {"backend": backend, "kernel_counts": counts}
+
+
+# --------------------------------------------------------------------------- the run
+@dataclass
+class Bench:
+    model: str = "sd15-arch"
+    recipe: Any = None
+    checkpoint: str | None = None
+    steps: int = 50
+    guidance: float = 7.5
+    height: int = 512
+    width: int = 512
+    compile: bool = False
+    caps_gb: tuple[float, ...] = (8.0, 4.0)
+    max_res_modes: tuple[str, ...] = ("sequential", "batch2")
+    out_dir: str | os.PathLike = "bench-out"
+    time_budget_s: float | None = None
+    image_repeats: int = 2
+    configs: list[BenchConfig] | None = None
+    log: Callable[[str], None] = print
+    results: dict = field(default_factory=dict)
+
+    def _save(self) -> None:
+        write_reports(self.results, self.out_dir)
+
+    def _step(self, entry: dict, key: str, fn: Callable[[], Any]) -> Any:
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            entry[key] = {"skipped": "time budget exhausted"}
+            self._save()
+            return None
+        t0 = time.monotonic()
+        try:
+            val = fn()
+            entry[key] = val
+        except torch.OutOfMemoryError as e:
+            entry[key] = {"error": "OOM", "detail": str(e).splitlines()[0][:300]}
+            val = None
+        except Exception as e:  # record, go on
+            entry[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+                          "trace": traceback.format_exc(limit=4)[-1500:]}
+            val = None
+        entry.setdefault("seconds_spent", {})[key] = round(time.monotonic() - t0, 1)
+        self.log(f"  {entry['name']}.{key}: {_short(entry[key])}")
+        gc.collect()
+        torch.cuda.empty_cache()
+        self._save()
+        return val
+
+    def run(self) -> dict:
+        if not torch.cuda.is_available():
+            raise RuntimeError("quantsd bench measures CUDA speed and memory: no CUDA device here")
+        from ..recipe import load_recipe
+
+        dev = torch.device("cuda")
+        self._deadline = None if self.time_budget_s is None else time.monotonic() + self.time_budget_s
+        recipe = load_recipe(self.recipe) if self.recipe is not None else None
+        has_q = recipe is not None or self.checkpoint is not None
+        configs = self.configs or default_configs(has_q, self.compile)
+        props = torch.cuda.get_device_properties(dev)
+        import triton
+
+        self.results = {
+            "meta": {"model": self.model, "recipe": getattr(recipe, "name", None), "checkpoint": self.checkpoint,
+                     "steps": self.steps, "guidance": self.guidance, "height": self.height, "width": self.width,
+                     "batch": 1, "compile": self.compile, "caps_gb": list(self.caps_gb),
+                     "gpu": props.name, "gpu_memory_bytes": props.total_memory, "torch": torch.__version__,
+                     "triton": triton.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
+            "configs": [],
+        }
+        try:
+            import diffusers
+
+            self.results["meta"]["diffusers"] = diffusers.__version__
+        except Exception:  # pragma: no cover
+            pass
+        self.results["sdpa"] = {}
+        try:
+            self.results["sdpa"] = sdpa_report(dev)
+        except Exception as e:
+            self.results["sdpa"] = {"error": f"{type(e).__name__}: {e}"}
+        self._save()
+        deferred = []
+        for cfg in configs:
+            entry: dict[str, Any] = {"name": cfg.name, "dtype": cfg.dtype, "attention": cfg.attention,
+                                     "packed": cfg.packed, "compile": cfg.compile}
+            self.results["configs"].append(entry)
+            self.log(f"[{cfg.name}]")
+            torch.cuda.reset_peak_memory_stats()
+            pipe = self._step(entry, "build", lambda: build_pipeline(self.model, cfg, dev, recipe, self.checkpoint))
+            if pipe is None:
+                continue
+            entry["build"] = {"ok": True}
+            entry["weight_bytes"] = {m: weight_bytes(getattr(pipe, m), "cuda") for m in ("text_encoder", "unet", "vae")}
+            entry["unet_weight_mib"] = round(entry["weight_bytes"]["unet"] / 2**20, 1)
+            if cfg.packed:
+                from ..nn import packed_modules
+
+                entry["packed_layers"] = {m: len(packed_modules(getattr(pipe, m))) for m in ("text_encoder", "unet", "vae")}
+            if cfg.compile:  # first call compiles (and records the CUDA graph): time it separately
+                self._step(entry, "compile_warmup", lambda: unet_step_ms(pipe, self.height, iters=3, warmup=3))
+            self._step(entry, "unet_ms", lambda: unet_step_ms(pipe, self.height))
+            if cfg.attention == "sdpa" and not cfg.compile:
+                self._step(entry, "attention_kernels", lambda: attention_kernels_used(pipe, self.height))
+            self._step(entry, "image", lambda: seconds_per_image(pipe, self.steps, self.guidance, self.height,
+                                                                  self.width, self.image_repeats))
+            if cfg.sweep:
+                sweep: dict[str, Any] = {}
+                entry["sweep_unet_ms"] = sweep
+                for s in cfg.sweep:
+                    if self._deadline is not None and time.monotonic() > self._deadline:
+                        break
+                    try:
+                        sweep[str(s)] = unet_step_ms(pipe, s, iters=8, warmup=2)["median"]
+                    except torch.OutOfMemoryError:
+                        sweep[str(s)] = "OOM"
+                    except Exception as e:
+                        sweep[str(s)] = f"{type(e).__name__}"
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                self._save()
+            if cfg.max_res and self.caps_gb:
+                deferred.append((cfg, entry))
+            del pipe
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch._dynamo.reset() if cfg.compile else None
+        # max-resolution searches last (the most expensive), most important first
+        for mode in self.max_res_modes:
+            for cfg, entry in sorted(deferred, key=lambda ce: not ce[0].packed):
+                if self._deadline is not None and time.monotonic() > self._deadline:
+                    break
+                try:
+                    pipe = build_pipeline(self.model, cfg, dev, recipe, self.checkpoint)
+                except Exception as e:
+                    entry[f"max_res_{mode}"] = {"error": f"build: {type(e).__name__}: {e}"}
+                    continue
+                for cap in self.caps_gb:
+                    self._step(entry, f"max_res_{mode}_{cap:g}gb",
+                               lambda: max_resolution(pipe, cap, mode, lo=256, hi=8192, deadline=self._deadline))
+                del pipe
+                gc.collect()
+                torch.cuda.empty_cache()
+        self.results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._save()
+        return self.results
+
+    _deadline: float | None = None
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, dict):
+        if "error" in v or "skipped" in v:
+            return str(v.get("error") or v.get("skipped"))
+        if "median" in v:
+            extra = f", peak {v['peak_vram_bytes'] / 2**30:.2f} GiB" if "peak_vram_bytes" in v else ""
+            return f"median {v['median']:.4g}{extra}"
+        if "max" in v and "cap_gb" in v:
+            return f"max {v['max']} (fit {v['fit']}, fail {v['fail']}, complete {v['complete']})"
+        if "backend" in v:
+            return f"backend {v['backend']} {v.get('kernel_counts')}"
+    return str(v)[:200]
+
+
+# --------------------------------------------------------------------------- reports
+def _get(d: dict, *keys, default=None):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """One row per configuration with the headline numbers (None where not measured)."""
+    rows = []
+    base = {c["name"]: c for c in results.get("configs", [])}
+    fp32 = _get(base.get("fp32-classic", {}), "image", "median")
+    for c in results.get("configs", []):
+        img = _get(c, "image", "median")
+        row = {"config": c["name"], "unet_ms": _get(c, "unet_ms", "median"), "s_per_image": img,
+               "speedup_vs_fp32_classic": (fp32 / img) if (fp32 and img) else None,
+               "peak_vram_gib": (_get(c, "image", "peak_vram_bytes") or 0) / 2**30 or None,
+               "unet_weights_mib": c.get("unet_weight_mib"),
+               "attention_backend": _get(c, "attention_kernels", "backend")}
+        for k, v in c.items():
+            if k.startswith("max_res_"):
+                row[k] = _get(v, "max") if isinstance(v, dict) and "cap_gb" in v else (v.get("error") or v.get("skipped")
+                                                                                         if isinstance(v, dict) else v)
+        errors = [f"{k}: {v['error']}" for k, v in c.items() if isinstance(v, dict) and "error" in v]
+        row["errors"] = "; ".join(errors) or None
+        rows.append(row)
+    return rows
+
+
+def markdown_report(results: dict) -> str:
+    meta = results.get("meta", {})
+    lines = [f"# quantsd bench: {meta.get('model')} ({meta.get('recipe') or meta.get('checkpoint') or 'baselines'})",
+             "",
+             f"{meta.get('gpu')} · torch {meta.get('torch')} · triton {meta.get('triton')} · diffusers "
+             f"{meta.get('diffusers')} · {meta.get('height')}x{meta.get('width')}, {meta.get('steps')} steps, "
+             f"CFG {meta.get('guidance')}, batch 1 · started {meta.get('started')}, finished {meta.get('finished', '(cut short)')}",
+             ""]
+    rows = summary_rows(results)
+    caps = sorted({k for r in rows for k in r if k.startswith("max_res_")})
+    head = ["config", "UNet ms/step (CFG b2)", "s/image", "x vs fp32 classic", "peak VRAM GiB", "UNet weights MiB",
+            "attention"] + [c.replace("max_res_", "max res ") for c in caps]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "---|" * len(head))
+    for r in rows:
+        vals = [r["config"], r["unet_ms"], r["s_per_image"], r["speedup_vs_fp32_classic"], r["peak_vram_gib"],
+                r["unet_weights_mib"], r["attention_backend"]] + [r.get(c) for c in caps]
+        lines.append("| " + " | ".join(_cell(v) for v in vals) + " |")
+    errs = [f"- {r['config']}: {r['errors']}" for r in rows if r["errors"]]
+    if errs:
+        lines += ["", "Errors (recorded, run continued):", *errs]
+    sweep = {c["name"]: c.get("sweep_unet_ms") for c in results.get("configs", []) if c.get("sweep_unet_ms")}
+    if sweep:
+        sides = sorted({int(s) for v in sweep.values() for s in v})
+        lines += ["", "UNet ms/step (CFG batch 2) vs square side:", "",
+                  "| config | " + " | ".join(f"{s}²" for s in sides) + " |", "|---|" + "---|" * len(sides)]
+        for name, v in sweep.items():
+            lines.append(f"| {name} | " + " | ".join(_cell(v.get(str(s))) for s in sides) + " |")
+    sd = results.get("sdpa") or {}
+    if sd:
+        lines += ["", f"SDPA: flash enabled {sd.get('flash_sdp_enabled')}, mem-efficient {sd.get('mem_efficient_sdp_enabled')}, "
+                  f"math {sd.get('math_sdp_enabled')}; flash probe ({sd.get('dtype')}): "
+                  + ", ".join(f"{k} {v}" for k, v in (sd.get("probes") or {}).items())]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+    return str(v)
+
+
+def plot_time_vs_pixels(results: dict, path: str | os.PathLike) -> Path | None:
+    """UNet ms/step vs pixel count, one line per configuration (PNG)."""
+    series = {}
+    for c in results.get("configs", []):
+        pts = [(int(s) ** 2, v) for s, v in (c.get("sweep_unet_ms") or {}).items() if isinstance(v, (int, float))]
+        if pts:
+            series[c["name"]] = sorted(pts)
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in series.items():
+        ax.plot([p / 1e6 for p, _ in pts], [v for _, v in pts], marker="o", label=name)
+    ax.set_xlabel("pixels (millions)")
+    ax.set_ylabel("UNet ms/step (CFG batch 2)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    meta = results.get("meta", {})
+    ax.set_title(f"{meta.get('model')} on {meta.get('gpu')}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_reports(results: dict, out_dir: str | os.PathLike) -> dict:
+    """results.json + report.md (+ time_vs_pixels.png), each written atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, text in (("results.json", json.dumps(results, indent=1, default=str)),
+                       ("report.md", markdown_report(results))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, out / name)
+        paths[name] = out / name
+    try:
+        png = plot_time_vs_pixels(results, out / "time_vs_pixels.png")
+        if png:
+            paths["time_vs_pixels.png"] = png
+    except Exception as e:  # a plotting problem must not lose the numbers
+        paths["plot_error"] = str(e)
+    return paths

@@ -1,0 +1,58 @@
+"""`quantsd bench`."""
+
+from __future__ import annotations
+
+import click
+
+from ._base import main, model_option
+
+
+def _caps(ctx, param, value):
+    if value is None or value == "" or value == "none":
+        return ()
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of GiB, e.g. 8,4") from None
+
+
+@main.command("bench")
+@model_option(default="sd15-arch")
+@click.argument("checkpoint", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--recipe", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Quantize MODEL in memory with this recipe and bench the packed modules.")
+@click.option("--steps", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--guidance", default=7.5, show_default=True, type=float)
+@click.option("--height", default=512, show_default=True, type=int)
+@click.option("--width", default=512, show_default=True, type=int)
+@click.option("--compile", "compile_", is_flag=True, help="Also bench torch.compile (reduce-overhead) variants.")
+@click.option("--max-res-cap-gb", "caps", default="8,4", show_default=True, callback=_caps,
+              help="VRAM caps (GiB) for the max-resolution search; 'none' to skip.")
+@click.option("--max-res-cfg", default="sequential,batch2", show_default=True,
+              help="CFG modes for the max-resolution probe: sequential (two batch-1 halves) and/or batch2.")
+@click.option("--time-budget", default=None, type=float, help="Seconds; later measurements are skipped after it.")
+@click.option("--image-repeats", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile_, caps, max_res_cfg, time_budget,
+              image_repeats, out) -> None:
+    """Speed, memory and max resolution of MODEL (fp32 classic-attention and fp16 SDPA baselines
+    always; the quantized model with --recipe or a packed CHECKPOINT) on CUDA. Writes
+    results.json, report.md and time_vs_pixels.png to the output directory."""
+    import torch
+
+    from ..bench import Bench, markdown_report
+
+    if not torch.cuda.is_available():
+        raise click.ClickException("quantsd bench measures CUDA speed and memory: no CUDA device here")
+
+    if recipe and checkpoint:
+        raise click.UsageError("give either --recipe (quantize MODEL in memory) or a CHECKPOINT, not both")
+    modes = tuple(m for m in max_res_cfg.split(",") if m)
+    bad = [m for m in modes if m not in ("sequential", "batch2")]
+    if bad:
+        raise click.BadParameter(f"unknown CFG mode(s) {bad}", param_hint="--max-res-cfg")
+    b = Bench(model=model, recipe=recipe, checkpoint=checkpoint, steps=steps, guidance=guidance, height=height,
+              width=width, compile=compile_, caps_gb=caps, max_res_modes=modes, out_dir=out,
+              time_budget_s=time_budget, image_repeats=image_repeats, log=lambda s: click.echo(s, err=True))
+    results = b.run()
+    click.echo(markdown_report(results))

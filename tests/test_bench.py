@@ -1,0 +1,137 @@
+"""`quantsd bench` logic that needs no GPU: max-resolution binary search (fake memory model),
+reports (JSON / Markdown / PNG), in-memory packing, configuration list, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from quantsd.bench import (BenchConfig, binary_search_max, default_configs, markdown_report, summary_rows, to_packed,
+                           weight_bytes, write_reports)
+from quantsd.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "paper-final.yaml"
+
+
+def _fake_memory(weights_gb: float, per_mpix_gb: float, cap_gb: float):
+    """fits(s): resident weights + activations linear in the pixel count under the cap."""
+    calls = []
+
+    def fits(s):
+        calls.append(s)
+        return weights_gb + per_mpix_gb * (s * s) / 1e6 <= cap_gb
+
+    return fits, calls
+
+
+@pytest.mark.parametrize("cap", [4.0, 8.0, 1.3, 100.0])
+def test_binary_search_matches_linear_scan(cap):
+    fits, calls = _fake_memory(0.6, 0.35, cap)
+    res = binary_search_max(fits, 256, 8192, 64)
+    linear = [s for s in range(256, 8193, 64) if fits(s)]
+    assert res["max"] == (max(linear) if linear else None)
+    assert res["complete"]
+    assert len(res["probes"]) <= 2 + 8  # log2(124 candidates) + the two ends
+    if res["max"] is not None and res["max"] < 8192:
+        assert res["fail"] == res["max"] + 64
+        assert all(s % 64 == 0 for s, _ in res["probes"])
+
+
+def test_binary_search_edges_and_deadline():
+    assert binary_search_max(lambda s: False, 256, 1024)["max"] is None
+    assert binary_search_max(lambda s: True, 256, 1024)["max"] == 1024
+    assert binary_search_max(lambda s: s <= 300, 250, 1000)["max"] == 256  # lo rounded up to 256
+    res = binary_search_max(lambda s: s <= 3000, 256, 8192, deadline=time.monotonic() - 1)
+    assert not res["complete"] and res["fit"] == 256 and res["fail"] == 8192
+    with pytest.raises(ValueError):
+        binary_search_max(lambda s: True, 1000, 900)
+
+
+def test_weight_bytes_counts_params_and_buffers_once():
+    m = torch.nn.Linear(10, 4)
+    m.register_buffer("b", torch.zeros(3, dtype=torch.float16))
+    m.shared = m.weight  # same tensor again
+    assert weight_bytes(m) == (40 + 4) * 4 + 6
+    assert weight_bytes(m, "cuda") == 0
+
+
+def test_default_configs():
+    names = [c.name for c in default_configs(recipe=True, compile=True)]
+    assert names == ["fp16-sdpa", "packed", "fp32-classic", "fp16-sdpa-compiled", "packed-compiled"]
+    assert [c.name for c in default_configs(False, False)] == ["fp16-sdpa", "fp32-classic"]
+    fp32 = default_configs(False, False)[1]
+    assert fp32.attention == "classic" and fp32.torch_dtype == torch.float32
+
+
+def _fake_results():
+    return {
+        "meta": {"model": "sd15-arch", "recipe": "paper-final", "gpu": "FakeGPU", "torch": "x", "triton": "y",
+                 "steps": 50, "guidance": 7.5, "height": 512, "width": 512, "started": "now", "finished": "later"},
+        "sdpa": {"flash_sdp_enabled": True, "probes": {"self_d40": "flash ok"}, "dtype": "float16"},
+        "configs": [
+            {"name": "fp16-sdpa", "unet_ms": {"median": 26.0}, "image": {"median": 1.4, "peak_vram_bytes": 3 * 2**30},
+             "unet_weight_mib": 1639.3, "attention_kernels": {"backend": "flash"},
+             "sweep_unet_ms": {"256": 20.0, "512": 26.0, "768": 40.0},
+             "max_res_sequential_8gb": {"max": 4096, "fit": 4096, "fail": 4160, "cap_gb": 8, "complete": True}},
+            {"name": "packed", "unet_ms": {"median": 27.0}, "image": {"median": 1.45, "peak_vram_bytes": 2**30},
+             "unet_weight_mib": 550.0, "sweep_unet_ms": {"256": 21.0, "512": "OOM"},
+             "max_res_sequential_8gb": {"error": "OOM"}},
+            {"name": "fp32-classic", "unet_ms": {"median": 90.0}, "image": {"median": 5.6, "peak_vram_bytes": 2**32},
+             "image_err": {"error": "RuntimeError: boom"}},
+        ],
+    }
+
+
+def test_reports_written(tmp_path):
+    paths = write_reports(_fake_results(), tmp_path / "out")
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["configs"][0]["name"] == "fp16-sdpa"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| fp16-sdpa | 26 | 1.4 | 4 |" in md and "max res sequential_8gb" in md
+    assert "RuntimeError: boom" in md and "flash ok" in md
+    png = tmp_path / "out" / "time_vs_pixels.png"
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    rows = summary_rows(data)
+    assert rows[1]["max_res_sequential_8gb"] == "OOM" and rows[0]["speedup_vs_fp32_classic"] == pytest.approx(4.0)
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def test_markdown_partial_results():
+    md = markdown_report({"meta": {"model": "m"}, "configs": [{"name": "fp16-sdpa", "build": {"error": "OOM"}}]})
+    assert "(cut short)" in md and "build: OOM" in md
+
+
+def test_to_packed_equals_simulated_quantization():
+    from quantsd.models import load_pipeline
+    from quantsd.nn import packed_modules
+    from quantsd.recipe import apply_recipe
+
+    packed, plan = to_packed(load_pipeline("tiny"), RECIPE, torch.float32)
+    sim = load_pipeline("tiny")
+    apply_recipe(sim, RECIPE, warn=False)
+    n = len(packed_modules(packed.unet))
+    assert n > 0 and n == sum(1 for lp in plan.layers if lp.path.startswith("unet."))
+    assert weight_bytes(packed.unet) < weight_bytes(sim.unet)
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(2, 4, 16, 16, generator=g)
+    ctx = torch.randn(2, 77, 32, generator=g)
+    with torch.inference_mode():
+        a = packed.unet(lat, 10, encoder_hidden_states=ctx).sample
+        b = sim.unet(lat, 10, encoder_hidden_states=ctx).sample
+    assert torch.equal(a, b)
+
+
+def test_cli_bench_help_and_errors(tmp_path):
+    r = CliRunner().invoke(main, ["bench", "--help"])
+    assert r.exit_code == 0 and "--max-res-cap-gb" in r.output and "--compile" in r.output
+    r = CliRunner().invoke(main, ["bench", "--max-res-cfg", "nope", "-o", str(tmp_path)])
+    assert r.exit_code != 0
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(main, ["bench", "-m", "tiny", "-o", str(tmp_path / "b")])
+        assert r.exit_code != 0 and "CUDA" in r.output
