@@ -124,7 +124,12 @@ def model_info(model: str, pipe=None) -> dict:
     name = str(model)
     d = FIXTURE_DIR if name == "fixture" else Path(name).expanduser()
     if (d / "quantsd.json").is_file():
-        man = json.loads((d / "quantsd.json").read_text(encoding="utf-8"))
+        from ..io import read_manifest
+
+        try:
+            man = read_manifest(d)
+        except Exception as exc:  # unknown format version, corrupt JSON, ...
+            raise EvalInputError(f"model {name!r} does not load: {exc}") from exc
         layers = man.get("layers", [])
         bits = sorted({int(l["bits"]) for l in layers})
         methods = sorted({l["method"] for l in layers})
