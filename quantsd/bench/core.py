@@ -403,10 +403,17 @@ class Bench:
             self.results["configs"].append(entry)
             self.log(f"[{cfg.name}]")
             torch.cuda.reset_peak_memory_stats()
-            pipe = self._step(entry, "build", lambda: build_pipeline(self.model, cfg, dev, recipe, self.checkpoint))
+            holder: dict[str, Any] = {}
+
+            def _build():
+                t0 = time.monotonic()
+                holder["pipe"] = build_pipeline(self.model, cfg, dev, recipe, self.checkpoint)
+                return {"ok": True, "seconds": round(time.monotonic() - t0, 1)}
+
+            self._step(entry, "build", _build)
+            pipe = holder.pop("pipe", None)
             if pipe is None:
                 continue
-            entry["build"] = {"ok": True}
             entry["weight_bytes"] = {m: weight_bytes(getattr(pipe, m), "cuda") for m in ("text_encoder", "unet", "vae")}
             entry["unet_weight_mib"] = round(entry["weight_bytes"]["unet"] / 2**20, 1)
             if cfg.packed:

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One H100 session for quantsd's kernels and benchmarks, <= 9 minutes of command time.
+#   1. GPU kernel correctness tests (pytest -m gpu: Triton dequant == torch decode, compile, CUDA graphs)
+#   2. quantsd bench on sd15-arch with recipes/paper-final.yaml (+ baselines), --compile, caps 8,4 GiB
+# Everything lands under $OUT (6 files, 2 levels): env.txt, pytest_gpu.txt, bench.log,
+# bench/results.json, bench/report.md, bench/time_vs_pixels.png.  A compact summary goes to stdout.
+# Each step is time-boxed; the bench records OOMs/errors per configuration and rewrites its
+# JSON/Markdown after every measurement, so a step cut by its timeout still leaves numbers.
+set -u
+OUT=${OUT:-/tmp/quantsd-out}
+mkdir -p "$OUT/bench"
+export PYTHONPATH=${PYTHONPATH:-/tmp/site:$PWD}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=${PY:-python3}
+TOTAL=${TOTAL_S:-530}          # whole-script budget (seconds), under the 9-minute call limit
+T0=$(date +%s)
+el() { echo $(( $(date +%s) - T0 )); }
+log() { echo "[$(el)s] $*"; }
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,temperature.gpu --format=csv,noheader
+  $PY -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'python', sys.version.split()[0]); print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+  $PY -c "import diffusers, transformers; print('diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+  $PY -c "import pytest; print('pytest', pytest.__version__)" 2>&1 | tail -1
+  git log --oneline -1 2>/dev/null; } > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# ---- 1. kernel correctness on the GPU (<= 170 s)
+log "pytest -m gpu (kernels, CUDA==CPU)"
+if $PY -c "import pytest" 2>/dev/null; then
+  timeout -k 10 170 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_quant_cuda.py \
+      > "$OUT/pytest_gpu.txt" 2>&1
+  echo "exit=$?" >> "$OUT/pytest_gpu.txt"
+else
+  echo "pytest is not importable here: carry it (e.g. pip download pytest pluggy iniconfig packaging -d wheels; unzip into /tmp/site)" | tee "$OUT/pytest_gpu.txt"
+fi
+grep -E "passed|failed|error|exit=" "$OUT/pytest_gpu.txt" | tail -4
+grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.txt" | head -8
+
+# ---- 2. benchmarks with what is left (>= 240 s)
+LEFT=$(( TOTAL - $(el) - 25 ))
+[ "$LEFT" -lt 240 ] && LEFT=240
+log "quantsd bench (time budget ${LEFT}s)"
+timeout -k 15 $(( LEFT + 20 )) $PY -c "from quantsd.cli import main; main()" bench -m sd15-arch \
+    --recipe recipes/paper-final.yaml --steps 50 --guidance 7.5 --height 512 --width 512 --compile \
+    --max-res-cap-gb 8,4 --max-res-cfg sequential,batch2 --time-budget "$LEFT" -o "$OUT/bench" \
+    > "$OUT/bench.log" 2>&1
+echo "bench exit=$?" >> "$OUT/bench.log"
+
+# ---- summary
+log "summary"
+grep -E "^\s+\S+\.(unet_ms|image|max_res|attention|build)" "$OUT/bench.log" | cut -c1-160 | tail -40
+echo; [ -f "$OUT/bench/report.md" ] && cat "$OUT/bench/report.md" | cut -c1-400
+tail -3 "$OUT/bench.log"
+log "done"
