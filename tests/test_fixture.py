@@ -101,3 +101,19 @@ def test_adherence_far_above_random_pipeline(fixture_pipe):
     assert trained["color"] >= 0.75 and trained["shape"] >= 0.75, trained
     assert trained["all"] >= random["all"] + 0.5, (trained, random)
     assert trained["color"] + trained["shape"] + trained["position"] >= random["color"] + random["shape"] + random["position"] + 1.5
+
+
+def test_8bit_fake_quant_keeps_adherence_2bit_collapses():
+    from quantsd.fixture.evaluate import evaluate_adherence, fake_quantize_pipeline_
+    from quantsd.models import load_pipeline
+
+    prompts, attrs = data.captions_for_eval(N_PROMPTS, seed=0)
+    kw = dict(steps=STEPS, guidance=5.0, seed=0, batch_size=N_PROMPTS)
+    res = {}
+    for bits in (8, 2):
+        pipe = load_pipeline("fixture", dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        assert fake_quantize_pipeline_(pipe, bits=bits, method="uniform") == 215
+        res[bits] = evaluate_adherence(pipe, prompts, attrs, **kw)
+    assert res[8]["color"] >= 0.75 and res[8]["shape"] >= 0.75, res
+    assert res[2]["all"] <= res[8]["all"] - 0.5, res
