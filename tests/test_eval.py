@@ -272,3 +272,21 @@ def test_two_processes_give_the_same_metrics_as_one(tmp_path):
     b = json.loads((tmp_path / "two" / "results.json").read_text())
     assert a["protocol"]["processes"] == 1 and b["protocol"]["processes"] == 2 and b["protocol"]["backend"] == "gloo"
     assert a["metrics"] == b["metrics"]  # bit for bit: global batches are computed identically on any rank
+
+
+def test_generate_without_inception_then_score_elsewhere_with_features_only(tmp_path):
+    """The GPU-box workflow: generate with --inception none, finish FID/KID/IS on another machine."""
+    res = _run(tmp_path, "gpu", inception="none", model="tiny", reference="tiny", label="fp32")
+    assert res["metrics"]["fid"] is None and "features-only" in res["unavailable"]["fid_kid_is"]
+    assert res["metrics"]["latent_mse"] == 0 and res["metrics"]["adherence"] is not None
+    # pretend the images were made on a GPU: the device type differs, the rest of the key matches
+    for meta in (tmp_path / "cache" / "reference").glob("*/run.json"):
+        key = json.loads(meta.read_text())
+        key["device_type"] = "cuda"
+        meta.write_text(json.dumps(key))
+    with pytest.raises(EvalInputError, match="features-only, but 8 image"):
+        _run(tmp_path, "gpu", features_only=True, cache_dir=str(tmp_path / "other-cache"))
+    res2 = _run(tmp_path, "gpu", features_only=True)
+    assert res2["generated_this_run"] == {"model": 0, "reference": 0}
+    assert res2["metrics"]["fid"] is not None and res2["metrics"]["fid"] == pytest.approx(res2["metrics"]["fid_numpy"],
+                                                                                          rel=1e-6, abs=1e-9)

