@@ -282,7 +282,8 @@ def _plan(cfg: EvalConfig, dist: Dist) -> _Plan:
     if n < max(2, cfg.is_splits):
         raise EvalInputError(f"need at least {max(2, cfg.is_splits)} prompts (IS splits = {cfg.is_splits})")
     device = torch.device(cfg.device) if cfg.device else dist.default_device()
-    extractor = None if str(cfg.inception).lower() == "none" else load_extractor(cfg.inception, device=device)
+    skip = cfg.inception is not None and str(cfg.inception).lower() == "none"
+    extractor = None if skip else load_extractor(cfg.inception, device=device)
     common = {"prompts_sha256": prompts.sha256(), "n": n, "seed": cfg.seed, "steps": cfg.steps,
               "guidance": cfg.guidance, "height": cfg.height, "width": cfg.width, "dtype": cfg.dtype,
               "batch_size": cfg.batch_size, "device_type": device.type, "noise": "cpu-generator(seed<<32 + index)",
@@ -394,7 +395,11 @@ def evaluate(model: str | None = None, reference: str = "fixture", *, out: str |
     def vs_ref():
         m["rfid"] = M.fid(ref_pool, gen_pool)
         m["rfid_numpy"] = M.fid_numpy(ref_pool, gen_pool)
-        m["rkid_mean"], m["rkid_std"] = M.kid(ref_pool, gen_pool, cfg.kid_subsets, cfg.kid_subset_size, cfg.seed)
+        # The unbiased MMD estimator assumes independent samples; generated image i and reference image i
+        # share prompt and noise, so rKID compares *disjoint* halves of the prompts (pairs never meet).
+        a, b = rkid_halves(n, cfg.seed)
+        m["rkid_mean"], m["rkid_std"] = M.kid(ref_pool[a], gen_pool[b], cfg.kid_subsets,
+                                              min(cfg.kid_subset_size, len(a)), cfg.seed)
 
     def incep():
         if gen_logits is None:
@@ -457,6 +462,12 @@ def evaluate(model: str | None = None, reference: str = "fixture", *, out: str |
     return results
 
 
+def rkid_halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint random halves of ``range(n)`` (reference side, generated side) for rKID."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).numpy()
+    return np.sort(perm[: n // 2]), np.sort(perm[n // 2: 2 * (n // 2)])
+
+
 def _same_but_device(a: dict, b: dict) -> bool:
     ignore = ("device_type",)
     return {k: v for k, v in a.items() if k not in ignore} == \
@@ -505,6 +516,9 @@ def _base_results(cfg: EvalConfig, plan: _Plan, dist: Dist, made_gen: int, made_
         "kid": {"subsets": cfg.kid_subsets, "subset_size": cfg.kid_subset_size, "degree": 3, "gamma": "1/dim",
                 "coef": 1.0, "subset_rng": f"torch.randperm under torch.manual_seed({cfg.seed})"},
         "is": {"splits": cfg.is_splits},
+        "rkid": ("KID between the reference images of one random half of the prompts and the generated images of "
+                 f"the other half (subset size min({cfg.kid_subset_size}, n//2)): paired images share prompt and "
+                 "noise, and the unbiased MMD estimator assumes independent samples"),
         "latent_mse": "mean over prompts of mean((z - z_ref)^2) over the final latents (same prompts and noise)",
         "psnr": "10*log10(255^2 / MSE), MSE over all pixels of all uint8 images vs the reference's",
         "adherence": ("quantsd.fixture.checker: fraction of images whose colour / shape / position (and all three) "

@@ -10,6 +10,7 @@ alone. ``aggregate(paths)`` builds a table from several ``results.json`` files /
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,8 +24,8 @@ ROWS_PREFIX = "<!-- quantsd-eval-rows "
 COLUMNS = ("Model", "Packed size (MB)", "FID ↓", "KID×10³ ↓", "IS ↑", "rFID ↓", "rKID×10³ ↓", "Latent MSE ↓",
            "PSNR (dB) ↑", "Adherence ↑")
 PROTOCOL_KEYS = ("prompts", "num_prompts", "seed", "steps", "guidance", "dtype", "real_images",
-                 "generated_preprocessing", "feature_extractor", "metrics_implementation", "kid", "is", "latent_mse",
-                 "psnr", "adherence", "noise")
+                 "generated_preprocessing", "feature_extractor", "metrics_implementation", "kid", "is", "rkid",
+                 "latent_mse", "psnr", "adherence", "noise")
 
 
 def row_from_results(results: dict, source: str | None = None) -> dict:
@@ -46,7 +47,8 @@ def row_from_results(results: dict, source: str | None = None) -> dict:
 def _f(x, fmt="{:.2f}", scale=1.0, dash="–"):
     if x is None:
         return dash
-    return fmt.format(x * scale)
+    out = fmt.format(x * scale)
+    return out[1:] if out.startswith("-") and float(out) == 0 else out  # no "-0.00"
 
 
 def _row_cells(r: dict) -> list[str]:
@@ -83,7 +85,7 @@ def render_table(rows: list[dict]) -> str:
         f"Metrics: {p.get('metrics_implementation')}. KID: {kid.get('subsets')} subsets of "
         f"{kid.get('subset_size')}, cubic polynomial kernel, shown ×10³ (mean ± std). IS: {(p.get('is') or {}).get('splits')} "
         "splits (n/a: the feature network has no classifier logits). rFID / rKID: generated vs the reference model's "
-        "images on the same prompts and noise. Latent MSE: " + str(p.get("latent_mse")) + ". PSNR: "
+        "images on the same prompts and noise (rKID: " + str(p.get("rkid")) + "). Latent MSE: " + str(p.get("latent_mse")) + ". PSNR: "
         + str(p.get("psnr")) + " (∞: identical). Adherence: " + str(p.get("adherence") or "n/a (not the fixture)") + ".",
         "Packed size: bytes of the text encoder + UNet + VAE weight files (quantsd checkpoints: the packed "
         "safetensors; dense models: their stored parameters).",
@@ -134,7 +136,14 @@ def aggregate(paths) -> tuple[str, list[dict]]:
 
 
 def _region(rows: list[dict]) -> str:
-    payload = json.dumps(rows, ensure_ascii=False, sort_keys=True).replace("--", "\\u002d\\u002d")
+    protocols: dict[str, dict] = {}
+    slim = []
+    for r in rows:
+        pid = hashlib.sha256(json.dumps(r["protocol"], sort_keys=True).encode()).hexdigest()[:10]
+        protocols[pid] = r["protocol"]
+        slim.append({**{k: v for k, v in r.items() if k != "protocol"}, "protocol": pid})
+    payload = json.dumps({"rows": slim, "protocols": protocols}, ensure_ascii=False, sort_keys=True)
+    payload = payload.replace("--", "\\u002d\\u002d")
     return f"{BEGIN}\n{render_table(rows)}\n{ROWS_PREFIX}{payload} -->\n{END}\n"
 
 
@@ -148,8 +157,10 @@ def read_table_rows(path: str | os.PathLike) -> list[dict]:
     region = text.split(BEGIN, 1)[1].split(END, 1)[0]
     if ROWS_PREFIX not in region:
         return []
-    payload = region.split(ROWS_PREFIX, 1)[1].rsplit("-->", 1)[0]
-    return json.loads(payload)
+    data = json.loads(region.split(ROWS_PREFIX, 1)[1].rsplit("-->", 1)[0])
+    if isinstance(data, list):
+        return data
+    return [{**r, "protocol": data["protocols"][r["protocol"]]} for r in data["rows"]]
 
 
 def write_table(path: str | os.PathLike, rows: list[dict], title: str = "## Results") -> None:
