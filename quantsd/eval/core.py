@@ -117,9 +117,9 @@ def model_identity(model: str) -> str:
     return f"hub:{name}"
 
 
-def model_info(model: str, pipe=None) -> dict:
-    """Packed size and description. Checkpoints: the manifest's weight files; dense models: the
-    text encoder + UNet + VAE parameters at their stored dtype (file sizes for a folder)."""
+def model_info(model: str, pipe=None, dtype: str = "float32") -> dict:
+    """Packed size and description. Checkpoints: the manifest's weight files (what is stored);
+    dense models: the text encoder + UNet + VAE values at the evaluated dtype (fp32: 4 bytes)."""
     from ..models import FIXTURE_DIR
 
     name = str(model)
@@ -138,18 +138,22 @@ def model_info(model: str, pipe=None) -> dict:
                 "recipe": (man.get("recipe") or {}).get("name"), "recipe_sha256": man.get("recipe_sha256"),
                 "source": man.get("source"), "dense_dtype": man.get("dense_dtype"), "bits": bits, "methods": methods,
                 "quantized_layers": man["totals"].get("quantized_layers")}
+    width = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     if d.is_dir() and (d / "model_index.json").is_file():
-        total = sum(p.stat().st_size for c in ("text_encoder", "unet", "vae")
-                    for p in (d / c).glob("*.safetensors"))
-        return {"kind": "dense", "packed_bytes": total, "recipe": None,
-                "note": "safetensors files of text_encoder + unet + vae"}
+        from ..io import read_safetensors_header
+
+        files = [p for c in ("text_encoder", "unet", "vae") for p in (d / c).glob("*.safetensors")]
+        numel = sum(t.numel for p in files for t in read_safetensors_header(p)[1].values())
+        return {"kind": "dense", "packed_bytes": numel * width, "params": numel, "recipe": None,
+                "files_bytes": sum(p.stat().st_size for p in files),
+                "note": f"text encoder + UNet + VAE: {numel:,} values x {width} bytes ({dtype}, as evaluated)"}
     if pipe is None:
         from ..models import load_pipeline
 
         pipe = load_pipeline(name, device="meta" if name == "sd15-arch" else None)
-    total = sum(p.numel() * p.element_size() for m in (pipe.text_encoder, pipe.unet, pipe.vae) for p in m.parameters())
-    return {"kind": "dense", "packed_bytes": int(total), "recipe": None,
-            "note": "text encoder + UNet + VAE parameters at their dtype"}
+    numel = sum(p.numel() for m in (pipe.text_encoder, pipe.unet, pipe.vae) for p in m.parameters())
+    return {"kind": "dense", "packed_bytes": int(numel * width), "params": int(numel), "recipe": None,
+            "note": f"text encoder + UNet + VAE: {numel:,} parameters x {width} bytes ({dtype}, as evaluated)"}
 
 
 def default_label(model: str, reference: str, info: dict) -> str:
@@ -292,7 +296,7 @@ def _plan(cfg: EvalConfig, dist: Dist) -> _Plan:
     ref_key = {"model": str(cfg.reference), "model_identity": model_identity(cfg.reference), "weights": None,
                **common}
     same = gen_key["model_identity"] == ref_key["model_identity"] and cfg.weights is None
-    info = model_info(cfg.model)
+    info = model_info(cfg.model, dtype=cfg.dtype)
     label = cfg.label or default_label(cfg.model, cfg.reference, info)
     cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     return _Plan(prompts, real, extractor, gen_key, ref_key, same, info, label, eval_size, device, cache)

@@ -87,8 +87,9 @@ def render_table(rows: list[dict]) -> str:
         "splits (n/a: the feature network has no classifier logits). rFID / rKID: generated vs the reference model's "
         "images on the same prompts and noise (rKID: " + str(p.get("rkid")) + "). Latent MSE: " + str(p.get("latent_mse")) + ". PSNR: "
         + str(p.get("psnr")) + " (∞: identical). Adherence: " + str(p.get("adherence") or "n/a (not the fixture)") + ".",
-        "Packed size: bytes of the text encoder + UNet + VAE weight files (quantsd checkpoints: the packed "
-        "safetensors; dense models: their stored parameters).",
+        "Packed size: text encoder + UNet + VAE weights — quantsd checkpoints: their packed safetensors files "
+        "(quantized codes + scales + fp16 dense tensors); dense models: parameter count × bytes of the evaluated "
+        "dtype (fp32: 4).",
     ]) + "\n"
     if differ:
         out += f"\n**Warning:** rows differ in protocol fields: {', '.join(differ)}.\n"
