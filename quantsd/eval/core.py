@@ -102,14 +102,17 @@ def _file_digest(p: Path) -> str:
 
 
 def model_identity(model: str) -> str:
-    """What determines a model's outputs: built-in name + quantsd version, or the files of a folder
-    (name, size, sha256 of the first and last MiB of each), or a hub id."""
+    """What determines a model's outputs: built-in name + quantsd version; a quantsd checkpoint's
+    manifest (which carries the sha256 of every file); the files of any other folder (name, size,
+    sha256 of the first and last MiB of each); or a hub id."""
     from ..models import FIXTURE_DIR
 
     name = str(model)
     if name in ("tiny", "sd15-arch"):
         return f"{name}:quantsd-{__version__}"
     d = FIXTURE_DIR if name == "fixture" else Path(name).expanduser()
+    if (d / "quantsd.json").is_file():  # the manifest holds the sha256 of every file of the checkpoint
+        return "ckpt:" + hashlib.sha256((d / "quantsd.json").read_bytes()).hexdigest()[:20]
     if d.is_dir():
         files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
         h = hashlib.sha256("\n".join(f"{p.relative_to(d)}={_file_digest(p)}" for p in files).encode())
