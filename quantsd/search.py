@@ -36,6 +36,7 @@ class Choice:
     bits: int
     nbytes: int
     error: float     # measured final-image relative L2 error (%) with only this block quantized
+    granularity: str = "tensor"
 
 
 @dataclass
@@ -64,38 +65,51 @@ class Solution:
     def to_dict(self) -> dict:
         return {"total_bytes": self.total_bytes, "total_mb": self.total_bytes / 1e6,
                 "predicted_image_error": self.predicted_error,
-                "blocks": {b: {"method": c.method, "bits": c.bits, "bytes": c.nbytes, "error": c.error}
+                "blocks": {b: {"method": c.method, "bits": c.bits, "granularity": c.granularity,
+                               "bytes": c.nbytes, "error": c.error}
                            for b, c in self.picks.items()}}
 
 
-def load_problem(sensitivity_dir: str | Path, error_key: str = "image_error",
+def load_problem(sensitivity_dir: str | Path | list, error_key: str = "image_error",
                  methods: tuple[str, ...] | None = None, allow_dense: bool = True) -> SearchProblem:
-    """Build the knapsack from a sweep directory (``sweep.json`` + ``sensitivity.jsonl``)."""
-    d = Path(sensitivity_dir)
-    meta_path, results = d / "sweep.json", d / "sensitivity.jsonl"
-    if not meta_path.exists() or not results.exists():
-        raise SearchError(f"{d} is not a sensitivity directory (needs sweep.json and sensitivity.jsonl); "
-                          "run `quantsd sensitivity -o DIR` first")
-    meta = json.loads(meta_path.read_text())
+    """Build the knapsack from one or more sweep directories (``sweep.json`` + ``sensitivity.jsonl``).
+
+    Several directories (e.g. a per-tensor and a per-channel sweep of the same model, prompts and
+    seed) pool their choices, so the search also picks the granularity per block.
+    """
+    dirs = [Path(d) for d in (sensitivity_dir if isinstance(sensitivity_dir, (list, tuple)) else [sensitivity_dir])]
     by_block: dict[str, list[Choice]] = {}
     fp16: dict[str, int] = {}
-    for line in results.read_text().splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
-        if methods and r["method"] not in methods:
-            continue
-        by_block.setdefault(r["block"], []).append(Choice(r["method"], int(r["bits"]), int(r["packed_bytes"]),
-                                                          float(r[error_key])))
-        fp16[r["block"]] = int(r["fp16_bytes"])
+    metas = []
+    for d in dirs:
+        meta_path, results = d / "sweep.json", d / "sensitivity.jsonl"
+        if not meta_path.exists() or not results.exists():
+            raise SearchError(f"{d} is not a sensitivity directory (needs sweep.json and sensitivity.jsonl); "
+                              "run `quantsd sensitivity -o DIR` first")
+        metas.append(json.loads(meta_path.read_text()))
+        for line in results.read_text().splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if methods and r["method"] not in methods:
+                continue
+            by_block.setdefault(r["block"], []).append(Choice(
+                r["method"], int(r["bits"]), int(r["packed_bytes"]), float(r[error_key]), r["granularity"]))
+            fp16[r["block"]] = int(r["fp16_bytes"])
+    meta = metas[0]
+    for other, d in zip(metas[1:], dirs[1:]):
+        for key in ("model", "prompts", "seed", "steps", "guidance", "height", "width", "dtype"):
+            if other.get(key) != meta.get(key):
+                raise SearchError(f"{d} was swept with a different {key} than {dirs[0]}; "
+                                  "pool only sweeps of the same model, prompts and sampling settings")
     if not by_block:
-        raise SearchError(f"{results} holds no usable results")
+        raise SearchError(f"{', '.join(map(str, dirs))}: no usable results")
     blocks = list(by_block)
     choices = []
     for b in blocks:
         cs = sorted(set(by_block[b]), key=lambda c: (c.nbytes, c.error))
         if allow_dense:
-            cs.append(Choice(*DENSE, fp16[b], 0.0))
+            cs.append(Choice(*DENSE, fp16[b], 0.0, "none"))
         choices.append(cs)
     return SearchProblem(blocks, choices, int(meta.get("fixed_bytes", 0)), meta.get("granularity", "tensor"),
                          meta.get("model", "?"))
@@ -169,24 +183,30 @@ def pareto_front(problem: SearchProblem, points: int = 40) -> list[Solution]:
     return front
 
 
-def solution_to_recipe(sol: Solution, name: str, granularity: str, seed: int = 0, note: str = "") -> dict:
-    """A DESIGN §5 recipe: one rule per block (exact block path), dense blocks in ``ignore``."""
+def solution_to_recipe(sol: Solution, name: str, granularity: str = "tensor", seed: int = 0,
+                       note: str = "") -> dict:
+    """A DESIGN §5 recipe: one rule per block (exact block path), dense blocks in ``ignore``.
+
+    The most frequent (method, bits, granularity) becomes ``defaults`` to keep the recipe short.
+    """
     rules, ignore = [], []
     for block, c in sol.picks.items():
         if c.method == "fp16":
             ignore.append(block)
         else:
-            rules.append({"match": [block], "bits": c.bits, "method": c.method})
-    common = {}
-    if rules:  # the most frequent setting becomes the default, to keep the recipe short
+            rules.append({"match": [block], "bits": c.bits, "method": c.method, "granularity": c.granularity})
+    common = {"bits": 8, "method": "pwlq", "granularity": granularity}
+    if rules:
         counts: dict[tuple, int] = {}
         for r in rules:
-            counts[(r["method"], r["bits"])] = counts.get((r["method"], r["bits"]), 0) + 1
-        (m, b), _ = max(counts.items(), key=lambda kv: kv[1])
-        common = {"bits": b, "method": m, "granularity": granularity}
-        rules = [r for r in rules if (r["method"], r["bits"]) != (m, b)]
-    else:
-        common = {"bits": 8, "method": "pwlq", "granularity": granularity}
+            key = (r["method"], r["bits"], r["granularity"])
+            counts[key] = counts.get(key, 0) + 1
+        (m, b, g), _ = max(counts.items(), key=lambda kv: kv[1])
+        common = {"bits": b, "method": m, "granularity": g}
+        rules = [r for r in rules if (r["method"], r["bits"], r["granularity"]) != (m, b, g)]
+        for r in rules:
+            if r["granularity"] == g:
+                del r["granularity"]
     return {"quantsd_recipe": 1, "name": name,
             "description": note or f"searched: {sol.total_bytes / 1e6:.4f} MB, predicted image error "
                                    f"{sol.predicted_error:.4g}%",

@@ -56,7 +56,8 @@ def run_search(sensitivity_dir: str | Path, out: str | Path, *, budget_mb: float
                       + yaml.safe_dump(recipe, sort_keys=False))
     stem = out.with_suffix("")
     _write_pareto(pareto_front(problem, pareto_points), sol, stem)
-    summary = {"recipe": str(out), "sensitivity_dir": str(sensitivity_dir), "model": problem.model,
+    summary = {"recipe": str(out), "sensitivity_dir": [str(d) for d in sensitivity_dir]
+               if isinstance(sensitivity_dir, (list, tuple)) else str(sensitivity_dir), "model": problem.model,
                "constraint": {"budget_mb": budget_mb, "avg_bits": avg_bits, "max_error": max_error},
                "solver": "scipy.optimize.milp (HiGHS), exact multiple-choice knapsack",
                "dense_mb": problem.dense_bytes / 1e6, "min_mb": problem.min_bytes / 1e6,
@@ -64,6 +65,7 @@ def run_search(sensitivity_dir: str | Path, out: str | Path, *, budget_mb: float
     if measure:
         from .search_measure import measure_recipe
 
-        summary["measured"] = measure_recipe(out, sensitivity_dir, device=device)
+        first = sensitivity_dir[0] if isinstance(sensitivity_dir, (list, tuple)) else sensitivity_dir
+        summary["measured"] = measure_recipe(out, first, device=device)
     atomic_write_text(stem.with_suffix(".search.json"), json.dumps(summary, indent=2))
     return summary
