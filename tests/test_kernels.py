@@ -122,6 +122,20 @@ def test_triton_large_weights(bits, gran):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("method", ["uniform", "pwlq"])
+def test_level_table_on_cuda_is_true_division(bits, method):
+    """The CUDA table holds the reference's IEEE ``c/L`` (the CPU's), not ``c * (1/L)``: a table
+    built with a Python-scalar divisor (CUDA: reciprocal multiply) made 3..8-bit decodes differ."""
+    from quantsd.kernels.dequant import level_table
+
+    got = level_table(bits, method, torch.device("cuda")).cpu()
+    assert torch.equal(_bits(got), _bits(level_table(bits, method, torch.device("cpu"))))
+    assert torch.equal(_bits(got), _bits(_ieee_level_table(bits, method)))
+
+
+@pytest.mark.gpu
+@cuda
 def test_triton_float32_scales_and_zero_groups():
     from quantsd.kernels import dequantize
 
@@ -247,6 +261,101 @@ def test_prepare_group_modes():
     assert (p.gmode, p.group, p.nbytes) == (2, 9, 45)
     p = prepare((5, 9), 3, "uniform", "group:3")
     assert (p.gmode, p.group, p.nbytes) == (2, 3, 17)
+
+
+def _ieee_level_table(bits: int, method: str) -> torch.Tensor:
+    """The level table from IEEE float32 division computed independently of torch: the float64
+    quotient of two small integers rounded once to float32 is the correctly rounded float32
+    quotient (53 >= 2*24 + 2), then ``- 0.5`` in float32."""
+    import numpy as np
+
+    L, L1, L2 = (1 << bits) - 1, (1 << (bits - 1)) - 1, (1 << (bits - 2)) - 1
+    t = np.zeros(512, dtype=np.float32)
+    k = L1 if method in ("pwlq", "pwlq-stochastic") else L
+    t[:k + 1] = (np.arange(k + 1) / k).astype(np.float32) - np.float32(0.5)
+    if method in ("pwlq", "pwlq-stochastic") and L2 > 0:
+        t[256:256 + L2 + 1] = (np.arange(L2 + 1) / L2).astype(np.float32)
+    return torch.from_numpy(t)
+
+
+@pytest.mark.parametrize("bits,method", list(itertools.product(range(2, 9), METHODS)))
+def test_level_table_is_the_reference_intermediate(bits, method):
+    """The kernel's table == IEEE c/L - 1/2 (and l/L2), i.e. the decode's intermediate, bit for bit;
+    and decoding with it the kernel's way (same ops, same order) == the reference decode."""
+    from quantsd.kernels.dequant import level_table
+    from quantsd.quant.quantizers import decode
+
+    lut = level_table(bits, method, torch.device("cpu"))
+    assert lut.dtype == torch.float32 and lut.shape == (512,)
+    assert torch.equal(_bits(lut), _bits(_ieee_level_table(bits, method)))
+    # every code of 3 groups (one with m = p = 0), the kernel's op sequence in torch
+    n = 1 << bits
+    cv = torch.arange(n, dtype=torch.uint8).repeat(3, 1)
+    m = torch.tensor([0.1234, 0.0, 3.5e-3])
+    pw = method in ("pwlq", "pwlq-stochastic")
+    p = torch.tensor([0.0311, 0.0, 1.1e-3]) if pw else None
+    ref = decode(cv, method, bits, m, p)
+    c, mm = cv.long(), m[:, None]
+    if not pw:
+        got = torch.where(mm == 0, 0.0, (2.0 * mm) * lut[c])
+    else:
+        pp = p[:, None]
+        L1, L2 = (1 << (bits - 1)) - 1, (1 << (bits - 2)) - 1
+        center = torch.where(pp == 0, 0.0, (2.0 * pp) * lut[c & L1])
+        mag = pp + (mm - pp) * lut[256 + (c & L2)] if L2 > 0 else ((pp + mm) * 0.5).expand(3, n)
+        tail = torch.where(((c >> (bits - 2)) & 1) != 0, -mag, mag)
+        got = torch.where((c >> (bits - 1)) != 0, tail, center)
+    assert torch.equal(_bits(got), _bits(ref))
+
+
+def _compile_for_sm90(const: dict):
+    """Compile the kernel for an H100 (sm_90) on this machine, no GPU needed (ptxas ships with
+    Triton); skips where the NVIDIA backend or its tools are unavailable."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from quantsd.kernels.dequant import LAUNCH_OPTIONS, _dequant_kernel
+
+    sig = {"packed_ptr": "*u8", "scale_ptr": "*fp16", "bp_ptr": "*fp16", "lut_ptr": "*fp32",
+           "out_ptr": "*i16" if const["OUT_BF16"] else "*fp16", "numel": "i64", "nbytes": "i64", "group": "i64",
+           "group8": "i64", **{k: "constexpr" for k in const}}
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as e:  # pragma: no cover - triton without the NVIDIA backend
+        pytest.skip(f"no NVIDIA Triton backend: {e}")
+    return triton.compile(ASTSource(_dequant_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
+                          options=dict(LAUNCH_OPTIONS))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="ptxas/nvdisasm of the Triton wheel: Linux only")
+@pytest.mark.parametrize("bits,pwlq", [(2, True), (5, True), (8, True), (8, False)])
+def test_kernel_has_no_fma_on_sm90(bits, pwlq):
+    """What the H100 runs keeps every multiply and add separately rounded, as torch eager does:
+    PTX with no fma and only ``.rn`` f32 mul/add/sub (which ptxas never contracts), no ``.ftz``,
+    SASS with no FFMA.  (Checked to pass with triton 3.6 and 3.8; fails with enable_fp_fusion=True.)"""
+    import re
+    import shutil
+    import tempfile
+
+    for gmode, bf16 in ((0, False), (1, True), (2, False)):
+        k = _compile_for_sm90({"BITS": bits, "PWLQ": pwlq, "GMODE": gmode, "CHUNKS": 256, "OUT_BF16": bf16})
+        ptx = k.asm["ptx"]
+        assert not re.search(r"\bfma\.", ptx) and ".ftz" not in ptx  # no contraction, no flush-to-zero
+        arith = re.findall(r"\b(?:mul|add|sub)(?:\.[a-z]+)*\.f32\b", ptx)
+        assert arith and all(".rn." in a for a in arith), sorted(set(arith))
+        import triton
+
+        nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+        if not nvdisasm.exists():
+            nvdisasm = shutil.which("nvdisasm")
+        if nvdisasm is None:
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            f = Path(d) / "k.cubin"
+            f.write_bytes(k.asm["cubin"])
+            sass = subprocess.run([str(nvdisasm), str(f)], capture_output=True, text=True, check=True).stdout
+        assert "FMUL" in sass and not re.search(r"\bFFMA\b", sass)
 
 
 def test_layers_on_cpu_have_no_kernel_state():

@@ -6,12 +6,21 @@ the pure-torch reference (:func:`quantsd.nn.dequantize_weight` on the same devic
 bit, because it performs the same float32 operations in the same order:
 
 * the only division in the reference, ``code / L`` (then ``- 0.5`` for uniform levels), is
-  not recomputed in the kernel: it is read from a small table (``level_table``) that torch
-  computes on the weight's device with the reference's own expression, so whatever torch
-  does there (true division on CPU, reciprocal multiply for a scalar divisor on CUDA) is
-  reproduced exactly;
-* multiplies and adds are kept separate (launch option ``enable_fp_fusion=False``): torch
-  eager never contracts ``p + (m - p) * x`` into an FMA, so neither may the kernel;
+  not recomputed in the kernel: it is read from a small table (``level_table``) that is the
+  reference decode itself (``quant.quantizers.decode``) evaluated by torch on the weight's
+  device at unit parameters, so it is the reference's intermediate value bit for bit, whatever
+  division torch does there (today true IEEE division by a device tensor, ``true_div_``; an
+  earlier table divided by a Python scalar, which CUDA turns into ``c * (1/L)``: up to a few
+  ulp off the reference for 3+ bits, the cause of the H100 mismatches);
+* the kernel then does what the reference does next, one IEEE op at a time with the same operands:
+  ``(2m) * t`` (uniform; ``2m`` is exact), ``(2p) * t`` (PWLQ center), ``(m - p) * t`` then
+  ``+ p`` (PWLQ tail), ``(p + m) * 0.5`` (2-bit tail), a sign flip, selects.  Multiplies and
+  adds are kept separate (launch option ``enable_fp_fusion=False``, in ``LAUNCH_OPTIONS``):
+  Triton then emits ``mul.rn.f32`` / ``add.rn.f32``, which ptxas never contracts, and passes
+  ``--fmad=false``; torch eager runs each op as its own kernel, so it never fuses
+  ``p + (m - p) * t`` into an FMA.  A CPU test compiles the kernel for sm_90 and checks the
+  PTX/SASS has no FMA; Triton rejects unknown launch options, so the flag cannot be silently
+  dropped;
 * the final cast to float16 / bfloat16 is round-to-nearest-even, like ``Tensor.to`` (bfloat16 by
   integer rounding of the float32 bits: finite weights only, which is all a decode produces).
 
@@ -46,13 +55,16 @@ except Exception:  # pragma: no cover - platform without triton
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "interpreting", "available", "level_table", "prepare", "dequantize", "DequantPlan",
-           "SUPPORTED_DTYPES"]
+           "SUPPORTED_DTYPES", "LAUNCH_OPTIONS"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PWLQ = ("pwlq", "pwlq-stochastic")
 _UNIFORM = ("uniform", "stochastic")
 CHUNKS = 256            # chunks of 8 codes per program: 2048 weights
 NUM_WARPS = 4
+# Compile options of every launch.  enable_fp_fusion=False is part of the bit-exactness contract
+# (no FMA contraction of the PWLQ tail's multiply-add), not a tuning knob.
+LAUNCH_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 
 
 def interpreting() -> bool:
@@ -138,10 +150,18 @@ _LUTS: dict = {}
 def level_table(bits: int, method: str, device: torch.device) -> torch.Tensor:
     """float32[512] on ``device``: [0:256] the reference's ``c/L - 0.5`` (uniform: L = 2^n-1;
     PWLQ center: L1 = 2^(n-1)-1), [256:512] PWLQ's ``lvl/L2`` (L2 = 2^(n-2)-1; zeros for n=2).
+    Entries past the last code are 0 (never read).
 
-    Computed by torch on ``device`` with the reference's own expressions (quantizers.decode),
-    cached per (bits, kind, device) and shared by every layer.
+    Computed by the reference decode itself (quantizers.decode) on ``device``, at parameters
+    that make every later op exact, so each entry is the decode's intermediate bit for bit:
+    uniform codes with m = 1/2 give ``(c/L - 1/2) * (2 * 1/2)``; PWLQ center codes with p = 1/2
+    give ``(c/L1 - 1/2) * 1``; PWLQ tail codes (sign bit 0) with m = 1, p = 0 give
+    ``(l/L2) * (1 - 0) + 0`` (all >= 0, so no -0.0) times the sign +1.  Whatever division torch
+    does on that device is therefore the one the table holds.  Cached per (bits, kind, device)
+    and shared by every layer.
     """
+    from ..quant.quantizers import decode
+
     pwlq = method in _PWLQ
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -149,11 +169,22 @@ def level_table(bits: int, method: str, device: torch.device) -> torch.Tensor:
     key = (int(bits), pwlq, device)
     t = _LUTS.get(key)
     if t is None:
+        bits = int(bits)
         L, L1, L2 = (1 << bits) - 1, (1 << (bits - 1)) - 1, (1 << (bits - 2)) - 1
-        idx = torch.arange(256, device=device, dtype=torch.uint8)
-        a = idx.float() / (L1 if pwlq else L) - 0.5
-        b = idx.float() / L2 if (pwlq and L2 > 0) else torch.zeros(256, device=device)
-        t = torch.cat([a, b]).contiguous()
+
+        def par(v: float) -> torch.Tensor:
+            return torch.full((1,), v, dtype=torch.float32, device=device)
+
+        def codes(n: int, base: int = 0) -> torch.Tensor:  # one group of n codes, shape (1, n)
+            return (torch.arange(n, device=device, dtype=torch.int32) | base).to(torch.uint8)[None]
+
+        t = torch.zeros(512, dtype=torch.float32, device=device)
+        if pwlq:
+            t[:L1 + 1] = decode(codes(L1 + 1), method, bits, par(1.0), par(0.5))[0]
+            if L2 > 0:
+                t[256:256 + L2 + 1] = decode(codes(L2 + 1, 1 << (bits - 1)), method, bits, par(1.0), par(0.0))[0]
+        else:
+            t[:L + 1] = decode(codes(L + 1), method, bits, par(0.5))[0]
         _LUTS[key] = t
     return t
 
@@ -206,8 +237,7 @@ def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpo
     _dequant_kernel[(plan.grid,)](
         packed, scale, scale if breakpoint is None else breakpoint, lut, out.view(torch.int16) if bf16 else out,
         plan.numel, plan.nbytes, plan.group, plan.group // 8 if plan.gmode == 1 else 1,
-        BITS=plan.bits, PWLQ=plan.pwlq, GMODE=plan.gmode, CHUNKS=CHUNKS, OUT_BF16=bf16, num_warps=NUM_WARPS,
-        enable_fp_fusion=False)
+        BITS=plan.bits, PWLQ=plan.pwlq, GMODE=plan.gmode, CHUNKS=CHUNKS, OUT_BF16=bf16, **LAUNCH_OPTIONS)
     return out
 
 
