@@ -286,7 +286,13 @@ def test_generate_without_inception_then_score_elsewhere_with_features_only(tmp_
         meta.write_text(json.dumps(key))
     with pytest.raises(EvalInputError, match="features-only, but 8 image"):
         _run(tmp_path, "gpu", features_only=True, cache_dir=str(tmp_path / "other-cache"))
-    res2 = _run(tmp_path, "gpu", features_only=True)
+    # ... and copied to another machine (other paths): only the content identity has to match
+    import shutil
+
+    other = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "gpu", other / "gpu")
+    shutil.copytree(tmp_path / "cache", other / "cache")
+    res2 = _run(other, "gpu", features_only=True)
     assert res2["generated_this_run"] == {"model": 0, "reference": 0}
     assert res2["metrics"]["fid"] is not None and res2["metrics"]["fid"] == pytest.approx(res2["metrics"]["fid_numpy"],
                                                                                           rel=1e-6, abs=1e-9)

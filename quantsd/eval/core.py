@@ -476,7 +476,7 @@ def rkid_halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _same_but_device(a: dict, b: dict) -> bool:
-    ignore = ("device_type",)
+    ignore = ("device_type", "model")  # the path as given may differ between machines; identity may not
     return {k: v for k, v in a.items() if k not in ignore} == \
         {k: v for k, v in json.loads(json.dumps(b, default=str)).items() if k not in ignore}
 

@@ -51,7 +51,8 @@ class Store:
         meta = self.root / "run.json"
         if meta.exists():
             old = json.loads(meta.read_text(encoding="utf-8"))
-            if old != self.key:
+            # "model" is the path/name as given: informative only (model_identity is the content)
+            if {k: v for k, v in old.items() if k != "model"} != {k: v for k, v in self.key.items() if k != "model"}:
                 if not overwrite:
                     diff = sorted(k for k in set(old) | set(self.key) if old.get(k) != self.key.get(k))
                     raise EvalInputError(
