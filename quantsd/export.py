@@ -13,19 +13,21 @@ into place at the end, so a crash never leaves a half-written checkpoint under `
 
 from __future__ import annotations
 
-import hashlib
 import json
+import sys
+import types
 import os
 import shutil
 import tempfile
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 
 from . import __version__
+from .fileio import sha256_file
 from .io import (
     DTYPE_NAMES,
     FORMAT_NAME,
@@ -137,14 +139,6 @@ def _write_side_files(pipe, root: Path) -> None:
     pipe.vae.save_config(root / "vae")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _files_table(root: Path, hashes: bool) -> dict[str, dict]:
     out = {}
     for p in sorted(root.rglob("*")):
@@ -152,7 +146,7 @@ def _files_table(root: Path, hashes: bool) -> dict[str, dict]:
             rel = p.relative_to(root).as_posix()
             if rel == MANIFEST_NAME or rel.endswith(WEIGHTS_NAME):
                 continue
-            out[rel] = {"bytes": p.stat().st_size, "sha256": _sha256(p) if hashes else _PLACEHOLDER_SHA}
+            out[rel] = {"bytes": p.stat().st_size, "sha256": sha256_file(p) if hashes else _PLACEHOLDER_SHA}
     return out
 
 
@@ -298,7 +292,7 @@ def export(
             header, _, predicted = safetensors_layout(per_model[m]["entries"], meta)
             if size != predicted:  # pragma: no cover - layout and writer share one function
                 raise ExportError(f"internal error: {m} file is {size} bytes, layout says {predicted}")
-            comp_files[m] = {"bytes": size, "sha256": _sha256(path), "header_bytes": len(header)}
+            comp_files[m] = {"bytes": size, "sha256": sha256_file(path), "header_bytes": len(header)}
             del tensors
         bar.close()
         manifest = _manifest(plan, per_model, comp_files, _files_table(tmp, hashes=True), dense_name, source)
@@ -340,3 +334,15 @@ def human_bytes(n: int) -> str:
             return f"{n / 1024**k:.3f} {unit}"
     return f"{n} B"  # pragma: no cover
 
+
+
+class _CallableModule(types.ModuleType):
+    """DESIGN §2 makes ``quantsd.export`` a function, and §1 a module of that name. Importing the
+    submodule (which io/eval/cli do) rebinds the package attribute ``quantsd.export`` to this
+    module, so the module forwards calls: ``quantsd.export(pipe, recipe, out)`` works either way."""
+
+    def __call__(self, *args, **kwargs):
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

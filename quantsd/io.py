@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .fileio import sha256_file
 
 __all__ = [
     "FORMAT_NAME",
@@ -279,14 +279,6 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return m
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _check_files(root: Path, manifest: dict, verify: bool) -> None:
     entries = [(c["file"], c["bytes"], c["sha256"]) for c in manifest["components"].values()]
     for rel, e in manifest["files"].items():
@@ -303,7 +295,7 @@ def _check_files(root: Path, manifest: dict, verify: bool) -> None:
         if size != nbytes:
             raise CheckpointError(f"{p}: {size} bytes, the manifest says {nbytes} "
                                   f"({'truncated' if size < nbytes else 'modified or replaced'} file)")
-        if verify and _sha256_file(p) != sha:
+        if verify and sha256_file(p) != sha:
             raise CheckpointError(f"{p}: sha256 mismatch (corrupt file); pass verify=False to skip this check")
 
 

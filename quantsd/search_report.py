@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from .search import Solution, load_problem, pareto_front, search, solution_to_recipe
-from .sensitivity.store import atomic_write_text
+from .fileio import atomic_write_text
 
 
 def _write_pareto(front: list[Solution], chosen: Solution, stem: Path) -> None:

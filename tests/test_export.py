@@ -202,3 +202,14 @@ def test_export_warns_on_already_simulated_pipeline(tmp_path):
     apply_recipe(pipe, REPO / "recipes" / "w8-pwlq.yaml")
     with pytest.warns(UserWarning, match="already quantized"):
         export(pipe, REPO / "recipes" / "w8-pwlq.yaml", tmp_path / "ck")
+
+
+def test_public_export_is_callable_after_the_submodule_is_imported(tmp_path, tiny_pipe):
+    import importlib
+
+    import quantsd
+
+    importlib.import_module("quantsd.export")  # binds quantsd.export to the module
+    manifest = quantsd.export(tiny_pipe, {"quantsd_recipe": 1, "name": "w8", "defaults": {"bits": 8}},
+                              tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "quantsd.json").exists() and manifest["recipe"]["name"] == "w8"

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..sensitivity.store import atomic_write_text
+from ..fileio import atomic_write_text
 from . import metrics as M
 from .data import (EvalInputError, PromptSet, RealImages, directory_real_images, fixture_real_images, load_prompts,
                    preprocess_generated)

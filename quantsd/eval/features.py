@@ -88,6 +88,9 @@ class FeatureExtractor:
 
     def to(self, device) -> "FeatureExtractor":
         self.device = torch.device(device)
+        net = getattr(self, "net", None)
+        if net is not None:
+            net.to(self.device)
         return self
 
     @torch.no_grad()
@@ -129,11 +132,6 @@ class FidHelperInception(FeatureExtractor):
                             "(fid-helper nv_bilinear_float) -> (x-128)/128 -> 2048-d pool3; no logits")
         self.net.to(self.device)
 
-    def to(self, device):
-        super().to(device)
-        self.net.to(self.device)
-        return self
-
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
         x = resize_bilinear(images.to(self.device, torch.float32), 299)
@@ -168,11 +166,6 @@ class TorchFidelityInception(FeatureExtractor):
         self.description = ("torch-fidelity FeatureExtractorInceptionV3 ('inception-v3-compat'): uint8 RGB -> "
                             "its TF1-compatible bilinear 299x299 -> 2048-d pool3 and 1008-d unbiased logits")
         self.net.to(self.device)
-
-    def to(self, device):
-        super().to(device)
-        self.net.to(self.device)
-        return self
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:

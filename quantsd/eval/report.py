@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from ..sensitivity.store import atomic_write_text
+from ..fileio import atomic_write_text
 
 BEGIN = "<!-- quantsd-eval-table:begin -->"
 END = "<!-- quantsd-eval-table:end -->"

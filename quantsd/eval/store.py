@@ -17,31 +17,16 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ..sensitivity.store import atomic_write_text
+from ..fileio import atomic_write_bytes, atomic_write_text
 from .data import EvalInputError
 
 
 def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _atomic_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Store:
@@ -84,8 +69,8 @@ class Store:
         meta = PngInfo()
         for k, v in (text or {}).items():
             meta.add_text(f"quantsd:{k}", str(v))
-        _atomic_bytes(self.latent_path(i), lambda f: np.save(f, np.asarray(latent, dtype=np.float32)))
-        _atomic_bytes(self.image_path(i), lambda f: Image.fromarray(image).save(f, format="PNG", pnginfo=meta))
+        atomic_write_bytes(self.latent_path(i), lambda f: np.save(f, np.asarray(latent, dtype=np.float32)))
+        atomic_write_bytes(self.image_path(i), lambda f: Image.fromarray(image).save(f, format="PNG", pnginfo=meta))
 
     def load_images(self, indices) -> np.ndarray:
         from PIL import Image
@@ -120,7 +105,7 @@ class FeatureCache:
         arrays = {"indices": np.asarray(indices), "pool": pool}
         if logits is not None:
             arrays["logits"] = logits
-        _atomic_bytes(self.path(b), lambda f: np.savez(f, **arrays))
+        atomic_write_bytes(self.path(b), lambda f: np.savez(f, **arrays))
 
     def load(self, n: int, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
         pools, logits = [], []

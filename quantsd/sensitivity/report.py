@@ -8,7 +8,7 @@ import csv
 import io
 from pathlib import Path
 
-from .store import atomic_write_text
+from ..fileio import atomic_write_text
 
 CSV_FIELDS = ("block", "component", "method", "bits", "granularity", "n_params", "n_layers",
               "packed_bytes", "fp16_bytes", "component_output", "component_error", "image_error")

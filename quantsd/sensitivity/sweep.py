@@ -15,7 +15,8 @@ from ..models import place_pipeline
 from .config import SweepConfig
 from .report import plot_components, sorted_records, write_csv, write_markdown
 from .runner import PipelineRunner, load_or_compute_reference, measure, sweep_plan
-from .store import ResultStore, SweepDirError, atomic_write_text
+from ..fileio import atomic_write_text
+from .store import ResultStore, SweepDirError
 
 
 def _versions() -> dict:
