@@ -13,13 +13,18 @@ from .search import Solution, load_problem, pareto_front, search, solution_to_re
 from .fileio import atomic_write_text
 
 
+def _beside(stem: Path, suffix: str) -> Path:
+    """``mixed-0.5x`` + ``.pareto.csv`` (``Path.with_suffix`` would eat the ``.5x``)."""
+    return stem.with_name(stem.name + suffix)
+
+
 def _write_pareto(front: list[Solution], chosen: Solution, stem: Path) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["total_bytes", "total_mb", "predicted_image_error"])
     for s in front:
         w.writerow([s.total_bytes, f"{s.total_bytes / 1e6:.6f}", f"{s.predicted_error:.6g}"])
-    atomic_write_text(stem.with_suffix(".pareto.csv"), buf.getvalue())
+    atomic_write_text(_beside(stem, ".pareto.csv"), buf.getvalue())
 
     import matplotlib
 
@@ -36,7 +41,7 @@ def _write_pareto(front: list[Solution], chosen: Solution, stem: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    png = stem.with_suffix(".pareto.png")
+    png = _beside(stem, ".pareto.png")
     tmp = png.with_name("." + png.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -54,7 +59,7 @@ def run_search(sensitivity_dir: str | Path, out: str | Path, *, budget_mb: float
     recipe = solution_to_recipe(sol, name or out.stem, problem.granularity)
     atomic_write_text(out, "# Written by `quantsd search`; see the .search.json beside it.\n"
                       + yaml.safe_dump(recipe, sort_keys=False))
-    stem = out.with_suffix("")
+    stem = out.with_name(out.name[: -len(out.suffix)] if out.suffix in (".yaml", ".yml") else out.name)
     _write_pareto(pareto_front(problem, pareto_points), sol, stem)
     summary = {"recipe": str(out), "sensitivity_dir": [str(d) for d in sensitivity_dir]
                if isinstance(sensitivity_dir, (list, tuple)) else str(sensitivity_dir), "model": problem.model,
@@ -67,5 +72,5 @@ def run_search(sensitivity_dir: str | Path, out: str | Path, *, budget_mb: float
 
         first = sensitivity_dir[0] if isinstance(sensitivity_dir, (list, tuple)) else sensitivity_dir
         summary["measured"] = measure_recipe(out, first, device=device)
-    atomic_write_text(stem.with_suffix(".search.json"), json.dumps(summary, indent=2))
+    atomic_write_text(_beside(stem, ".search.json"), json.dumps(summary, indent=2))
     return summary

@@ -93,14 +93,15 @@ def test_recipe_size_equals_search_size(sweep_dir, tiny_pipe):
 
 
 def test_cli_search_writes_recipe_pareto_and_measurement(sweep_dir, tmp_path):
-    out = tmp_path / "mixed.yaml"
+    out = tmp_path / "mixed-0.5x.yaml"  # a dot in the stem must survive in the side files
     r = CliRunner().invoke(main, ["search", "--sensitivity", str(sweep_dir), "--avg-bits", "5",
                                   "--device", "cpu", "-o", str(out), "--format", "json"])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output[r.output.index("{"):])
     assert yaml.safe_load(out.read_text())["quantsd_recipe"] == 1
-    assert (tmp_path / "mixed.pareto.csv").read_text().count("\n") >= 3
-    assert (tmp_path / "mixed.pareto.png").stat().st_size > 0
+    assert (tmp_path / "mixed-0.5x.pareto.csv").read_text().count("\n") >= 3
+    assert (tmp_path / "mixed-0.5x.pareto.png").stat().st_size > 0
+    assert json.loads((tmp_path / "mixed-0.5x.search.json").read_text())["total_bytes"] == summary["total_bytes"]
     measured = summary["measured"]["image_error"]
     assert 0 < measured and summary["predicted_image_error"] > 0
     # single-block errors add roughly in quadrature: prediction within a factor 3 of reality
