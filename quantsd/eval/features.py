@@ -21,6 +21,8 @@ every cache key, so features from different networks never mix.
 
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import importlib.util
 import os
@@ -75,7 +77,7 @@ def resize_bilinear(x: torch.Tensor, size: int = 299) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-class FeatureExtractor:
+class FeatureExtractor(abc.ABC):
     """Base: ``__call__(uint8 images) -> {"pool": ..., "logits": ...}`` (float64, CPU)."""
 
     name: str = "extractor"
@@ -93,9 +95,9 @@ class FeatureExtractor:
             net.to(self.device)
         return self
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Features of a uint8 image batch (N, 3, H, W)."""
 
     def info(self) -> dict:
         return {"name": self.name, "identity": self.identity, "has_logits": self.has_logits,
