@@ -42,6 +42,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import warnings
@@ -371,10 +372,7 @@ class LayerPlan:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -404,10 +402,7 @@ class DenseLayer:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     def to_dict(self) -> dict:
         return {"path": self.path, "component": self.component, "class": self.cls, "shape": list(self.shape),
@@ -572,13 +567,9 @@ def resolve_recipe(pipe, recipe: "Recipe | str | os.PathLike | Mapping", warn: b
         except QuantError as e:
             errors.append(f"{path} ({label}): {e}")
             continue
-        n_params = 1
-        for s in pshape:
-            n_params *= s
+        n_params = math.prod(pshape)
         per = 2 if spec.method in PWLQ_METHODS else 1
-        numel = 1
-        for s in shape:
-            numel *= s
+        numel = math.prod(shape)
         plan_layers.append(LayerPlan(
             path=path, component=component, cls=cls, shape=shape, method=spec.method, bits=spec.bits,
             granularity=spec.granularity, scale_dtype=spec.scale_dtype, seed=layer_seed(recipe.seed, path),
