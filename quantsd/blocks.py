@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-import torch
 from torch import nn
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
@@ -138,16 +137,3 @@ def named_quantizable_layers(pipe, include_vae_encoder: bool = False) -> Iterato
     for block in list_blocks(pipe, include_vae_encoder):
         for name in block.layer_names:
             yield name, get_module(pipe, name), block.component
-
-
-def component_param_count(pipe) -> dict[str, int]:
-    """Parameter count per component, for cross-checking the partition."""
-    counts: dict[str, int] = {}
-    for component, _, root in component_roots(pipe):
-        counts[component] = counts.get(component, 0) + sum(p.numel() for p in root.parameters())
-    return counts
-
-
-def block_dtype_bytes(n_params: int, dtype: torch.dtype = torch.float16) -> int:
-    """Dense storage of ``n_params`` parameters at ``dtype``."""
-    return n_params * torch.empty((), dtype=dtype).element_size()

@@ -18,7 +18,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -183,5 +183,3 @@ def measure(runner: PipelineRunner, ref: Reference, block: Block, method: str | 
         "seconds": round(time.perf_counter() - t0, 4),
     }
 
-
-ProgressFactory = Callable[[int], "contextlib.AbstractContextManager"]
