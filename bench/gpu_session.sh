@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One H100 session for quantsd's kernels and benchmarks, <= 9 minutes of command time.
 #   1. GPU kernel correctness tests (pytest -m gpu: Triton dequant == torch decode, compile, CUDA graphs)
-#   2. quantsd bench on sd15-arch with recipes/paper-final.yaml (+ baselines), --compile, caps 8,4 GiB
+#   2. bench/profile_packed.py (PROFILE=0 skips; COMPARE_KERNEL=path times another kernel module too)
+#   3. scripts/recipe_error.py on sd15-arch for $RECIPES (space-separated; none by default)
+#   4. quantsd bench on sd15-arch with recipes/paper-final.yaml (+ baselines), --compile, caps $CAPS (8,4 GiB)
 # Everything lands under $OUT (6 files, 2 levels): env.txt, pytest_gpu.txt, bench.log,
 # bench/results.json, bench/report.md, bench/time_vs_pixels.png.  A compact summary goes to stdout.
 # Each step is time-boxed; the bench records OOMs/errors per configuration and rewrites its
@@ -36,13 +38,28 @@ fi
 grep -E "passed|failed|error|exit=" "$OUT/pytest_gpu.txt" | tail -4
 grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu.txt" | head -8
 
-# ---- 2. benchmarks with what is left (>= 240 s)
+# ---- 2. where the packed step's time goes (dequant alone, kernel time per eager step; <= 120 s)
+if [ "${PROFILE:-1}" = 1 ]; then
+  log "bench/profile_packed.py"
+  CMP=(); [ -n "${COMPARE_KERNEL:-}" ] && CMP=(--compare "$COMPARE_KERNEL")
+  timeout -k 10 120 $PY bench/profile_packed.py --out "$OUT/profile.json" "${CMP[@]}" > "$OUT/profile.log" 2>&1
+  echo "profile exit=$?" >> "$OUT/profile.log"; grep -v -i warn "$OUT/profile.log" | tail -30
+fi
+
+# ---- 3. measured error of recipes on sd15-arch against the committed sweep's settings (<= 90 s)
+if [ -n "${RECIPES:-}" ]; then
+  log "scripts/recipe_error.py $RECIPES"
+  timeout -k 10 90 $PY scripts/recipe_error.py --sweep sensitivity/sd15-arch --device cuda --out "$OUT/recipe_errors.json" \
+      $RECIPES 2>&1 | grep -v -i -E "warn|it/s" | tail -8
+fi
+
+# ---- 4. benchmarks with what is left (>= 240 s)
 LEFT=$(( TOTAL - $(el) - 25 ))
 [ "$LEFT" -lt 240 ] && LEFT=240
 log "quantsd bench (time budget ${LEFT}s)"
 timeout -k 15 $(( LEFT + 20 )) $PY -c "from quantsd.cli import main; main()" bench -m sd15-arch \
     --recipe recipes/paper-final.yaml --steps 50 --guidance 7.5 --height 512 --width 512 --compile \
-    --max-res-cap-gb 8,4 --max-res-cfg sequential,batch2 --time-budget "$LEFT" -o "$OUT/bench" \
+    --max-res-cap-gb "${CAPS:-8,4}" --max-res-cfg sequential,batch2 --time-budget "$LEFT" -o "$OUT/bench" \
     > "$OUT/bench.log" 2>&1
 echo "bench exit=$?" >> "$OUT/bench.log"
 

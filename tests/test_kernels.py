@@ -258,9 +258,12 @@ def test_prepare_group_modes():
     p = prepare((320, 2880), 4, "pwlq", "channel")
     assert (p.gmode, p.group) == (1, 2880)
     p = prepare((5, 9), 8, "uniform", "channel")
-    assert (p.gmode, p.group, p.nbytes) == (2, 9, 45)
+    assert (p.gmode, p.group, p.nbytes, p.wide) == (1, 9, 45, False)
     p = prepare((5, 9), 3, "uniform", "group:3")
-    assert (p.gmode, p.group, p.nbytes) == (2, 3, 17)
+    assert (p.gmode, p.group, p.nbytes) == (1, 3, 17)
+    # 64-bit index math only once the bitstream nears 2^31 bits (not for any SD layer)
+    assert not prepare((1280, 1280, 3, 3), 8, "pwlq", "tensor").wide
+    assert prepare((2 ** 28 + 1,), 8, "uniform", "tensor").wide
 
 
 def _ieee_level_table(bits: int, method: str) -> torch.Tensor:
@@ -318,8 +321,8 @@ def _compile_for_sm90(const: dict):
     from quantsd.kernels.dequant import LAUNCH_OPTIONS, _dequant_kernel
 
     sig = {"packed_ptr": "*u8", "scale_ptr": "*fp16", "bp_ptr": "*fp16", "lut_ptr": "*fp32",
-           "out_ptr": "*i16" if const["OUT_BF16"] else "*fp16", "numel": "i64", "nbytes": "i64", "group": "i64",
-           "group8": "i64", **{k: "constexpr" for k in const}}
+           "out_ptr": "*i16" if const["OUT_BF16"] else "*fp16", "numel": "i32", "group": "i32",
+           **{k: "constexpr" for k in const}}
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
     except Exception as e:  # pragma: no cover - triton without the NVIDIA backend
@@ -338,8 +341,9 @@ def test_kernel_has_no_fma_on_sm90(bits, pwlq):
     import shutil
     import tempfile
 
-    for gmode, bf16 in ((0, False), (1, True), (2, False)):
-        k = _compile_for_sm90({"BITS": bits, "PWLQ": pwlq, "GMODE": gmode, "CHUNKS": 256, "OUT_BF16": bf16})
+    for gmode, bf16, wide in ((0, False, False), (1, True, False), (1, False, True)):
+        k = _compile_for_sm90({"BITS": bits, "PWLQ": pwlq, "GMODE": gmode, "BLOCK": 2048, "OUT_BF16": bf16,
+                               "WIDE": wide})
         ptx = k.asm["ptx"]
         assert not re.search(r"\bfma\.", ptx) and ".ftz" not in ptx  # no contraction, no flush-to-zero
         arith = re.findall(r"\b(?:mul|add|sub)(?:\.[a-z]+)*\.f32\b", ptx)

@@ -421,7 +421,12 @@ class Bench:
 
                 entry["packed_layers"] = {m: len(packed_modules(getattr(pipe, m))) for m in ("text_encoder", "unet", "vae")}
             if cfg.compile:  # first call compiles (and records the CUDA graph): time it separately
+                from torch._dynamo.utils import counters
+
+                counters["inductor"].clear()
                 self._step(entry, "compile_warmup", lambda: unet_step_ms(pipe, self.height, iters=3, warmup=3))
+                # did CUDA graphs really wrap the step? (a skip means launch-bound replays)
+                entry["cudagraph_skips"] = int(counters["inductor"].get("cudagraph_skips", 0))
             self._step(entry, "unet_ms", lambda: unet_step_ms(pipe, self.height))
             if cfg.attention == "sdpa" and not cfg.compile:
                 self._step(entry, "attention_kernels", lambda: attention_kernels_used(pipe, self.height))

@@ -24,11 +24,15 @@ bit, because it performs the same float32 operations in the same order:
 * the final cast to float16 / bfloat16 is round-to-nearest-even, like ``Tensor.to`` (bfloat16 by
   integer rounding of the float32 bits: finite weights only, which is all a decode produces).
 
-Work split: 8 consecutive codes of n bits are exactly n bytes, so each program takes
-``CHUNKS`` chunks of 8 codes, reads each chunk's n bytes once into a 64-bit word and
-shifts the 8 codes out of it (n byte loads per 8 weights, one 16-byte store of fp16).
-The group (scale) index is a constant for per-tensor scales, one division per chunk when
-the group size is a multiple of 8 (every SD layer), and per element otherwise.
+Work split: one program per ``BLOCK`` consecutive weights, one weight per lane, 32-bit index
+math (64-bit only for a layer whose bitstream exceeds 2^31 bits).  A code is extracted by
+its byte: 8-bit codes are the bytes themselves, 4- and 2-bit codes are split out of
+contiguous byte loads and interleaved back into weight order, and 3/5/6/7-bit codes read a second byte only when they straddle
+one (so nothing past the stream's last byte is ever read).  Neighbouring lanes read
+neighbouring bytes (coalesced, cached) and write neighbouring outputs (vectorized stores).
+The scale index is a constant for per-tensor scales and ``e // group`` otherwise.
+(An earlier version packed eight codes per lane through a 64-bit word: 64-bit shifts and
+strided byte loads, slower on the GPU; see BENCHMARKS.md.)
 
 Entry points: :func:`dequantize` (launch, any device Triton runs on: CUDA, or the CPU under
 ``TRITON_INTERPRET=1``), :func:`prepare` (per-layer launch constants, computed once), and
@@ -60,7 +64,7 @@ __all__ = ["HAS_TRITON", "interpreting", "available", "level_table", "prepare", 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PWLQ = ("pwlq", "pwlq-stochastic")
 _UNIFORM = ("uniform", "stochastic")
-CHUNKS = 256            # chunks of 8 codes per program: 2048 weights
+BLOCK = 2048            # weights per program (one per lane; 16 per thread at 4 warps)
 NUM_WARPS = 4
 # Compile options of every launch.  enable_fp_fusion=False is part of the bit-exactness contract
 # (no FMA contraction of the PWLQ tail's multiply-add), not a tuning knob.
@@ -84,28 +88,36 @@ def available(device: torch.device) -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _dequant_kernel(packed_ptr, scale_ptr, bp_ptr, lut_ptr, out_ptr, numel, nbytes, group, group8,
-                        BITS: tl.constexpr, PWLQ: tl.constexpr, GMODE: tl.constexpr, CHUNKS: tl.constexpr,
-                        OUT_BF16: tl.constexpr):
-        # GMODE: 0 one scale (tensor), 1 group size a multiple of 8 (index per chunk), 2 any group size
-        pid = tl.program_id(0).to(tl.int64)
-        c = pid * CHUNKS + tl.arange(0, CHUNKS)                 # chunk index, int64
-        j = tl.arange(0, 8)
-        e = c[:, None] * 8 + j[None, :]                         # element index [CHUNKS, 8]
+    def _dequant_kernel(packed_ptr, scale_ptr, bp_ptr, lut_ptr, out_ptr, numel, group,
+                        BITS: tl.constexpr, PWLQ: tl.constexpr, GMODE: tl.constexpr, BLOCK: tl.constexpr,
+                        OUT_BF16: tl.constexpr, WIDE: tl.constexpr):
+        # GMODE: 0 one scale (tensor), 1 one scale per `group` consecutive weights
+        pid = tl.program_id(0)
+        if WIDE:
+            pid = pid.to(tl.int64)
+        e = pid * BLOCK + tl.arange(0, BLOCK)                   # element index
         emask = e < numel
-        # the n bytes of each chunk into one 64-bit word (byte k at bits 8k..8k+7: LSB-first stream)
-        word = tl.zeros([CHUNKS], dtype=tl.int64)
-        for k in tl.static_range(BITS):
-            b = c * BITS + k
-            byte = tl.load(packed_ptr + b, mask=b < nbytes, other=0)
-            word = word | (byte.to(tl.int64) << (8 * k))
-        code = ((word[:, None] >> (j[None, :] * BITS)) & ((1 << BITS) - 1)).to(tl.int32)
+        MASK: tl.constexpr = (1 << BITS) - 1
+        if BITS == 8:
+            code = tl.load(packed_ptr + e, mask=emask, other=0).to(tl.int32)
+        elif BITS == 4:                                         # 2 codes per byte, low nibble first
+            b = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+            byte = tl.load(packed_ptr + b, mask=b * 2 < numel, other=0).to(tl.int32)
+            code = tl.interleave(byte & MASK, byte >> 4)
+        elif BITS == 2:                                         # 4 codes per byte, low bits first
+            b = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+            byte = tl.load(packed_ptr + b, mask=b * 4 < numel, other=0).to(tl.int32)
+            code = tl.interleave(tl.interleave(byte & MASK, (byte >> 4) & MASK),
+                                 tl.interleave((byte >> 2) & MASK, byte >> 6))
+        else:                                                   # LSB-first stream, maybe 2 bytes
+            bit = e * BITS
+            sh = (bit & 7).to(tl.int32)
+            lo = tl.load(packed_ptr + (bit >> 3), mask=emask, other=0).to(tl.int32)
+            hi = tl.load(packed_ptr + (bit >> 3) + 1, mask=emask & (sh + BITS > 8), other=0).to(tl.int32)
+            code = ((lo | (hi << 8)) >> sh) & MASK
 
         if GMODE == 0:
             m = tl.load(scale_ptr).to(tl.float32)
-        elif GMODE == 1:
-            g = (c // group8)[:, None]
-            m = tl.load(scale_ptr + g, mask=c[:, None] * 8 < numel, other=0.0).to(tl.float32)
         else:
             g = e // group
             m = tl.load(scale_ptr + g, mask=emask, other=0.0).to(tl.float32)
@@ -115,22 +127,23 @@ if HAS_TRITON:
             L2: tl.constexpr = (1 << (BITS - 2)) - 1
             if GMODE == 0:
                 p = tl.load(bp_ptr).to(tl.float32)
-            elif GMODE == 1:
-                p = tl.load(bp_ptr + g, mask=c[:, None] * 8 < numel, other=0.0).to(tl.float32)
             else:
                 p = tl.load(bp_ptr + g, mask=emask, other=0.0).to(tl.float32)
-            region = (code >> (BITS - 1)) & 1
-            cc = code & L1
-            center = (2.0 * p) * tl.load(lut_ptr + cc)          # (2p) * (cc/L1 - 0.5)
+            tail_region = ((code >> (BITS - 1)) & 1) != 0
+            # one table read per weight: the center's level (cc/L1 - 0.5) or the tail's (lvl/L2)
+            if L2 > 0:
+                t = tl.load(lut_ptr + tl.where(tail_region, 256 + (code & L2), code & L1))
+            else:
+                t = tl.load(lut_ptr + (code & L1))
+            center = (2.0 * p) * t                              # (2p) * (cc/L1 - 0.5)
             center = tl.where(p == 0.0, 0.0, center)
             if L2 > 0:
-                lvl = code & L2
-                mag = p + (m - p) * tl.load(lut_ptr + 256 + lvl)   # p + (m-p) * (lvl/L2), no FMA
+                mag = p + (m - p) * t                           # p + (m-p) * (lvl/L2), no FMA
             else:
-                mag = (p + m) * 0.5 + tl.zeros([CHUNKS, 8], dtype=tl.float32)
+                mag = (p + m) * 0.5 + tl.zeros([BLOCK], dtype=tl.float32)
             neg = ((code >> (BITS - 2)) & 1) != 0
             tail = tl.where(neg, -mag, mag)
-            w = tl.where(region != 0, tail, center)
+            w = tl.where(tail_region, tail, center)
         else:
             v = (2.0 * m) * tl.load(lut_ptr + code)             # 2m * (c/L - 0.5)
             w = tl.where(m == 0.0, 0.0, v)
@@ -197,9 +210,9 @@ class DequantPlan(NamedTuple):
     nbytes: int
     bits: int
     pwlq: bool
-    gmode: int
+    gmode: int       # 0: one scale; 1: one scale per `group` consecutive weights
     group: int       # elements per scale (numel for per-tensor)
-    grid: int
+    wide: bool       # 64-bit index math (bitstream of 2^31 bits or more)
 
 
 def prepare(shape: Sequence[int], bits: int, method: str, granularity: str) -> DequantPlan:
@@ -221,10 +234,12 @@ def prepare(shape: Sequence[int], bits: int, method: str, granularity: str) -> D
     if g.kind == "tensor" or nparams <= 1:
         gmode, group = 0, max(numel, 1)
     else:
-        group = numel // nparams
-        gmode = 1 if group % 8 == 0 else 2
-    grid = triton.cdiv(triton.cdiv(numel, 8), CHUNKS) if HAS_TRITON else 0
-    return DequantPlan(shape, numel, packed_nbytes(bits, numel), bits, method in _PWLQ, gmode, group, grid)
+        gmode, group = 1, numel // nparams
+    return _plan(shape, numel, packed_nbytes(bits, numel), bits, method in _PWLQ, gmode, group)
+
+
+def _plan(shape, numel, nbytes, bits, pwlq, gmode, group) -> DequantPlan:
+    return DequantPlan(tuple(shape), numel, nbytes, bits, pwlq, gmode, group, numel * bits + 8 >= 2 ** 31)
 
 
 def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor],
@@ -234,10 +249,11 @@ def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpo
     if plan.numel == 0:
         return out
     bf16 = dtype == torch.bfloat16
-    _dequant_kernel[(plan.grid,)](
+    _dequant_kernel[(-(-plan.numel // BLOCK),)](
         packed, scale, scale if breakpoint is None else breakpoint, lut, out.view(torch.int16) if bf16 else out,
-        plan.numel, plan.nbytes, plan.group, plan.group // 8 if plan.gmode == 1 else 1,
-        BITS=plan.bits, PWLQ=plan.pwlq, GMODE=plan.gmode, CHUNKS=CHUNKS, OUT_BF16=bf16, **LAUNCH_OPTIONS)
+        plan.numel, plan.group,
+        BITS=plan.bits, PWLQ=plan.pwlq, GMODE=plan.gmode, BLOCK=BLOCK, OUT_BF16=bf16, WIDE=plan.wide,
+        **LAUNCH_OPTIONS)
     return out
 
 
@@ -285,8 +301,7 @@ def _register_op():
         numel = 1
         for s in shape:
             numel *= s
-        plan = DequantPlan(tuple(shape), numel, (bits * numel + 7) // 8, bits, pwlq, gmode, group,
-                           triton.cdiv(triton.cdiv(numel, 8), CHUNKS))
+        plan = _plan(shape, numel, (bits * numel + 7) // 8, bits, pwlq, gmode, group)
         return launch(plan, packed, scale, breakpoint, lut, dtype)
 
     @_op.register_fake

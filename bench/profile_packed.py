@@ -1,0 +1,147 @@
+"""Where does a packed UNet step's time go?  (GPU only; numbers for BENCHMARKS.md)
+
+    python bench/profile_packed.py --recipe recipes/paper-final.yaml --out OUT.json [--compare OLD.py]
+
+1. The dequant kernels alone: every packed layer of the sd15-arch UNet rebuilt once, timed
+   eager (Python launch per layer) and as one captured CUDA graph replay (GPU time only), with
+   the effective bandwidth (packed bytes read + dense bytes written).  ``--compare`` times another
+   kernel module with the same ``dequantize(...)`` signature the same way (an earlier version).
+2. Eager UNet steps (batch 2, 512²) of dense fp16 and packed, under torch.profiler: the sum of
+   GPU kernel time per step by kernel family, so launch gaps and kernel time are told apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline  # noqa: E402
+from quantsd.nn import packed_modules  # noqa: E402
+from quantsd.recipe import load_recipe  # noqa: E402
+
+
+def _events_ms(fn, iters: int = 10, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def _graph_ms(fn) -> float:
+    """GPU time of ``fn`` captured in one CUDA graph (no launch overhead)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return _events_ms(g.replay)
+
+
+def dequant_alone(unet, compare_path: str | None) -> dict:
+    layers = [m for _, m in packed_modules(unet)]
+    moved = sum(m.nbytes_packed + 2 * m._plan.numel for m in layers)  # read codes+scales, write fp16
+
+    def ours():
+        for m in layers:
+            m.dequantized_weight()
+
+    out = {"layers": len(layers), "bytes_moved": moved,
+           "current": {"eager_ms": _events_ms(ours), "graph_ms": _graph_ms(ours)}}
+    if compare_path:
+        spec = importlib.util.spec_from_file_location("old_dequant", compare_path)
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+
+        def theirs():
+            for m in layers:
+                old.dequantize(m.weight_packed, m.weight_shape, m.bits, m.method, m.granularity, m.weight_scale,
+                               m.weight_breakpoint, torch.float16)
+
+        out["compare"] = {"path": compare_path, "eager_ms": _events_ms(theirs), "graph_ms": _graph_ms(theirs)}
+    for k in ("current", "compare"):
+        if k in out:
+            out[k]["graph_GBps"] = moved / out[k]["graph_ms"] / 1e6
+    # the slowest layers, each in its own graph
+    per = []
+    for m in layers:
+        per.append((_graph_ms(lambda m=m: m.dequantized_weight()), m.weight_shape, m.bits, m.method))
+    per.sort(key=lambda r: -r[0])
+    out["slowest_layers"] = [{"ms": round(t, 4), "shape": list(s), "bits": b, "method": me} for t, s, b, me in per[:8]]
+    out["sum_single_layer_graph_ms"] = sum(r[0] for r in per)
+    return out
+
+
+def kernel_time_per_step(pipe, steps: int = 5) -> dict:
+    unet = pipe.unet
+    lat, t, ctx = _unet_inputs(pipe, 2, 512, unet.device, unet.dtype)
+    with torch.inference_mode():
+        for _ in range(3):
+            unet(lat, t, encoder_hidden_states=ctx, return_dict=False)
+        torch.cuda.synchronize()
+        wall = _events_ms(lambda: unet(lat, t, encoder_hidden_states=ctx, return_dict=False), iters=5, warmup=0)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                unet(lat, t, encoder_hidden_states=ctx, return_dict=False)
+            torch.cuda.synchronize()
+    fam: dict[str, float] = defaultdict(float)
+    count: dict[str, int] = defaultdict(int)
+    for ev in prof.key_averages():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+        name = ev.key.lower()
+        key = ("dequant" if "dequant" in name else "attention" if ("flash" in name or "fmha" in name or "attention" in name)
+               else "gemm/conv" if any(k in name for k in ("gemm", "conv", "sm90", "xmma", "cutlass", "cudnn", "implicit"))
+               else "elementwise/other")
+        fam[key] += us / 1000 / steps
+        count[key] += ev.count // steps
+    return {"wall_ms_eager": wall, "kernel_ms_per_step": {k: round(v, 3) for k, v in sorted(fam.items())},
+            "kernels_per_step": dict(count), "kernel_ms_total": round(sum(fam.values()), 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default="recipes/paper-final.yaml")
+    ap.add_argument("--compare", default=None, help="another dequant kernel module (same dequantize signature)")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    recipe = load_recipe(a.recipe)
+    pipe = build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev, recipe=recipe)
+    res["dequant"] = dequant_alone(pipe.unet, a.compare)
+    print(json.dumps(res["dequant"], indent=1), flush=True)
+    res["packed_eager"] = kernel_time_per_step(pipe)
+    print("packed", json.dumps(res["packed_eager"]), flush=True)
+    del pipe
+    torch.cuda.empty_cache()
+    pipe = build_pipeline("sd15-arch", BenchConfig("fp16-sdpa"), dev)
+    res["dense_eager"] = kernel_time_per_step(pipe)
+    print("dense", json.dumps(res["dense_eager"]), flush=True)
+    Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
