@@ -296,3 +296,42 @@ def test_generate_without_inception_then_score_elsewhere_with_features_only(tmp_
     assert res2["generated_this_run"] == {"model": 0, "reference": 0}
     assert res2["metrics"]["fid"] is not None and res2["metrics"]["fid"] == pytest.approx(res2["metrics"]["fid_numpy"],
                                                                                           rel=1e-6, abs=1e-9)
+
+
+def test_checkpoint_identity_ignores_library_version_stamps_only(tmp_path):
+    """A checkpoint re-exported under another transformers/diffusers version (same bytes but the
+    configs' version stamps) has the same identity, so images made on one machine are scored on
+    another; any change to what is computed (a config value, the weights) changes it."""
+    import hashlib
+    import shutil
+
+    import quantsd
+    from quantsd.eval import model_identity
+
+    recipe = {"quantsd_recipe": 1, "name": "w4-test", "defaults": {"bits": 4, "method": "uniform"}}
+    quantsd.export(quantsd.load_pipeline("tiny"), recipe, tmp_path / "a")
+    base = model_identity(str(tmp_path / "a"))
+
+    def variant(name: str, rel: str, edit) -> str:
+        d = tmp_path / name
+        shutil.copytree(tmp_path / "a", d)
+        f = d / rel
+        old = hashlib.sha256(f.read_bytes()).hexdigest()
+        f.write_bytes(edit(f.read_bytes()))
+        man = d / "quantsd.json"  # keep the manifest consistent, as a re-export would
+        man.write_text(man.read_text().replace(old, hashlib.sha256(f.read_bytes()).hexdigest()))
+        return model_identity(str(d))
+
+    def restamp(b: bytes) -> bytes:
+        cfg = json.loads(b)
+        cfg["transformers_version"] = "0.0.1-elsewhere"
+        return json.dumps(cfg, indent=2).encode()
+
+    def retune(b: bytes) -> bytes:
+        cfg = json.loads(b)
+        cfg["beta_end"] = cfg["beta_end"] * 2
+        return json.dumps(cfg).encode()
+
+    assert variant("stamped", "text_encoder/config.json", restamp) == base
+    assert variant("retuned", "scheduler/scheduler_config.json", retune) != base
+    assert variant("reweighted", "unet/quantsd_weights.safetensors", lambda b: b[:-1] + bytes([b[-1] ^ 1])) != base

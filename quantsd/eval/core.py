@@ -101,18 +101,51 @@ def _file_digest(p: Path) -> str:
     return f"{size}:{h.hexdigest()[:16]}"
 
 
+# Library-version stamps that save_pretrained writes into configs: they change no computed value,
+# and two machines with different transformers/diffusers versions must agree on a checkpoint's
+# identity (images made on a GPU machine are scored where the Inception weights are).
+_VERSION_STAMPS = frozenset({"_diffusers_version", "transformers_version", "_name_or_path", "_commit_hash"})
+
+
+def _config_digest(p: Path) -> str:
+    """sha256 of a JSON file's content without library-version stamps (raw bytes if not JSON)."""
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return _file_digest(p)
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k not in _VERSION_STAMPS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _checkpoint_identity(d: Path) -> str:
+    """The weights' sha256 (from the manifest), the recipe hash and every config's content minus
+    version stamps: equal for byte-identical exports made under different library versions."""
+    man = json.loads((d / "quantsd.json").read_text())
+    files = {}
+    for rel, info in sorted((man.get("files") or {}).items()):
+        files[rel] = _config_digest(d / rel) if rel.endswith(".json") and (d / rel).is_file() else info.get("sha256")
+    key = {"format_version": man.get("format_version"), "recipe_sha256": man.get("recipe_sha256"),
+           "dense_dtype": man.get("dense_dtype"), "files": files,
+           "components": {c: info.get("sha256") for c, info in sorted((man.get("components") or {}).items())}}
+    return "ckpt:" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def model_identity(model: str) -> str:
     """What determines a model's outputs: built-in name + quantsd version; a quantsd checkpoint's
-    manifest (which carries the sha256 of every file); the files of any other folder (name, size,
-    sha256 of the first and last MiB of each); or a hub id."""
+    weights and recipe hashes (from its manifest) and configs without version stamps; the files of
+    any other folder (name, size, sha256 of the first and last MiB of each); or a hub id."""
     from ..models import FIXTURE_DIR
 
     name = str(model)
     if name in ("tiny", "sd15-arch"):
         return f"{name}:quantsd-{__version__}"
     d = FIXTURE_DIR if name == "fixture" else Path(name).expanduser()
-    if (d / "quantsd.json").is_file():  # the manifest holds the sha256 of every file of the checkpoint
-        return "ckpt:" + hashlib.sha256((d / "quantsd.json").read_bytes()).hexdigest()[:20]
+    if (d / "quantsd.json").is_file():
+        try:
+            return _checkpoint_identity(d)
+        except (OSError, ValueError, AttributeError):  # unreadable manifest: loading will say why
+            return "ckpt:" + hashlib.sha256((d / "quantsd.json").read_bytes()).hexdigest()[:20]
     if d.is_dir():
         files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
         h = hashlib.sha256("\n".join(f"{p.relative_to(d)}={_file_digest(p)}" for p in files).encode())
