@@ -8,6 +8,9 @@
    kernel module with the same ``dequantize(...)`` signature the same way (an earlier version).
 2. Eager UNet steps (batch 2, 512²) of dense fp16 and packed, under torch.profiler: the sum of
    GPU kernel time per step by kernel family, so launch gaps and kernel time are told apart.
+3. With ``--compiled``: the same for ``torch.compile(unet)`` (Inductor, no CUDA graphs, so every
+   kernel is visible), dense and packed: which kernels the compiled packed step adds besides the
+   dequant (e.g. weight layout conversions Inductor inserts after the opaque custom op).
 """
 
 from __future__ import annotations
@@ -112,12 +115,13 @@ def kernel_time_per_step(pipe, steps: int = 5) -> dict:
             continue
         us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
         name = ev.key.lower()
-        key = ("dequant" if "dequant" in name else "attention" if ("flash" in name or "fmha" in name or "attention" in name)
+        key = ("dequant" if "dequant" in name
+               else "inductor triton" if name.startswith("triton_") else "attention" if ("flash" in name or "fmha" in name or "attention" in name)
                else "gemm/conv" if any(k in name for k in ("gemm", "conv", "sm90", "xmma", "cutlass", "cudnn", "implicit"))
                else "elementwise/other")
         fam[key] += us / 1000 / steps
         count[key] += ev.count // steps
-    return {"wall_ms_eager": wall, "kernel_ms_per_step": {k: round(v, 3) for k, v in sorted(fam.items())},
+    return {"wall_ms": wall, "kernel_ms_per_step": {k: round(v, 3) for k, v in sorted(fam.items())},
             "kernels_per_step": dict(count), "kernel_ms_total": round(sum(fam.values()), 3)}
 
 
@@ -125,6 +129,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="recipes/paper-final.yaml")
     ap.add_argument("--compare", default=None, help="another dequant kernel module (same dequantize signature)")
+    ap.add_argument("--compiled", action="store_true", help="also profile torch.compile'd steps (~75 s compile each)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -135,11 +140,20 @@ def main() -> None:
     print(json.dumps(res["dequant"], indent=1), flush=True)
     res["packed_eager"] = kernel_time_per_step(pipe)
     print("packed", json.dumps(res["packed_eager"]), flush=True)
+    if a.compiled:
+        pipe.unet = torch.compile(pipe.unet)
+        res["packed_compiled"] = kernel_time_per_step(pipe)
+        print("packed compiled", json.dumps(res["packed_compiled"]), flush=True)
+        torch._dynamo.reset()
     del pipe
     torch.cuda.empty_cache()
     pipe = build_pipeline("sd15-arch", BenchConfig("fp16-sdpa"), dev)
     res["dense_eager"] = kernel_time_per_step(pipe)
     print("dense", json.dumps(res["dense_eager"]), flush=True)
+    if a.compiled:
+        pipe.unet = torch.compile(pipe.unet)
+        res["dense_compiled"] = kernel_time_per_step(pipe)
+        print("dense compiled", json.dumps(res["dense_compiled"]), flush=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
 
 
