@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One H100 session for quantsd's kernels and benchmarks, <= 9 minutes of command time.
+# One GPU (H100/H200) session for quantsd's kernels and benchmarks, <= 9 minutes of command time.
 #   1. GPU kernel correctness tests (pytest -m gpu: Triton dequant == torch decode, compile, CUDA graphs)
 #   2. bench/profile_packed.py (PROFILE=0 skips; COMPARE_KERNEL=path times another kernel module too)
 #   3. scripts/recipe_error.py on sd15-arch for $RECIPES (space-separated; none by default)
