@@ -27,12 +27,13 @@ bit, because it performs the same float32 operations in the same order:
 Work split: one program per ``BLOCK`` consecutive weights, one weight per lane, 32-bit index
 math (64-bit only for a layer whose bitstream exceeds 2^31 bits).  A code is extracted by
 its byte: 8-bit codes are the bytes themselves, 4- and 2-bit codes are split out of
-contiguous byte loads and interleaved back into weight order, and 3/5/6/7-bit codes read a second byte only when they straddle
-one (so nothing past the stream's last byte is ever read).  Neighbouring lanes read
-neighbouring bytes (coalesced, cached) and write neighbouring outputs (vectorized stores).
-The scale index is a constant for per-tensor scales and ``e // group`` otherwise.
-(An earlier version packed eight codes per lane through a 64-bit word: 64-bit shifts and
-strided byte loads, slower on the GPU; see BENCHMARKS.md.)
+contiguous byte loads and interleaved back into weight order, and 3/5/6/7-bit codes read a
+second byte only when they straddle one (so nothing past the stream's last byte is ever
+read).  Neighbouring lanes read neighbouring bytes and write neighbouring outputs
+(vectorized stores).  The scale index is a constant for per-tensor scales and
+``e // group`` otherwise.  PWLQ reads one level-table entry per weight (center or tail).
+On an H200 the SD1.5 UNet's 282 layers dequantize in 1.41 ms at BLOCK=1024 / 4 warps (the
+earlier version, eight codes per lane through a 64-bit word: 1.50 ms); BENCHMARKS.md.
 
 Entry points: :func:`dequantize` (launch, any device Triton runs on: CUDA, or the CPU under
 ``TRITON_INTERPRET=1``), :func:`prepare` (per-layer launch constants, computed once), and
