@@ -153,10 +153,10 @@ def test_real_image_directory_errors_and_protocol(tmp_path):
     im = Image.new("RGB", (400, 300), (10, 20, 30))
     assert center_crop_resize(im, 256).shape == (256, 256, 3)
     # through evaluate: COCO-style prompts need --real-images; too few images for KID is refused up front
-    with pytest.raises(EvalInputError, match="--real-images DIR is required"):
-        _run(tmp_path, prompts=str(REPO / "tests" / "data" / "none.tsv") if False else None, reference="tiny")
     captions = tmp_path / "caps.tsv"
     captions.write_text("caption\n" + "\n".join(f"a photo of thing {i}" for i in range(10)) + "\n")
+    with pytest.raises(EvalInputError, match="--real-images DIR is required"):
+        _run(tmp_path, prompts=str(captions), reference="tiny")
     with pytest.raises(ValueError, match="kid-subset-size=8.*6 real"):
         _run(tmp_path, prompts=str(captions), real_images=str(tmp_path / "imgs"), kid_subset_size=8)
     with pytest.raises(EvalInputError, match="does not exist"):

@@ -88,8 +88,11 @@ def test_empty_prompts_file(tmp_path):
         draw_prompts(tmp_path / "p.txt", 2)
 
 
-def test_prompts_are_seeded_draws():
-    a, b, c = draw_prompts(None, 8, seed=0), draw_prompts(None, 8, seed=0), draw_prompts(None, 8, seed=1)
+def test_prompts_are_seeded_draws(tmp_path):
+    captions = tmp_path / "caps.tsv"  # a caption file of our own: the test must not need ../shared/assets
+    captions.write_text("caption\n" + "\n".join(f"a photo of thing number {i}" for i in range(40)) + "\n")
+    src = str(captions)
+    a, b, c = draw_prompts(src, 8, seed=0), draw_prompts(src, 8, seed=0), draw_prompts(src, 8, seed=1)
     assert a == b and a != c and len(set(a)) == 8
 
 
