@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -27,24 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline  # noqa: E402
+from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline, cuda_time_ms  # noqa: E402
 from quantsd.nn import packed_modules  # noqa: E402
 from quantsd.recipe import load_recipe  # noqa: E402
 
 
 def _events_ms(fn, iters: int = 10, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return cuda_time_ms(fn, iters, warmup)["median"]
 
 
 def _graph_ms(fn) -> float:
@@ -125,6 +113,17 @@ def kernel_time_per_step(pipe, steps: int = 5) -> dict:
             "kernels_per_step": dict(count), "kernel_ms_total": round(sum(fam.values()), 3)}
 
 
+def _profile_into(res: dict, name: str, pipe, compiled: bool) -> None:
+    """``res[name + "_eager"]`` and, with ``compiled``, ``res[name + "_compiled"]`` (Inductor, no CUDA graphs)."""
+    res[f"{name}_eager"] = kernel_time_per_step(pipe)
+    print(name, json.dumps(res[f"{name}_eager"]), flush=True)
+    if compiled:
+        pipe.unet = torch.compile(pipe.unet)
+        res[f"{name}_compiled"] = kernel_time_per_step(pipe)
+        print(name, "compiled", json.dumps(res[f"{name}_compiled"]), flush=True)
+        torch._dynamo.reset()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="recipes/paper-final.yaml")
@@ -138,22 +137,10 @@ def main() -> None:
     pipe = build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev, recipe=recipe)
     res["dequant"] = dequant_alone(pipe.unet, a.compare)
     print(json.dumps(res["dequant"], indent=1), flush=True)
-    res["packed_eager"] = kernel_time_per_step(pipe)
-    print("packed", json.dumps(res["packed_eager"]), flush=True)
-    if a.compiled:
-        pipe.unet = torch.compile(pipe.unet)
-        res["packed_compiled"] = kernel_time_per_step(pipe)
-        print("packed compiled", json.dumps(res["packed_compiled"]), flush=True)
-        torch._dynamo.reset()
+    _profile_into(res, "packed", pipe, a.compiled)
     del pipe
     torch.cuda.empty_cache()
-    pipe = build_pipeline("sd15-arch", BenchConfig("fp16-sdpa"), dev)
-    res["dense_eager"] = kernel_time_per_step(pipe)
-    print("dense", json.dumps(res["dense_eager"]), flush=True)
-    if a.compiled:
-        pipe.unet = torch.compile(pipe.unet)
-        res["dense_compiled"] = kernel_time_per_step(pipe)
-        print("dense compiled", json.dumps(res["dense_compiled"]), flush=True)
+    _profile_into(res, "dense", build_pipeline("sd15-arch", BenchConfig("fp16-sdpa"), dev), a.compiled)
     Path(a.out).write_text(json.dumps(res, indent=1))
 
 

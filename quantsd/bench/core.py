@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["BenchConfig", "default_configs", "binary_search_max", "weight_bytes", "to_packed", "Bench",
+__all__ = ["BenchConfig", "cuda_time_ms", "default_configs", "binary_search_max", "weight_bytes", "to_packed", "Bench",
            "write_reports", "markdown_report", "plot_time_vs_pixels", "sdpa_report"]
 
 
@@ -187,23 +187,29 @@ def _unet_inputs(pipe, batch: int, side: int, device, dtype):
     return lat, t, ctx
 
 
+def cuda_time_ms(fn, iters: int = 20, warmup: int = 3) -> dict:
+    """Median (min/max) milliseconds of ``iters`` calls of ``fn``, each timed with CUDA events,
+    after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return _pctl(times)
+
+
 def unet_step_ms(pipe, side: int, iters: int = 20, warmup: int = 3, batch: int = 2) -> dict:
     """Median UNet forward time (ms) at ``side``² (latents side/8), CFG batch 2, CUDA events."""
     dev, dt = pipe.unet.device, pipe.unet.dtype
     lat, t, ctx = _unet_inputs(pipe, batch, side, dev, dt)
     with torch.inference_mode():
-        for _ in range(warmup):
-            pipe.unet(lat, t, encoder_hidden_states=ctx, return_dict=False)
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            pipe.unet(lat, t, encoder_hidden_states=ctx, return_dict=False)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-    return _pctl(times)
+        return cuda_time_ms(lambda: pipe.unet(lat, t, encoder_hidden_states=ctx, return_dict=False), iters, warmup)
 
 
 def seconds_per_image(pipe, steps: int, guidance: float, height: int, width: int, repeats: int = 2,

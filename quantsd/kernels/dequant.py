@@ -44,10 +44,13 @@ the launch).
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple, Optional, Sequence
 
 import torch
+
+from ..quant.packing import check_bits, packed_nbytes
 
 try:  # Triton is optional: without it every layer uses the pure-torch decode
     import triton
@@ -218,15 +221,12 @@ class DequantPlan(NamedTuple):
 
 def prepare(shape: Sequence[int], bits: int, method: str, granularity: str) -> DequantPlan:
     from ..quant.granularity import param_shape, parse_granularity
-    from ..quant.packing import check_bits, packed_nbytes
 
     bits = check_bits(bits)
     if method not in _PWLQ + _UNIFORM:
         raise ValueError(f"unknown method {method!r}")
     shape = tuple(int(s) for s in shape)
-    numel = 1
-    for s in shape:
-        numel *= s
+    numel = math.prod(shape)
     pshape = param_shape(shape, granularity)
     nparams = 1
     for s in pshape:
@@ -236,11 +236,14 @@ def prepare(shape: Sequence[int], bits: int, method: str, granularity: str) -> D
         gmode, group = 0, max(numel, 1)
     else:
         gmode, group = 1, numel // nparams
-    return _plan(shape, numel, packed_nbytes(bits, numel), bits, method in _PWLQ, gmode, group)
+    return _plan(shape, bits, method in _PWLQ, gmode, group)
 
 
-def _plan(shape, numel, nbytes, bits, pwlq, gmode, group) -> DequantPlan:
-    return DequantPlan(tuple(shape), numel, nbytes, bits, pwlq, gmode, group, numel * bits + 8 >= 2 ** 31)
+def _plan(shape, bits: int, pwlq: bool, gmode: int, group: int) -> DequantPlan:
+    """The plan with its derived fields (element count, packed bytes, index width)."""
+    numel = math.prod(shape)
+    return DequantPlan(tuple(shape), numel, packed_nbytes(bits, numel), bits, pwlq, gmode, group,
+                       numel * bits + 8 >= 2 ** 31)
 
 
 def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor],
@@ -299,10 +302,7 @@ def _register_op():
     @torch.library.custom_op("quantsd::dequantize", mutates_args=())
     def _op(packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor], lut: torch.Tensor,
             shape: list[int], bits: int, pwlq: bool, gmode: int, group: int, dtype: torch.dtype) -> torch.Tensor:
-        numel = 1
-        for s in shape:
-            numel *= s
-        plan = _plan(shape, numel, (bits * numel + 7) // 8, bits, pwlq, gmode, group)
+        plan = _plan(shape, bits, pwlq, gmode, group)
         return launch(plan, packed, scale, breakpoint, lut, dtype)
 
     @_op.register_fake
