@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline, cuda_time_ms  # noqa: E402
+from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline, cuda_time_ms, weight_bytes  # noqa: E402
 from quantsd.nn import packed_modules  # noqa: E402
 from quantsd.recipe import load_recipe  # noqa: E402
 
@@ -98,6 +98,7 @@ def kernel_time_per_step(pipe, steps: int = 5) -> dict:
             torch.cuda.synchronize()
     fam: dict[str, float] = defaultdict(float)
     count: dict[str, int] = defaultdict(int)
+    names: list[tuple[float, int, str]] = []
     for ev in prof.key_averages():
         if ev.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -109,18 +110,53 @@ def kernel_time_per_step(pipe, steps: int = 5) -> dict:
                else "elementwise/other")
         fam[key] += us / 1000 / steps
         count[key] += ev.count // steps
+        names.append((us / 1000 / steps, ev.count // steps, ev.key[:120]))
+    names.sort(reverse=True)
     return {"wall_ms": wall, "kernel_ms_per_step": {k: round(v, 3) for k, v in sorted(fam.items())},
-            "kernels_per_step": dict(count), "kernel_ms_total": round(sum(fam.values()), 3)}
+            "kernels_per_step": dict(count), "kernel_ms_total": round(sum(fam.values()), 3),
+            "top_kernels": [{"ms": round(t, 4), "per_step": c, "name": n} for t, c, n in names[:40]]}
+
+
+def memory_phases(pipe, side: int = 512) -> dict:
+    """Peak allocated bytes above the resident weights in each phase of a 512² CFG generation:
+    text encoding, one UNet step (batch 2) and the VAE decode; so the 512² peak can be attributed."""
+    dev = pipe.unet.device
+    out = {}
+    with torch.inference_mode():
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated(dev)
+        out["resident_bytes"] = base
+        ids = pipe.tokenizer(["a photograph of an astronaut riding a horse", ""], padding="max_length",
+                             max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids.to(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        ctx = pipe.text_encoder(ids)[0]
+        out["text_encoder_peak_over_resident"] = torch.cuda.max_memory_allocated(dev) - base
+        lat, t, _ = _unet_inputs(pipe, 2, side, dev, pipe.unet.dtype)
+        base2 = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        pipe.unet(lat, t, encoder_hidden_states=ctx.to(pipe.unet.dtype), return_dict=False)
+        out["unet_step_peak_over_resident"] = torch.cuda.max_memory_allocated(dev) - base2
+        z = lat[:1] / pipe.vae.config.scaling_factor
+        base3 = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        pipe.vae.decode(z, return_dict=False)
+        out["vae_decode_peak_over_resident"] = torch.cuda.max_memory_allocated(dev) - base3
+    out["weight_bytes"] = {m: weight_bytes(getattr(pipe, m)) for m in ("text_encoder", "unet", "vae")}
+    if hasattr(pipe.vae, "encoder"):
+        out["weight_bytes"]["vae_encoder"] = weight_bytes(pipe.vae.encoder)
+    emb = pipe.text_encoder.get_input_embeddings()
+    out["weight_bytes"]["text_token_embedding"] = emb.weight.numel() * emb.weight.element_size()
+    return out
 
 
 def _profile_into(res: dict, name: str, pipe, compiled: bool) -> None:
     """``res[name + "_eager"]`` and, with ``compiled``, ``res[name + "_compiled"]`` (Inductor, no CUDA graphs)."""
     res[f"{name}_eager"] = kernel_time_per_step(pipe)
-    print(name, json.dumps(res[f"{name}_eager"]), flush=True)
+    print(name, json.dumps({k: v for k, v in res[f"{name}_eager"].items() if k != "top_kernels"}), flush=True)
     if compiled:
         pipe.unet = torch.compile(pipe.unet)
         res[f"{name}_compiled"] = kernel_time_per_step(pipe)
-        print(name, "compiled", json.dumps(res[f"{name}_compiled"]), flush=True)
+        print(name, "compiled", json.dumps({k: v for k, v in res[f"{name}_compiled"].items() if k != "top_kernels"}), flush=True)
         torch._dynamo.reset()
 
 
@@ -137,10 +173,17 @@ def main() -> None:
     pipe = build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev, recipe=recipe)
     res["dequant"] = dequant_alone(pipe.unet, a.compare)
     print(json.dumps(res["dequant"], indent=1), flush=True)
+    res["packed_memory"] = memory_phases(pipe)
+    print("packed memory", json.dumps(res["packed_memory"]), flush=True)
+    Path(a.out).write_text(json.dumps(res, indent=1))
     _profile_into(res, "packed", pipe, a.compiled)
+    Path(a.out).write_text(json.dumps(res, indent=1))
     del pipe
     torch.cuda.empty_cache()
-    _profile_into(res, "dense", build_pipeline("sd15-arch", BenchConfig("fp16-sdpa"), dev), a.compiled)
+    dense = build_pipeline("sd15-arch", BenchConfig("fp16-sdpa"), dev)
+    res["dense_memory"] = memory_phases(dense)
+    print("dense memory", json.dumps(res["dense_memory"]), flush=True)
+    _profile_into(res, "dense", dense, a.compiled)
     Path(a.out).write_text(json.dumps(res, indent=1))
 
 

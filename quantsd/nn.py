@@ -103,16 +103,26 @@ class QuantModule(nn.Module):
         self._refresh_lut()
 
     def _refresh_lut(self) -> None:
-        """The shared level table for the kernel on this layer's device (None where it can't run)."""
+        """The kernel's table on this layer's device (None where the kernel can't run): the layer's
+        own value table (every code's decoded weight) for per-tensor parameters, else the level
+        table shared by all layers of this bit width and method."""
         self._lut = None
         dev = self.weight_packed.device
         if self._plan is not None and dev.type != "meta":
-            from .kernels.dequant import available, level_table
+            from .kernels.dequant import available, level_table, value_table
 
             if not available(dev):  # CUDA, or the CPU under TRITON_INTERPRET=1 (tests)
                 return
+            if self._plan.table:
+                self._lut = value_table(self.bits, self.method, self.weight_scale, self.weight_breakpoint)
+            else:
+                self._lut = level_table(self.bits, self.method, dev)
 
-            self._lut = level_table(self.bits, self.method, dev)
+    def _load_from_state_dict(self, *args, **kwargs):
+        # new scales/breakpoints: the value table derived from them must follow
+        super()._load_from_state_dict(*args, **kwargs)
+        if getattr(self, "_plan", None) is not None:
+            self._refresh_lut()
 
     def _apply(self, fn, recurse=True):
         # Stored quantization parameters follow the device, never a dtype cast.

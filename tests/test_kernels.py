@@ -343,7 +343,7 @@ def test_kernel_has_no_fma_on_sm90(bits, pwlq):
 
     for gmode, bf16, wide in ((0, False, False), (1, True, False), (1, False, True)):
         k = _compile_for_sm90({"BITS": bits, "PWLQ": pwlq, "GMODE": gmode, "BLOCK": 2048, "OUT_BF16": bf16,
-                               "WIDE": wide})
+                               "WIDE": wide, "TABLE": False})  # the arithmetic decode (per-group layers)
         ptx = k.asm["ptx"]
         assert not re.search(r"\bfma\.", ptx) and ".ftz" not in ptx  # no contraction, no flush-to-zero
         arith = re.findall(r"\b(?:mul|add|sub)(?:\.[a-z]+)*\.f32\b", ptx)
@@ -360,6 +360,25 @@ def test_kernel_has_no_fma_on_sm90(bits, pwlq):
             f.write_bytes(k.asm["cubin"])
             sass = subprocess.run([str(nvdisasm), str(f)], capture_output=True, text=True, check=True).stdout
         assert "FMUL" in sass and not re.search(r"\bFFMA\b", sass)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("method", METHODS)
+def test_value_table_is_the_reference_decode_of_every_code(bits, method):
+    """The per-tensor value table holds, for each code, exactly the weight the reference decode
+    gives it (fp16-stored parameters, including a zero scale / breakpoint: +0.0, never -0.0)."""
+    from quantsd.kernels.dequant import value_table
+    from quantsd.quant.quantizers import decode
+
+    pw = method in ("pwlq", "pwlq-stochastic")
+    for m, p in ((0.0731, 0.0213), (0.0, 0.0), (2.5, 0.0)):
+        scale = torch.tensor([m], dtype=torch.float16)
+        bp = torch.tensor([p], dtype=torch.float16) if pw else None
+        tab = value_table(bits, method, scale, bp)
+        assert tab.dtype == torch.float32 and tab.shape == (1 << bits,)
+        codes = torch.randint(0, 1 << bits, (1, 999), generator=torch.Generator().manual_seed(bits)).to(torch.uint8)
+        ref = decode(codes, method, bits, scale.float(), None if bp is None else bp.float())
+        assert torch.equal(_bits(tab[codes.long()]), _bits(ref))
 
 
 def test_layers_on_cpu_have_no_kernel_state():
@@ -425,6 +444,15 @@ _INTERP_COMPILE_SCRIPT = textwrap.dedent("""
         eager = net(x, y)
         out = torch.compile(net, fullgraph=True, backend="aot_eager")(x, y)
     assert torch.equal(out[1], eager[1]) and torch.equal(out[0], eager[0])
+    # per-tensor layer: the kernel decodes through the layer's value table, which must follow a
+    # load_state_dict of new scales (else the layer would silently compute with the old weights)
+    lin = net.m["lin"]
+    assert lin._plan.table and lin._lut.numel() == 1 << lin.bits
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(7)) * 0.3
+    qt = T.quantize_tensor(w, 4, "pwlq", "tensor")
+    lin.load_state_dict({"weight_packed": qt.pack(), "weight_scale": qt.scale, "weight_breakpoint": qt.breakpoint,
+                         "bias": lin.bias.detach().clone()})
+    assert torch.equal(T._bits(lin.weight), T._bits(qt.dequantize().to(torch.float16)))
     print("COMPILE OK")
 """)
 

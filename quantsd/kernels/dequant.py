@@ -63,7 +63,7 @@ except Exception:  # pragma: no cover - platform without triton
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "interpreting", "available", "level_table", "prepare", "dequantize", "DequantPlan",
-           "SUPPORTED_DTYPES", "LAUNCH_OPTIONS"]
+           "SUPPORTED_DTYPES", "LAUNCH_OPTIONS", "value_table"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PWLQ = ("pwlq", "pwlq-stochastic")
@@ -94,8 +94,10 @@ if HAS_TRITON:
     @triton.jit
     def _dequant_kernel(packed_ptr, scale_ptr, bp_ptr, lut_ptr, out_ptr, numel, group,
                         BITS: tl.constexpr, PWLQ: tl.constexpr, GMODE: tl.constexpr, BLOCK: tl.constexpr,
-                        OUT_BF16: tl.constexpr, WIDE: tl.constexpr):
+                        OUT_BF16: tl.constexpr, WIDE: tl.constexpr, TABLE: tl.constexpr):
         # GMODE: 0 one scale (tensor), 1 one scale per `group` consecutive weights
+        # TABLE: lut_ptr is the layer's value table (float32[2^BITS], the decoded weight of every
+        # code): the decode is one gather, scale/breakpoint are not read
         pid = tl.program_id(0)
         if WIDE:
             pid = pid.to(tl.int64)
@@ -120,13 +122,17 @@ if HAS_TRITON:
             hi = tl.load(packed_ptr + (bit >> 3) + 1, mask=emask & (sh + BITS > 8), other=0).to(tl.int32)
             code = ((lo | (hi << 8)) >> sh) & MASK
 
-        if GMODE == 0:
+        if TABLE:
+            w = tl.load(lut_ptr + code)
+        elif GMODE == 0:
             m = tl.load(scale_ptr).to(tl.float32)
         else:
             g = e // group
             m = tl.load(scale_ptr + g, mask=emask, other=0.0).to(tl.float32)
 
-        if PWLQ:
+        if TABLE:
+            pass
+        elif PWLQ:
             L1: tl.constexpr = (1 << (BITS - 1)) - 1
             L2: tl.constexpr = (1 << (BITS - 2)) - 1
             if GMODE == 0:
@@ -217,6 +223,7 @@ class DequantPlan(NamedTuple):
     gmode: int       # 0: one scale; 1: one scale per `group` consecutive weights
     group: int       # elements per scale (numel for per-tensor)
     wide: bool       # 64-bit index math (bitstream of 2^31 bits or more)
+    table: bool      # decode by the layer's value table (per-tensor parameters): see value_table
 
 
 def prepare(shape: Sequence[int], bits: int, method: str, granularity: str) -> DequantPlan:
@@ -240,15 +247,33 @@ def prepare(shape: Sequence[int], bits: int, method: str, granularity: str) -> D
 
 
 def _plan(shape, bits: int, pwlq: bool, gmode: int, group: int) -> DequantPlan:
-    """The plan with its derived fields (element count, packed bytes, index width)."""
+    """The plan with its derived fields (element count, packed bytes, index width, table decode)."""
     numel = math.prod(shape)
     return DequantPlan(tuple(shape), numel, packed_nbytes(bits, numel), bits, pwlq, gmode, group,
-                       numel * bits + 8 >= 2 ** 31)
+                       numel * bits + 8 >= 2 ** 31, gmode == 0)
+
+
+def value_table(bits: int, method: str, scale: torch.Tensor, breakpoint: Optional[torch.Tensor]) -> torch.Tensor:
+    """float32[2^bits] on the parameters' device: the decoded weight of every code of a layer with
+    per-tensor parameters, computed by the reference decode itself (``quant.quantizers.decode``,
+    elementwise, so each entry is bit for bit what the reference gives a weight with that code).
+
+    With it the kernel's decode is one gather (``w = table[code]``) instead of a level-table read
+    plus the PWLQ/uniform arithmetic: 1 KiB per layer at most (256 float32), computed once per
+    device and dtype-independent (the cast to the compute dtype stays in the kernel).
+    """
+    from ..quant.quantizers import decode
+
+    dev = scale.device
+    codes = torch.arange(1 << int(bits), device=dev, dtype=torch.int32).to(torch.uint8)[None]
+    p = None if breakpoint is None else breakpoint.float().reshape(1)
+    return decode(codes, method, int(bits), scale.float().reshape(1), p)[0].contiguous()
 
 
 def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor],
            lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Run the kernel for a prepared layer (no validation: the hot path)."""
+    """Run the kernel for a prepared layer (no validation: the hot path).  ``lut`` is the layer's
+    :func:`value_table` when ``plan.table``, else the shared :func:`level_table`."""
     out = torch.empty(plan.shape, dtype=dtype, device=packed.device)
     if plan.numel == 0:
         return out
@@ -257,7 +282,7 @@ def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpo
         packed, scale, scale if breakpoint is None else breakpoint, lut, out.view(torch.int16) if bf16 else out,
         plan.numel, plan.group,
         BITS=plan.bits, PWLQ=plan.pwlq, GMODE=plan.gmode, BLOCK=BLOCK, OUT_BF16=bf16, WIDE=plan.wide,
-        **LAUNCH_OPTIONS)
+        TABLE=plan.table, **LAUNCH_OPTIONS)
     return out
 
 
@@ -285,7 +310,7 @@ def dequantize(packed: torch.Tensor, shape: Sequence[int], bits: int, method: st
     packed = packed.reshape(-1).contiguous()
     scale = scale.contiguous()
     breakpoint = None if breakpoint is None else breakpoint.contiguous()
-    lut = level_table(bits, method, packed.device)
+    lut = value_table(bits, method, scale, breakpoint) if plan.table else level_table(bits, method, packed.device)
     return launch(plan, packed, scale, breakpoint, lut, dtype)
 
 
