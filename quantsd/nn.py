@@ -100,6 +100,9 @@ class QuantModule(nn.Module):
 
         # launch constants for the Triton path, computed once (nothing per call but the launch)
         self._plan = prepare(self.weight_shape, self.bits, self.method, self.granularity) if HAS_TRITON else None
+        # the kernel's table: a (non-persistent) buffer, so torch.compile + CUDA graphs treat it as a
+        # static input like any weight (a plain tensor attribute would be copied on every replay)
+        self.register_buffer("_lut", None, persistent=False)
         self._refresh_lut()
 
     def _refresh_lut(self) -> None:
@@ -125,15 +128,18 @@ class QuantModule(nn.Module):
             self._refresh_lut()
 
     def _apply(self, fn, recurse=True):
-        # Stored quantization parameters follow the device, never a dtype cast.
+        # Stored quantization parameters follow the device, never a dtype cast; the float32 table
+        # is rebuilt on the new device (never cast either).
         saved = {k: self._buffers.pop(k) for k in self._STORED if k in self._buffers}
+        lut = self._buffers.pop("_lut", None)
         try:
             super()._apply(fn, recurse)
         finally:
             dev = self.weight_packed.device
             for k, t in saved.items():
                 self._buffers[k] = None if t is None else t.to(dev)
-        if getattr(self, "_plan", None) is not None and (self._lut is None or self._lut.device != self.weight_packed.device):
+            self._buffers["_lut"] = lut
+        if getattr(self, "_plan", None) is not None and (lut is None or lut.device != self.weight_packed.device):
             self._refresh_lut()
         return self
 

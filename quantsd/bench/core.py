@@ -77,7 +77,7 @@ def binary_search_max(fits: Callable[[int], bool], lo: int, hi: int, step: int =
 
 
 def weight_bytes(module: torch.nn.Module, device_type: str | None = None) -> int:
-    """Bytes of parameters + buffers + packed layers' value tables (each tensor once), optionally
+    """Bytes of parameters + buffers (each tensor once; packed layers' tables included), optionally
     only those on ``device_type``."""
     seen, total = set(), 0
     for t in [*module.parameters(), *module.buffers()]:
@@ -87,12 +87,6 @@ def weight_bytes(module: torch.nn.Module, device_type: str | None = None) -> int
         if device_type is not None and t.device.type != device_type:
             continue
         total += t.numel() * t.element_size()
-    for m in module.modules():  # packed layers' own value tables (1 KiB each at most; not buffers)
-        lut, plan = getattr(m, "_lut", None), getattr(m, "_plan", None)
-        if lut is not None and plan is not None and plan.table and id(lut) not in seen:
-            if device_type is None or lut.device.type == device_type:
-                seen.add(id(lut))
-                total += lut.numel() * lut.element_size()
     return total
 
 

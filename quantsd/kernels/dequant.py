@@ -345,6 +345,8 @@ def op_call(plan: DequantPlan, packed, scale, breakpoint, lut, dtype) -> torch.T
     """The layer's dequant: the custom op while torch.compile traces, the direct launch in eager
     (skips the dispatcher: one Python call and one kernel launch per layer)."""
     if torch.compiler.is_compiling():
+        if plan.table:  # the value table is all the decode reads: fewer graph inputs per layer
+            scale, breakpoint = lut, None
         return _OP(packed, scale, breakpoint, lut, list(plan.shape), plan.bits, plan.pwlq, plan.gmode,
-                              plan.group, dtype)
+                   plan.group, dtype)
     return launch(plan, packed, scale, breakpoint, lut, dtype)
