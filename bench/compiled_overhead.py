@@ -27,6 +27,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import torch._dynamo
+import torch._inductor.config as ic
+from torch._dynamo.utils import counters
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -93,10 +96,6 @@ def main() -> None:
     dev = torch.device("cuda")
     out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     for v in a.variants.split(","):
-        import torch._dynamo
-        import torch._inductor.config as ic
-        from torch._dynamo.utils import counters
-
         torch._dynamo.reset()
         counters.clear()
         ic.graph_partition = v != "packed-nopartition"
