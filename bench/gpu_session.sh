@@ -3,7 +3,8 @@
 #   1. GPU kernel correctness tests (pytest -m gpu: Triton dequant == torch decode, compile, CUDA graphs)
 #   2. bench/profile_packed.py (PROFILE=0 skips; COMPARE_KERNEL=path times another kernel module too)
 #   3. scripts/recipe_error.py on sd15-arch for $RECIPES (space-separated; none by default)
-#   4. quantsd bench on sd15-arch with recipes/paper-final.yaml (+ baselines), --compile, caps $CAPS (8,4 GiB)
+#   4. quantsd bench on sd15-arch with recipes/paper-final.yaml (+ baselines), --compile, caps $CAPS (8,4 GiB),
+#      s/image also with $SCHEDULERS (default dpm; empty for none)
 # Everything lands under $OUT (6 files, 2 levels): env.txt, pytest_gpu.txt, bench.log,
 # bench/results.json, bench/report.md, bench/time_vs_pixels.png.  A compact summary goes to stdout.
 # Each step is time-boxed; the bench records OOMs/errors per configuration and rewrites its
@@ -59,13 +60,14 @@ LEFT=$(( TOTAL - $(el) - 25 ))
 log "quantsd bench (time budget ${LEFT}s)"
 timeout -k 15 $(( LEFT + 20 )) $PY -c "from quantsd.cli import main; main()" bench -m sd15-arch \
     --recipe recipes/paper-final.yaml --steps 50 --guidance 7.5 --height 512 --width 512 --compile \
-    --max-res-cap-gb "${CAPS:-8,4}" --max-res-cfg sequential,batch2 --time-budget "$LEFT" -o "$OUT/bench" \
+    --max-res-cap-gb "${CAPS:-8,4}" --max-res-cfg sequential,batch2 --schedulers "${SCHEDULERS-dpm}" \
+    --time-budget "$LEFT" -o "$OUT/bench" \
     > "$OUT/bench.log" 2>&1
 echo "bench exit=$?" >> "$OUT/bench.log"
 
 # ---- summary
 log "summary"
-grep -E "^\s+\S+\.(unet_ms|image|max_res|attention|build)" "$OUT/bench.log" | cut -c1-160 | tail -40
+grep -E "^\s+\S+\.(unet_ms|image|max_res|attention|build|compile)" "$OUT/bench.log" | cut -c1-160 | tail -40
 echo; [ -f "$OUT/bench/report.md" ] && cat "$OUT/bench/report.md" | cut -c1-400
 tail -3 "$OUT/bench.log"
 log "done"

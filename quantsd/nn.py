@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels.dequant import op_call
 from .quant.granularity import grouped_view, param_shape
 from .quant.packing import unpack_bits
 from .quant.quantizers import PWLQ_METHODS, decode
@@ -96,10 +97,13 @@ class QuantModule(nn.Module):
         self.register_buffer("_compute_dtype_ref", torch.empty(0, dtype=dtype, device=device), persistent=False)
         if (self.method in PWLQ_METHODS) != (breakpoint is not None):
             raise ValueError(f"method {method!r} {'needs' if self.method in PWLQ_METHODS else 'takes no'} breakpoint")
-        from .kernels.dequant import HAS_TRITON, prepare
+        from .kernels.dequant import HAS_TRITON, plan_key, prepare
 
         # launch constants for the Triton path, computed once (nothing per call but the launch)
         self._plan = prepare(self.weight_shape, self.bits, self.method, self.granularity) if HAS_TRITON else None
+        self._plan_key = None if self._plan is None else plan_key(self._plan)
+        self._table = self._plan is not None and self._plan.table
+        self._dtype = dtype  # == _compute_dtype_ref.dtype; a plain attribute is one cheap guard under compile
         # the kernel's table: a (non-persistent) buffer, so torch.compile + CUDA graphs treat it as a
         # static input like any weight (a plain tensor attribute would be copied on every replay)
         self.register_buffer("_lut", None, persistent=False)
@@ -139,6 +143,7 @@ class QuantModule(nn.Module):
             for k, t in saved.items():
                 self._buffers[k] = None if t is None else t.to(dev)
             self._buffers["_lut"] = lut
+            self._dtype = self._compute_dtype_ref.dtype
         if getattr(self, "_plan", None) is not None and (lut is None or lut.device != self.weight_packed.device):
             self._refresh_lut()
         return self
@@ -148,11 +153,16 @@ class QuantModule(nn.Module):
         return self._compute_dtype_ref.dtype
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or self.compute_dtype
-        if self._lut is not None and dtype in _FAST_DTYPES:  # CUDA: one Triton launch, no validation
-            from .kernels.dequant import op_call
-
-            return op_call(self._plan, self.weight_packed, self.weight_scale, self.weight_breakpoint, self._lut, dtype)
+        # Kept lean on purpose: torch.compile guards every attribute and tensor read here, once per
+        # layer and call, so each read costs host time on every compiled step (~280 layers).  A
+        # value-table layer reads only its codes and its table.
+        dtype = dtype or self._dtype
+        lut = self._lut
+        if lut is not None and dtype in _FAST_DTYPES:  # CUDA: one Triton launch, no validation
+            if self._table:
+                return op_call(self._plan, self._plan_key, self.weight_packed, lut, None, lut, dtype)
+            return op_call(self._plan, self._plan_key, self.weight_packed, self.weight_scale, self.weight_breakpoint,
+                           lut, dtype)
         return dequantize_weight(self.weight_packed, self.weight_shape, self.bits, self.method, self.granularity,
                                  self.weight_scale, self.weight_breakpoint, dtype, backend="torch")
 

@@ -75,7 +75,8 @@ def _fake_results():
                  "steps": 50, "guidance": 7.5, "height": 512, "width": 512, "started": "now", "finished": "later"},
         "sdpa": {"flash_sdp_enabled": True, "probes": {"self_d40": "flash ok"}, "dtype": "float16"},
         "configs": [
-            {"name": "fp16-sdpa", "unet_ms": {"median": 26.0}, "image": {"median": 1.4, "peak_vram_bytes": 3 * 2**30},
+            {"name": "fp16-sdpa", "unet_ms": {"median": 26.0}, "unet_ms_pipelined": {"median": 21.0},
+             "image": {"median": 1.4, "peak_vram_bytes": 3 * 2**30}, "image_dpm": {"median": 1.1, "scheduler": "D"},
              "unet_weight_mib": 1639.3, "attention_kernels": {"backend": "flash"},
              "sweep_unet_ms": {"256": 20.0, "512": 26.0, "768": 40.0},
              "max_res_sequential_8gb": {"max": 4096, "fit": 4096, "fail": 4160, "cap_gb": 8, "complete": True}},
@@ -93,12 +94,15 @@ def test_reports_written(tmp_path):
     data = json.loads((tmp_path / "out" / "results.json").read_text())
     assert data["configs"][0]["name"] == "fp16-sdpa"
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| fp16-sdpa | 26 | 1.4 | 4 |" in md and "max res sequential_8gb" in md
+    assert "| fp16-sdpa | 26 | 21 | 1.4 | 4 |" in md and "max res sequential_8gb" in md
+    assert "s/image dpm" in md and "| 1.1 |" in md
     assert "RuntimeError: boom" in md and "flash ok" in md
     png = tmp_path / "out" / "time_vs_pixels.png"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
     rows = summary_rows(data)
     assert rows[1]["max_res_sequential_8gb"] == "OOM" and rows[0]["speedup_vs_fp32_classic"] == pytest.approx(4.0)
+    assert rows[0]["s_per_image_dpm"] == 1.1 and rows[1].get("s_per_image_dpm") is None
+    assert rows[0]["unet_ms_pipelined"] == 21.0 and rows[1]["unet_ms_pipelined"] is None
     assert not list((tmp_path / "out").glob(".*.tmp"))
 
 
@@ -131,7 +135,9 @@ def test_cli_bench_help_and_errors(tmp_path):
     r = CliRunner().invoke(main, ["bench", "--help"])
     assert r.exit_code == 0 and "--max-res-cap-gb" in r.output and "--compile" in r.output
     r = CliRunner().invoke(main, ["bench", "--max-res-cfg", "nope", "-o", str(tmp_path)])
-    assert r.exit_code != 0
+    assert r.exit_code != 0 and "nope" in r.output
+    r = CliRunner().invoke(main, ["bench", "--schedulers", "dpm,heun", "-o", str(tmp_path)])
+    assert r.exit_code != 0 and "heun" in r.output and "dpm" in r.output.split("valid:")[-1]
     if not torch.cuda.is_available():
         r = CliRunner().invoke(main, ["bench", "-m", "tiny", "-o", str(tmp_path / "b")])
         assert r.exit_code != 0 and "CUDA" in r.output

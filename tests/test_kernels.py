@@ -228,13 +228,16 @@ def test_torch_compile_reduce_overhead_cuda_graphs():
 @pytest.mark.gpu
 @cuda
 def test_custom_op_opcheck():
-    from quantsd.kernels.dequant import _register_op, level_table, prepare
+    from quantsd.kernels.dequant import _register_op, level_table, plan_key, prepare, value_table
 
     op = _register_op()
     qt = _case((16, 24), 4, "pwlq", "group:8", "cuda")
-    plan = prepare((16, 24), 4, "pwlq", "group:8")
-    args = (qt.pack(), qt.scale, qt.breakpoint, level_table(4, "pwlq", torch.device("cuda")), [16, 24], 4, True,
-            plan.gmode, plan.group, torch.float16)
+    key = plan_key(prepare((16, 24), 4, "pwlq", "group:8"))
+    args = (qt.pack(), qt.scale, qt.breakpoint, level_table(4, "pwlq", torch.device("cuda")), key, torch.float16)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    qt = _case((9, 5, 3, 3), 3, "uniform", "tensor", "cuda")
+    tab = value_table(3, "uniform", qt.scale, None)
+    args = (qt.pack(), tab, None, tab, plan_key(prepare((9, 5, 3, 3), 3, "uniform", "tensor")), torch.bfloat16)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -249,6 +252,19 @@ def test_dispatch_without_interpreter_uses_torch():
     assert torch.equal(w, qt.dequantize())
     with pytest.raises(ValueError, match="backend"):
         dequantize_weight(qt.pack(), (6, 10), 3, "uniform", "channel", qt.scale, None, backend="cuda")
+
+
+def test_plan_key_round_trips():
+    """The op's one constant argument encodes the whole launch plan (so an FX-graph cache entry
+    keyed on it can never run a layer with another layer's plan)."""
+    from quantsd.kernels.dequant import plan_from_key, plan_key, prepare
+
+    for shape, bits, method, gran in (((320, 320, 3, 3), 4, "pwlq", "tensor"), ((5, 9), 3, "uniform", "group:3"),
+                                      ((7,), 8, "stochastic", "channel"), ((1280, 2560, 3, 3), 2, "pwlq", "channel")):
+        plan = prepare(shape, bits, method, gran)
+        assert plan_from_key(plan_key(plan)) == plan
+    assert plan_key(prepare((320, 320, 3, 3), 4, "pwlq", "tensor")) != plan_key(prepare((320, 320, 3, 3), 4,
+                                                                                         "uniform", "tensor"))
 
 
 def test_prepare_group_modes():

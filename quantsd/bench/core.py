@@ -213,6 +213,21 @@ def unet_step_ms(pipe, side: int, iters: int = 20, warmup: int = 3, batch: int =
         return cuda_time_ms(lambda: pipe.unet(lat, t, encoder_hidden_states=ctx, return_dict=False), iters, warmup)
 
 
+def unet_step_pipelined_ms(pipe, side: int, calls: int = 20, repeats: int = 5, batch: int = 2) -> dict:
+    """UNet ms/step when steps are issued back to back (one CUDA-event pair around ``calls`` calls,
+    no host synchronization between them), median of ``repeats`` windows.
+
+    :func:`unet_step_ms` synchronizes after every call, so it adds the host's time to issue a step
+    (Dynamo guards, CUDA-graph bookkeeping: ~1-3 ms for SD1.5) to the GPU time.  A sampling loop
+    without per-step synchronization overlaps the two; this measures that throughput."""
+    dev, dt = pipe.unet.device, pipe.unet.dtype
+    lat, t, ctx = _unet_inputs(pipe, batch, side, dev, dt)
+    with torch.inference_mode():
+        run = lambda: [pipe.unet(lat, t, encoder_hidden_states=ctx, return_dict=False) for _ in range(calls)]  # noqa: E731
+        res = cuda_time_ms(run, repeats, 1)
+    return {k: (v / calls if k != "n" else v) for k, v in res.items()}
+
+
 def seconds_per_image(pipe, steps: int, guidance: float, height: int, width: int, repeats: int = 2,
                       warmup: int = 1) -> dict:
     """Wall seconds of whole pipeline calls (text encode, ``steps`` steps with CFG, VAE decode,
@@ -340,12 +355,24 @@ class Bench:
     out_dir: str | os.PathLike = "bench-out"
     time_budget_s: float | None = None
     image_repeats: int = 2
+    schedulers: tuple[str, ...] = ()   # extra s/image rows with these samplers ("dpm", ...), same steps
     configs: list[BenchConfig] | None = None
     log: Callable[[str], None] = print
     results: dict = field(default_factory=dict)
 
     def _save(self) -> None:
         write_reports(self.results, self.out_dir)
+
+    def _image_with_scheduler(self, pipe, name: str) -> dict:
+        from ..generate import _set_scheduler
+
+        default = pipe.scheduler
+        try:
+            _set_scheduler(pipe, name)
+            return {**seconds_per_image(pipe, self.steps, self.guidance, self.height, self.width, self.image_repeats),
+                    "scheduler": type(pipe.scheduler).__name__}
+        finally:
+            pipe.scheduler = default
 
     def _step(self, entry: dict, key: str, fn: Callable[[], Any]) -> Any:
         if self._deadline is not None and time.monotonic() > self._deadline:
@@ -435,10 +462,13 @@ class Bench:
                 # did CUDA graphs really wrap the step? (a skip means launch-bound replays)
                 entry["cudagraph_skips"] = int(counters["inductor"].get("cudagraph_skips", 0))
             self._step(entry, "unet_ms", lambda: unet_step_ms(pipe, self.height))
+            self._step(entry, "unet_ms_pipelined", lambda: unet_step_pipelined_ms(pipe, self.height))
             if cfg.attention == "sdpa" and not cfg.compile:
                 self._step(entry, "attention_kernels", lambda: attention_kernels_used(pipe, self.height))
             self._step(entry, "image", lambda: seconds_per_image(pipe, self.steps, self.guidance, self.height,
                                                                   self.width, self.image_repeats))
+            for sched in self.schedulers:  # the same pipeline (and compiled UNet) with another sampler
+                self._step(entry, f"image_{sched}", lambda: self._image_with_scheduler(pipe, sched))
             if cfg.sweep:
                 sweep: dict[str, Any] = {}
                 entry["sweep_unet_ms"] = sweep
@@ -513,12 +543,15 @@ def summary_rows(results: dict) -> list[dict]:
     fp32 = _get(base.get("fp32-classic", {}), "image", "median")
     for c in results.get("configs", []):
         img = _get(c, "image", "median")
-        row = {"config": c["name"], "unet_ms": _get(c, "unet_ms", "median"), "s_per_image": img,
+        row = {"config": c["name"], "unet_ms": _get(c, "unet_ms", "median"),
+               "unet_ms_pipelined": _get(c, "unet_ms_pipelined", "median"), "s_per_image": img,
                "speedup_vs_fp32_classic": (fp32 / img) if (fp32 and img) else None,
                "peak_vram_gib": (_get(c, "image", "peak_vram_bytes") or 0) / 2**30 or None,
                "unet_weights_mib": c.get("unet_weight_mib"),
                "attention_backend": _get(c, "attention_kernels", "backend")}
         for k, v in c.items():
+            if k.startswith("image_") and isinstance(v, dict) and "median" in v:
+                row[f"s_per_image_{k[len('image_'):]}"] = v["median"]
             if k.startswith("max_res_"):
                 row[k] = _get(v, "max") if isinstance(v, dict) and "cap_gb" in v else (v.get("error") or v.get("skipped")
                                                                                          if isinstance(v, dict) else v)
@@ -538,13 +571,16 @@ def markdown_report(results: dict) -> str:
              ""]
     rows = summary_rows(results)
     caps = sorted({k for r in rows for k in r if k.startswith("max_res_")})
-    head = ["config", "UNet ms/step (CFG b2)", "s/image", "x vs fp32 classic", "peak VRAM GiB", "UNet weights MiB",
-            "attention"] + [c.replace("max_res_", "max res ") for c in caps]
+    scheds = sorted({k for r in rows for k in r if k.startswith("s_per_image_")})
+    head = ["config", "UNet ms/step (CFG b2)", "UNet ms/step back to back", "s/image", "x vs fp32 classic",
+            "peak VRAM GiB", "UNet weights MiB", "attention"] + [
+            c.replace("s_per_image_", "s/image ") for c in scheds] + [c.replace("max_res_", "max res ") for c in caps]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for r in rows:
-        vals = [r["config"], r["unet_ms"], r["s_per_image"], r["speedup_vs_fp32_classic"], r["peak_vram_gib"],
-                r["unet_weights_mib"], r["attention_backend"]] + [r.get(c) for c in caps]
+        vals = [r["config"], r["unet_ms"], r["unet_ms_pipelined"], r["s_per_image"], r["speedup_vs_fp32_classic"],
+                r["peak_vram_gib"], r["unet_weights_mib"], r["attention_backend"]] + [r.get(c) for c in scheds] + [
+                r.get(c) for c in caps]
         lines.append("| " + " | ".join(_cell(v) for v in vals) + " |")
     errs = [f"- {r['config']}: {r['errors']}" for r in rows if r["errors"]]
     if errs:

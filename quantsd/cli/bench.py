@@ -32,9 +32,11 @@ def _caps(ctx, param, value):
               help="CFG modes for the max-resolution probe: sequential (two batch-1 halves) and/or batch2.")
 @click.option("--time-budget", default=None, type=float, help="Seconds; later measurements are skipped after it.")
 @click.option("--image-repeats", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--schedulers", default="", show_default=False,
+              help="Also time s/image with these samplers (comma-separated: dpm, ddim, euler, pndm), same steps.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile_, caps, max_res_cfg, time_budget,
-              image_repeats, out) -> None:
+              image_repeats, schedulers, out) -> None:
     """Speed, memory and max resolution of MODEL (fp32 classic-attention and fp16 SDPA baselines
     always; the quantized model with --recipe or a packed CHECKPOINT) on CUDA. Writes
     results.json, report.md and time_vs_pixels.png to the output directory."""
@@ -42,17 +44,24 @@ def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile
 
     from ..bench import Bench, markdown_report
 
-    if not torch.cuda.is_available():
-        raise click.ClickException("quantsd bench measures CUDA speed and memory: no CUDA device here")
-
     if recipe and checkpoint:
         raise click.UsageError("give either --recipe (quantize MODEL in memory) or a CHECKPOINT, not both")
     modes = tuple(m for m in max_res_cfg.split(",") if m)
     bad = [m for m in modes if m not in ("sequential", "batch2")]
     if bad:
         raise click.BadParameter(f"unknown CFG mode(s) {bad}", param_hint="--max-res-cfg")
+    from ..generate import SCHEDULERS
+
+    scheds = tuple(x for x in schedulers.split(",") if x)
+    bad = [x for x in scheds if x not in SCHEDULERS or x == "default"]
+    if bad:
+        raise click.BadParameter(f"unknown scheduler(s) {bad}; valid: {', '.join(x for x in SCHEDULERS if x != 'default')}",
+                                 param_hint="--schedulers")
+    if not torch.cuda.is_available():
+        raise click.ClickException("quantsd bench measures CUDA speed and memory: no CUDA device here")
     b = Bench(model=model, recipe=recipe, checkpoint=checkpoint, steps=steps, guidance=guidance, height=height,
               width=width, compile=compile_, caps_gb=caps, max_res_modes=modes, out_dir=out,
-              time_budget_s=time_budget, image_repeats=image_repeats, log=lambda s: click.echo(s, err=True))
+              time_budget_s=time_budget, image_repeats=image_repeats, schedulers=scheds,
+              log=lambda s: click.echo(s, err=True))
     results = b.run()
     click.echo(markdown_report(results))

@@ -44,6 +44,7 @@ the launch).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple, Optional, Sequence
@@ -318,6 +319,22 @@ def dequantize(packed: torch.Tensor, shape: Sequence[int], bits: int, method: st
 _OP = None
 
 
+def plan_key(plan: DequantPlan) -> str:
+    """The plan as one string (``"bits:pwlq:gmode:group:table:shape"``), the op's only constant
+    argument: torch.compile guards one string per layer instead of every field of the plan."""
+    return f"{plan.bits}:{int(plan.pwlq)}:{plan.gmode}:{plan.group}:{int(plan.table)}:" + "x".join(map(str, plan.shape))
+
+
+@functools.lru_cache(maxsize=None)
+def plan_from_key(key: str) -> DequantPlan:
+    bits, pwlq, gmode, group, table, shape = key.split(":")
+    plan = _plan(tuple(int(s) for s in shape.split("x")) if shape else (), int(bits), pwlq == "1", int(gmode),
+                 int(group))
+    if plan.table != (table == "1"):
+        raise ValueError(f"inconsistent dequant plan key {key!r}")
+    return plan
+
+
 def _register_op():
     """``torch.ops.quantsd.dequantize``: one opaque node per layer in compiled graphs."""
     global _OP
@@ -326,13 +343,12 @@ def _register_op():
 
     @torch.library.custom_op("quantsd::dequantize", mutates_args=())
     def _op(packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor], lut: torch.Tensor,
-            shape: list[int], bits: int, pwlq: bool, gmode: int, group: int, dtype: torch.dtype) -> torch.Tensor:
-        plan = _plan(shape, bits, pwlq, gmode, group)
-        return launch(plan, packed, scale, breakpoint, lut, dtype)
+            plan: str, dtype: torch.dtype) -> torch.Tensor:
+        return launch(plan_from_key(plan), packed, scale, breakpoint, lut, dtype)
 
     @_op.register_fake
-    def _(packed, scale, breakpoint, lut, shape, bits, pwlq, gmode, group, dtype):
-        return packed.new_empty(shape, dtype=dtype)
+    def _(packed, scale, breakpoint, lut, plan, dtype):
+        return packed.new_empty(plan_from_key(plan).shape, dtype=dtype)
 
     _OP = _op
     return _OP
@@ -341,12 +357,12 @@ def _register_op():
 _register_op()  # at import: registering inside a traced region would break the graph
 
 
-def op_call(plan: DequantPlan, packed, scale, breakpoint, lut, dtype) -> torch.Tensor:
-    """The layer's dequant: the custom op while torch.compile traces, the direct launch in eager
-    (skips the dispatcher: one Python call and one kernel launch per layer)."""
+def op_call(plan: DequantPlan, key: str, packed, scale, breakpoint, lut, dtype) -> torch.Tensor:
+    """The layer's dequant: the custom op (constant argument: ``key``, :func:`plan_key`) while
+    torch.compile traces, the direct launch of ``plan`` in eager (skips the dispatcher: one Python
+    call and one kernel launch per layer).  Under compile ``plan`` is not read (no guards on it).
+    For a value-table plan the kernel reads neither ``scale`` nor ``breakpoint``: callers pass the
+    table for both (``lut, None``) so the compiled graph has no extra inputs (or guards) for them."""
     if torch.compiler.is_compiling():
-        if plan.table:  # the value table is all the decode reads: fewer graph inputs per layer
-            scale, breakpoint = lut, None
-        return _OP(packed, scale, breakpoint, lut, list(plan.shape), plan.bits, plan.pwlq, plan.gmode,
-                   plan.group, dtype)
+        return _OP(packed, scale, breakpoint, lut, key, dtype)
     return launch(plan, packed, scale, breakpoint, lut, dtype)
