@@ -104,6 +104,7 @@ class QuantModule(nn.Module):
         self._plan_key = None if self._plan is None else plan_key(self._plan)
         self._table = self._plan is not None and self._plan.table
         self._dtype = dtype  # == _compute_dtype_ref.dtype; a plain attribute is one cheap guard under compile
+        self._kernel_dtype_ok = dtype in _FAST_DTYPES
         # the kernel's table: a (non-persistent) buffer, so torch.compile + CUDA graphs treat it as a
         # static input like any weight (a plain tensor attribute would be copied on every replay)
         self.register_buffer("_lut", None, persistent=False)
@@ -144,6 +145,7 @@ class QuantModule(nn.Module):
                 self._buffers[k] = None if t is None else t.to(dev)
             self._buffers["_lut"] = lut
             self._dtype = self._compute_dtype_ref.dtype
+            self._kernel_dtype_ok = self._dtype in _FAST_DTYPES
         if getattr(self, "_plan", None) is not None and (lut is None or lut.device != self.weight_packed.device):
             self._refresh_lut()
         return self
@@ -152,10 +154,21 @@ class QuantModule(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return self._compute_dtype_ref.dtype
 
+    def _forward_weight(self) -> torch.Tensor:
+        """The dense weight in the compute dtype, for ``forward``.
+
+        Kept lean on purpose: torch.compile guards every attribute and tensor this reads, once per
+        layer on every compiled call (~280 layers in SD1.5), so each read costs host time per step.
+        A value-table layer reads its codes, its table and three constants."""
+        lut = self._lut
+        if lut is not None and self._kernel_dtype_ok:  # CUDA: one Triton launch, no validation
+            if self._table:
+                return op_call(self._plan, self._plan_key, self.weight_packed, lut, None, lut, self._dtype)
+            return op_call(self._plan, self._plan_key, self.weight_packed, self.weight_scale, self.weight_breakpoint,
+                           lut, self._dtype)
+        return self.dequantized_weight()
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        # Kept lean on purpose: torch.compile guards every attribute and tensor read here, once per
-        # layer and call, so each read costs host time on every compiled step (~280 layers).  A
-        # value-table layer reads only its codes and its table.
         dtype = dtype or self._dtype
         lut = self._lut
         if lut is not None and dtype in _FAST_DTYPES:  # CUDA: one Triton launch, no validation
@@ -206,7 +219,7 @@ class QuantLinear(QuantModule):
                    breakpoint=qt.breakpoint, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(), self.bias)
+        return F.linear(x, self._forward_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
@@ -250,7 +263,7 @@ class QuantConv2d(QuantModule):
                    breakpoint=qt.breakpoint, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight()
+        w = self._forward_weight()
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
