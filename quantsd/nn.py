@@ -6,7 +6,11 @@ float16/float32 dtype) stay resident as buffers on the layer's device; the dense
 rebuilt inside ``forward`` by :func:`dequantize_weight` and dropped afterwards.  On CUDA the
 rebuild is one Triton kernel launch per layer (``quantsd.kernels``: unpack + decode + cast in
 one pass, bit-identical to the pure-torch decode, a custom op under torch.compile); the
-pure-torch decode below is the reference and the CPU path.
+pure-torch decode below is the reference and the CPU path.  Where the kernel runs, each layer
+also holds ``_lut`` (a non-persistent buffer, so CUDA graphs see a static input): its own value
+table (2^bits float32, the reference decode of every code) for per-tensor parameters, else the
+level table shared by every layer of that bit width and method.  It is rebuilt when the layer
+moves to another device or loads new parameters (``load_state_dict``), never saved.
 
 The decode is exactly the quantizer's (``quantsd.quant``): a weight rebuilt here equals the
 simulated ``quantize_tensor(...).dequantize()`` bit for bit.

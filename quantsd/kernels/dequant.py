@@ -3,7 +3,16 @@
 One launch rebuilds one dense weight from its packed LSB-first bitstream (docs/FORMAT.md)
 and its stored scale / breakpoint, writing the compute dtype directly.  The output equals
 the pure-torch reference (:func:`quantsd.nn.dequantize_weight` on the same device), bit for
-bit, because it performs the same float32 operations in the same order:
+bit, in one of two ways.
+
+**Per-tensor parameters (value table).**  When one scale (and breakpoint) covers the whole
+weight, a weight is a function of its code alone.  :func:`value_table` evaluates the reference
+decode on every code (2^bits float32 values, 1 KiB at most, once per layer and device) and the
+kernel's decode is ``w = table[code]``: exact by construction, and the cheapest decode there is
+(one L1-resident gather; 282 SD1.5 layers in 1.12 ms on an H200 vs 1.41 ms arithmetically).
+
+**Per-channel / per-group parameters (arithmetic).**  The kernel performs the reference's float32
+operations in the same order:
 
 * the only division in the reference, ``code / L`` (then ``- 0.5`` for uniform levels), is
   not recomputed in the kernel: it is read from a small table (``level_table``) that is the
@@ -30,16 +39,18 @@ its byte: 8-bit codes are the bytes themselves, 4- and 2-bit codes are split out
 contiguous byte loads and interleaved back into weight order, and 3/5/6/7-bit codes read a
 second byte only when they straddle one (so nothing past the stream's last byte is ever
 read).  Neighbouring lanes read neighbouring bytes and write neighbouring outputs
-(vectorized stores).  The scale index is a constant for per-tensor scales and
-``e // group`` otherwise.  PWLQ reads one level-table entry per weight (center or tail).
-On an H200 the SD1.5 UNet's 282 layers dequantize in 1.41 ms at BLOCK=1024 / 4 warps (the
-earlier version, eight codes per lane through a 64-bit word: 1.50 ms); BENCHMARKS.md.
+(vectorized stores).  The scale index is ``e // group``.  PWLQ reads one level-table entry per
+weight (center or tail).  Launch shape BLOCK=1024 / 4 warps, tuned on an H200
+(bench/tune_dequant.py; BENCHMARKS.md).
 
 Entry points: :func:`dequantize` (launch, any device Triton runs on: CUDA, or the CPU under
 ``TRITON_INTERPRET=1``), :func:`prepare` (per-layer launch constants, computed once), and
 the custom op ``torch.ops.quantsd.dequantize`` (opaque to torch.compile, with a fake impl, so
 compiled graphs keep the quantized layers without graph breaks and CUDA graphs can capture
-the launch).
+the launch).  The op's only constant argument is :func:`plan_key`, one string per layer:
+torch.compile re-checks every constant a layer reads on every call (Dynamo guards), and with ~280
+layers per UNet step that host time is what separated a compiled packed step from a dense one
+(3.3 ms of guard checks per call before, 1.9 ms after; BENCHMARKS.md).
 """
 
 from __future__ import annotations
