@@ -1,0 +1,91 @@
+"""The lean VAE decode: same bits as diffusers' decode, fewer live activation bytes."""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from quantsd.lean_vae import lean_vae_decode, undo_lean_vae_decode
+from quantsd.models import load_pipeline
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage created inside the mode and still alive (CPU stand-in for
+    torch.cuda.max_memory_allocated, activations only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = st.data_ptr() or id(st)
+                if key in self._seen:
+                    continue
+                self._seen.add(key)
+                self.live += st.nbytes()
+                weakref.finalize(st, self._free, st.nbytes(), key)
+                self.peak = max(self.peak, self.live)
+        return out
+
+    def _free(self, n: int, key: int) -> None:
+        self.live -= n
+        self._seen.discard(key)
+
+
+def _decode(vae, z):
+    with torch.inference_mode(), _LiveBytes() as mem:
+        out = vae.decode(z, return_dict=False)[0]
+    return out, mem.peak
+
+
+def test_lean_decode_is_bit_identical_and_lighter():
+    vae = load_pipeline("tiny").vae.eval()
+    z = torch.randn(1, vae.config.latent_channels, 32, 32, generator=torch.Generator().manual_seed(0))
+    ref, peak_ref = _decode(vae, z)
+    n = lean_vae_decode(vae)
+    assert n == sum(1 for m in vae.decoder.modules() if type(m).__name__ == "ResnetBlock2D")
+    assert n > 0
+    z_before = z.clone()
+    got, peak_lean = _decode(vae, z)
+    assert torch.equal(got, ref)
+    assert torch.equal(z, z_before)          # the caller's latents are never overwritten
+    assert peak_lean < peak_ref
+    assert undo_lean_vae_decode(vae) == n
+    again, peak_again = _decode(vae, z)
+    assert torch.equal(again, ref) and peak_again == peak_ref
+
+
+def test_lean_block_keeps_its_input_and_training_uses_diffusers_forward():
+    vae = load_pipeline("tiny").vae
+    lean_vae_decode(vae)
+    block = next(m for m in vae.decoder.modules() if type(m).__name__ == "ResnetBlock2D")
+    x = torch.randn(1, block.in_channels, 8, 8, generator=torch.Generator().manual_seed(1))
+    x0 = x.clone()
+    block.eval()
+    with torch.no_grad():
+        y = block(x, None)
+    assert torch.equal(x, x0)
+    block.train()
+    with torch.no_grad():
+        y_train = type(block).forward(block, x, None)
+        y_lean_path = block(x, None)        # training mode: falls back to diffusers' forward
+    assert torch.equal(y_lean_path, y_train) and torch.equal(y, y_train)
+
+
+def test_generate_with_lean_vae_gives_the_same_image():
+    import numpy as np
+
+    from quantsd.generate import generate
+
+    kw = dict(seed=3, steps=2, guidance=5.0, height=64, width=64, device="cpu")
+    a, _ = generate("tiny", "a red circle", **kw)
+    b, _ = generate("tiny", "a red circle", lean_vae=True, **kw)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
