@@ -529,7 +529,7 @@ def _refuse_save(self, *args, **kwargs):
 
 def _assemble_model(model: str, skeleton: nn.Module, tensors: dict[str, torch.Tensor], qlayers: dict[str, _QLayer],
                     dense_keys: list[str], dtype: torch.dtype | None, weights: str, dense_default: str) -> nn.Module:
-    from .nn import QuantConv2d, QuantLinear
+    from .nn import QuantConv2d, QuantEmbedding, QuantLinear
     from .quant import QTensor, QuantError
 
     sd: dict[str, torch.Tensor] = {}
@@ -562,6 +562,13 @@ def _assemble_model(model: str, skeleton: nn.Module, tensors: dict[str, torch.Te
                                   padding_mode=c.padding_mode, **kw)
             _set_module(skeleton, key, new)
             continue
+        if weights == "packed" and isinstance(q.module, nn.Embedding) and q.module.max_norm is None:
+            e = q.module
+            new = QuantEmbedding(e.num_embeddings, e.embedding_dim, padding_idx=e.padding_idx, bits=lm["bits"],
+                                 method=lm["method"], granularity=lm["granularity"], packed=packed, scale=scale,
+                                 breakpoint=bp, dtype=wdtype)
+            _set_module(skeleton, key, new)
+            continue
         try:
             qt = QTensor.from_packed(packed, q.shape, lm["bits"], lm["method"], lm["granularity"], scale, bp,
                                      dtype=wdtype)
@@ -589,7 +596,7 @@ def load_checkpoint(
     """Load a quantsd packed checkpoint as a diffusers ``StableDiffusionPipeline``.
 
     ``weights``: ``"packed"`` (QuantLinear/QuantConv2d keep the codes resident and dequantize
-    in forward; embeddings are dequantized once at load) or ``"dequantize"`` (dense weights
+    in forward; QuantEmbedding decodes only the looked-up rows) or ``"dequantize"`` (dense weights
     built once).  Default: packed on CUDA, dequantize elsewhere.  ``dtype``: the pipeline's
     floating dtype (default: the checkpoint's dense dtype).  ``verify`` checks every file's
     sha256 against the manifest.  Everything is validated before any tensor is read; every

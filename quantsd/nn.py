@@ -18,8 +18,8 @@ simulated ``quantize_tensor(...).dequantize()`` bit for bit.
 ``module.to(dtype)`` / ``.half()`` change the compute dtype (and the bias) but never the
 stored parameters: scales/breakpoints keep their stored dtype, so casting a packed pipeline
 cannot change which weights it computes with beyond the final rounding to the compute dtype.
-Embeddings are not packed at run time: the loader dequantizes them once (a table lookup on a
-packed table would need a gather-then-decode kernel; see docs/FORMAT.md).
+QuantEmbedding keeps an embedding table packed too and decodes only the rows a forward looks up
+(gather the rows' codes, then the same elementwise decode: exact).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .quant.granularity import grouped_view, param_shape
 from .quant.packing import unpack_bits
 from .quant.quantizers import PWLQ_METHODS, decode
 
-__all__ = ["dequantize_weight", "QuantLinear", "QuantConv2d", "QuantModule", "packed_modules"]
+__all__ = ["dequantize_weight", "QuantLinear", "QuantConv2d", "QuantEmbedding", "QuantModule", "packed_modules"]
 
 
 def dequantize_weight(
@@ -276,6 +276,62 @@ class QuantConv2d(QuantModule):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}, " + self._quant_repr())
+
+
+class QuantEmbedding(QuantModule):
+    """``nn.Embedding`` with a packed table: forward gathers the codes of the looked-up rows and
+    decodes only those (77 rows of a 49,408-row CLIP vocabulary), so the table stays packed on
+    the GPU (8-bit: half the fp16 bytes).
+
+    Exact: the decode is elementwise, so decoding gathered codes with their rows' parameters gives
+    the very values the full decode (:func:`dequantize_weight`) has at those rows.  Rows must start
+    on a byte boundary (``embedding_dim * bits % 8 == 0``, true for every SD text encoder); other
+    shapes decode the whole table per call.  ``max_norm`` is not supported (SD does not use it).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, padding_idx: int | None = None, bits: int,
+                 method: str, granularity: str, packed: torch.Tensor, scale: torch.Tensor,
+                 breakpoint: torch.Tensor | None = None, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.num_embeddings = int(num_embeddings)
+        self.embedding_dim = int(embedding_dim)
+        self.padding_idx = padding_idx
+        self._init_quant((self.num_embeddings, self.embedding_dim), bits, method, granularity, packed, scale,
+                         breakpoint, dtype, device)
+        self._row_bytes = self.embedding_dim * self.bits // 8 if (self.embedding_dim * self.bits) % 8 == 0 else None
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, qt, device=None) -> "QuantEmbedding":
+        if emb.max_norm is not None:
+            raise ValueError("QuantEmbedding does not support max_norm (it would rescale the stored table)")
+        return cls(emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx, bits=qt.bits,
+                   method=qt.method, granularity=qt.granularity, packed=qt.pack(), scale=qt.scale,
+                   breakpoint=qt.breakpoint, dtype=emb.weight.dtype, device=device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._row_bytes is None:
+            return F.embedding(ids, self.dequantized_weight(), self.padding_idx)
+        flat = ids.reshape(-1)
+        n, dim = flat.numel(), self.embedding_dim
+        rows = self.weight_packed.view(self.num_embeddings, self._row_bytes).index_select(0, flat)
+        codes = unpack_bits(rows.reshape(-1), self.bits, n * dim)
+        pshape = param_shape(self.weight_shape, self.granularity)
+        if not pshape:                     # tensor: one scale for every row
+            cv, idx = codes, None
+        elif len(pshape) == 1:             # channel: one scale per row
+            cv, idx = codes.view(n, dim), flat
+        else:                              # group:G: pshape[1] scales per row
+            cv, idx = codes.view(n * pshape[1], -1), flat
+        def rows_of(t):
+            if t is None:
+                return None
+            t = t.float()
+            return t if idx is None else t.index_select(0, idx).reshape(-1)
+        w = decode(cv, self.method, self.bits, rows_of(self.weight_scale), rows_of(self.weight_breakpoint))
+        return w.reshape(*ids.shape, dim).to(self._dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, " + self._quant_repr()
 
 
 def packed_modules(module: nn.Module):

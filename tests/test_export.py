@@ -64,19 +64,23 @@ def test_every_method_bits_granularity_reloads_bit_exact(combos_ckpt):
 
 
 def test_packed_layers_dequantize_to_the_simulation(combos_ckpt):
-    from quantsd.nn import QuantModule
+    from quantsd.nn import QuantEmbedding, QuantModule
 
     out, _, sim, plan, _ = combos_ckpt
     packed = load_checkpoint(out, dtype=torch.float32, weights="packed")
-    n = 0
+    n = n_emb = 0
     for lp in plan.layers:
         mod = get_module(packed, lp.path)
         want = get_module(sim, lp.path).weight
-        if isinstance(mod, QuantModule):
-            n += 1
-            assert mod.weight_packed.numel() == math.ceil(lp.bits * want.numel() / 8)
-        assert torch.equal(mod.weight, want), lp.path  # embeddings: dequantized at load
-    assert n == len(plan.layers) - 2  # all but the two embeddings stay packed
+        assert isinstance(mod, QuantModule), lp.path  # every quantized layer stays packed, embeddings too
+        n += 1
+        assert mod.weight_packed.numel() == math.ceil(lp.bits * want.numel() / 8)
+        assert torch.equal(mod.weight, want), lp.path
+        if isinstance(mod, QuantEmbedding):  # a lookup decodes just the rows, to the same values
+            n_emb += 1
+            ids = torch.tensor([[0, 5, want.shape[0] - 1], [5, 5, 1]])
+            assert torch.equal(mod(ids), torch.nn.functional.embedding(ids, want)), lp.path
+    assert n == len(plan.layers) and n_emb == 2
 
 
 def test_float32_scales_other_seed_and_group_size(tmp_path):

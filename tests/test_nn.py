@@ -49,3 +49,41 @@ def test_quant_conv_forward(kw):
         ref.bias.copy_(conv.bias)
     x = torch.randn(2, 8, 9, 9)
     assert torch.equal(q(x), ref(x))
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("method", ["uniform", "stochastic", "pwlq", "pwlq-stochastic"])
+def test_quant_embedding_lookup_equals_full_decode(bits, method):
+    """Decoding only the looked-up rows gives exactly the full table's rows, for every
+    granularity, including repeated ids, the last row and a 3-d id tensor."""
+    from quantsd.nn import QuantEmbedding
+
+    emb = nn.Embedding(50, 24, padding_idx=0)
+    ids = torch.tensor([[[0, 3, 49, 3], [7, 7, 1, 0]]])
+    for gran in ("tensor", "channel", "group:8", "group:3"):
+        qt = quantize_tensor(emb.weight.detach(), bits, method, gran, seed=bits)
+        q = QuantEmbedding.from_embedding(emb, qt)
+        assert q.padding_idx == 0 and q._row_bytes == 24 * bits // 8
+        want = qt.dequantize()
+        out = q(ids)
+        assert out.shape == (1, 2, 4, 24) and torch.equal(out, F.embedding(ids, want)), gran
+        assert torch.equal(q.weight, want)
+
+
+def test_quant_embedding_unaligned_rows_dtype_and_size():
+    from quantsd.nn import QuantEmbedding
+
+    emb = nn.Embedding(11, 5)   # 5 x 3 bits = 15 bits a row: rows are not byte-aligned
+    qt = quantize_tensor(emb.weight.detach(), 3, "pwlq", "channel", seed=0)
+    q = QuantEmbedding.from_embedding(emb, qt)
+    assert q._row_bytes is None
+    ids = torch.tensor([10, 0, 4])
+    assert torch.equal(q(ids), F.embedding(ids, qt.dequantize()))
+    q.half()  # compute dtype follows, stored parameters do not
+    assert q(ids).dtype == torch.float16 and q.weight_scale.dtype == qt.scale.dtype
+    assert torch.equal(q(ids), F.embedding(ids, qt.dequantize()).half())
+    big = nn.Embedding(1000, 64)
+    qb = QuantEmbedding.from_embedding(big, quantize_tensor(big.weight.detach(), 8, "uniform", "tensor"))
+    assert qb.nbytes_packed < big.weight.numel() * 2 // 2 + 64   # 8-bit codes: half of fp16
+    with pytest.raises(ValueError, match="max_norm"):
+        QuantEmbedding.from_embedding(nn.Embedding(4, 8, max_norm=1.0), qt)

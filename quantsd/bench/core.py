@@ -127,13 +127,13 @@ def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
 def to_packed(pipe, recipe, dtype: torch.dtype = torch.float16):
     """Quantize ``pipe`` in memory with ``recipe`` and swap every planned Linear/Conv2d for a
     QuantLinear/QuantConv2d holding the packed codes (no disk round trip); embeddings are
-    replaced by their dequantized weight, as the checkpoint loader does.  The codes, scales and
+    replaced by QuantEmbedding (only looked-up rows decoded), as the checkpoint loader does.  The codes, scales and
     breakpoints are exactly what ``quantsd.export`` would write (same quantize_layer_weight).
     Returns (pipe, plan)."""
     from torch import nn
 
     from ..blocks import get_module
-    from ..nn import QuantConv2d, QuantLinear
+    from ..nn import QuantConv2d, QuantEmbedding, QuantLinear
     from ..recipe import quantize_layer_weight, resolve_recipe
 
     plan = resolve_recipe(pipe, recipe, warn=False)
@@ -144,7 +144,9 @@ def to_packed(pipe, recipe, dtype: torch.dtype = torch.float16):
             new = QuantLinear.from_linear(mod, qt)
         elif isinstance(mod, nn.Conv2d):
             new = QuantConv2d.from_conv(mod, qt)
-        else:  # embeddings: dense dequantized weight
+        elif isinstance(mod, nn.Embedding) and mod.max_norm is None:
+            new = QuantEmbedding.from_embedding(mod, qt)
+        else:  # any other embedding: dense dequantized weight
             with torch.no_grad():
                 mod.weight.copy_(qt.dequantize().to(mod.weight.dtype))
             continue
