@@ -97,9 +97,11 @@ def test_cli_generate_options(tmp_path):
     r = CliRunner().invoke(main, ["generate", "-m", "tiny", "-p", "a square", "--steps", "3", "--height", "32",
                                   "--width", "32", "--device", "cpu", "--scheduler", "dpm", "--cfg-cutoff", "0.5",
                                   "--attention", "classic", "--attention-slicing", "--vae-tiling", "--vae-slicing",
-                                  "--channels-last", "-o", str(out), "--format", "json"])
+                                  "--channels-last", "--lean-vae", "--no-vae-encoder", "-o", str(out),
+                                  "--format", "json"])
     assert r.exit_code == 0, r.output
     assert out.is_file() and '"cfg_cutoff": 0.5' in r.output
     r = CliRunner().invoke(main, ["generate", "--help"])
-    for flag in ("--compile", "--offload", "--tiny-vae", "--cfg-cutoff", "--scheduler"):
+    for flag in ("--compile", "--offload", "--tiny-vae", "--cfg-cutoff", "--scheduler", "--lean-vae",
+                 "--no-vae-encoder"):
         assert flag in r.output

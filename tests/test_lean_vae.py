@@ -89,3 +89,24 @@ def test_generate_with_lean_vae_gives_the_same_image():
     a, _ = generate("tiny", "a red circle", **kw)
     b, _ = generate("tiny", "a red circle", lean_vae=True, **kw)
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_drop_vae_encoder_frees_it_and_keeps_text_to_image():
+    import numpy as np
+    import pytest
+
+    from quantsd.generate import generate
+    from quantsd.lean_vae import drop_vae_encoder
+
+    pipe = load_pipeline("tiny")
+    enc_bytes = sum(p.numel() * p.element_size() for p in pipe.vae.encoder.parameters())
+    before = sum(p.numel() * p.element_size() for p in pipe.vae.parameters())
+    assert drop_vae_encoder(pipe.vae) == enc_bytes > 0
+    assert sum(p.numel() * p.element_size() for p in pipe.vae.parameters()) == before - enc_bytes
+    assert drop_vae_encoder(pipe.vae) == 0          # idempotent
+    with pytest.raises(RuntimeError, match="encoder was dropped"):
+        pipe.vae.encode(torch.zeros(1, 3, 32, 32))
+    kw = dict(seed=5, steps=2, guidance=5.0, height=64, width=64, device="cpu")
+    a, _ = generate("tiny", "a blue square", **kw)
+    b, _ = generate("tiny", "a blue square", drop_vae_encoder=True, lean_vae=True, **kw)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
