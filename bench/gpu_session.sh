@@ -4,7 +4,8 @@
 #   2. bench/profile_packed.py (PROFILE=0 skips; COMPARE_KERNEL=path times another kernel module too)
 #   3. scripts/recipe_error.py on sd15-arch for $RECIPES (space-separated; none by default)
 #   4. quantsd bench on sd15-arch with recipes/paper-final.yaml (+ baselines), --compile, caps $CAPS (8,4 GiB),
-#      s/image also with $SCHEDULERS (default dpm; empty for none)
+#      s/image also with $SCHEDULERS (default dpm; empty for none); LEAN=1 adds --lean (lean VAE decode,
+#      VAE encoder dropped, every configuration)
 # Everything lands under $OUT (6 files, 2 levels): env.txt, pytest_gpu.txt, bench.log,
 # bench/results.json, bench/report.md, bench/time_vs_pixels.png.  A compact summary goes to stdout.
 # Each step is time-boxed; the bench records OOMs/errors per configuration and rewrites its
@@ -61,6 +62,7 @@ log "quantsd bench (time budget ${LEFT}s)"
 timeout -k 15 $(( LEFT + 20 )) $PY -c "from quantsd.cli import main; main()" bench -m sd15-arch \
     --recipe recipes/paper-final.yaml --steps 50 --guidance 7.5 --height 512 --width 512 --compile \
     --max-res-cap-gb "${CAPS:-8,4}" --max-res-cfg sequential,batch2 --schedulers "${SCHEDULERS-dpm}" \
+    $([ "${LEAN:-0}" = 1 ] && echo --lean) \
     --time-budget "$LEFT" -o "$OUT/bench" \
     > "$OUT/bench.log" 2>&1
 echo "bench exit=$?" >> "$OUT/bench.log"

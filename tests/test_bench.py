@@ -106,6 +106,13 @@ def test_reports_written(tmp_path):
     assert not list((tmp_path / "out").glob(".*.tmp"))
 
 
+def test_markdown_names_lean_runs():
+    res = _fake_results()
+    assert "lean VAE decode" not in markdown_report(res)
+    res["meta"]["lean"] = True
+    assert "lean VAE decode, VAE encoder dropped" in markdown_report(res)
+
+
 def test_markdown_partial_results():
     md = markdown_report({"meta": {"model": "m"}, "configs": [{"name": "fp16-sdpa", "build": {"error": "OOM"}}]})
     assert "(cut short)" in md and "build: OOM" in md

@@ -358,12 +358,23 @@ class Bench:
     time_budget_s: float | None = None
     image_repeats: int = 2
     schedulers: tuple[str, ...] = ()   # extra s/image rows with these samplers ("dpm", ...), same steps
+    lean: bool = False                 # every configuration: lean VAE decode + VAE encoder dropped
     configs: list[BenchConfig] | None = None
     log: Callable[[str], None] = print
     results: dict = field(default_factory=dict)
 
     def _save(self) -> None:
         write_reports(self.results, self.out_dir)
+
+    def _build(self, cfg: BenchConfig, dev, recipe):
+        pipe = build_pipeline(self.model, cfg, dev, recipe, self.checkpoint)
+        if self.lean:
+            from ..lean_vae import drop_vae_encoder, lean_vae_decode
+
+            lean_vae_decode(pipe.vae)
+            drop_vae_encoder(pipe.vae)
+            torch.cuda.empty_cache()
+        return pipe
 
     def _image_with_scheduler(self, pipe, name: str) -> dict:
         from ..generate import _set_scheduler
@@ -415,7 +426,7 @@ class Bench:
         self.results = {
             "meta": {"model": self.model, "recipe": getattr(recipe, "name", None), "checkpoint": self.checkpoint,
                      "steps": self.steps, "guidance": self.guidance, "height": self.height, "width": self.width,
-                     "batch": 1, "compile": self.compile, "caps_gb": list(self.caps_gb),
+                     "batch": 1, "compile": self.compile, "caps_gb": list(self.caps_gb), "lean": self.lean,
                      "gpu": props.name, "gpu_memory_bytes": props.total_memory, "torch": torch.__version__,
                      "triton": triton.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
             "configs": [],
@@ -443,7 +454,7 @@ class Bench:
 
             def _build():
                 t0 = time.monotonic()
-                holder["pipe"] = build_pipeline(self.model, cfg, dev, recipe, self.checkpoint)
+                holder["pipe"] = self._build(cfg, dev, recipe)
                 return {"ok": True, "seconds": round(time.monotonic() - t0, 1)}
 
             self._step(entry, "build", _build)
@@ -498,7 +509,7 @@ class Bench:
                 if self._deadline is not None and time.monotonic() > self._deadline:
                     break
                 try:
-                    pipe = build_pipeline(self.model, cfg, dev, recipe, self.checkpoint)
+                    pipe = self._build(cfg, dev, recipe)
                 except Exception as e:
                     entry[f"max_res_{mode}"] = {"error": f"build: {type(e).__name__}: {e}"}
                     continue
@@ -569,7 +580,8 @@ def markdown_report(results: dict) -> str:
              "",
              f"{meta.get('gpu')} · torch {meta.get('torch')} · triton {meta.get('triton')} · diffusers "
              f"{meta.get('diffusers')} · {meta.get('height')}x{meta.get('width')}, {meta.get('steps')} steps, "
-             f"CFG {meta.get('guidance')}, batch 1 · started {meta.get('started')}, finished {meta.get('finished', '(cut short)')}",
+             f"CFG {meta.get('guidance')}, batch 1{' · lean VAE decode, VAE encoder dropped' if meta.get('lean') else ''}"
+             f" · started {meta.get('started')}, finished {meta.get('finished', '(cut short)')}",
              ""]
     rows = summary_rows(results)
     caps = sorted({k for r in rows for k in r if k.startswith("max_res_")})

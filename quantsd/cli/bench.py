@@ -34,9 +34,11 @@ def _caps(ctx, param, value):
 @click.option("--image-repeats", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--schedulers", default="", show_default=False,
               help="Also time s/image with these samplers (comma-separated: dpm, ddim, euler, pndm), same steps.")
+@click.option("--lean", is_flag=True,
+              help="Every configuration with the lean VAE decode and without the VAE encoder (text-to-image memory).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile_, caps, max_res_cfg, time_budget,
-              image_repeats, schedulers, out) -> None:
+              image_repeats, schedulers, lean, out) -> None:
     """Speed, memory and max resolution of MODEL (fp32 classic-attention and fp16 SDPA baselines
     always; the quantized model with --recipe or a packed CHECKPOINT) on CUDA. Writes
     results.json, report.md and time_vs_pixels.png to the output directory."""
@@ -61,7 +63,7 @@ def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile
         raise click.ClickException("quantsd bench measures CUDA speed and memory: no CUDA device here")
     b = Bench(model=model, recipe=recipe, checkpoint=checkpoint, steps=steps, guidance=guidance, height=height,
               width=width, compile=compile_, caps_gb=caps, max_res_modes=modes, out_dir=out,
-              time_budget_s=time_budget, image_repeats=image_repeats, schedulers=scheds,
+              time_budget_s=time_budget, image_repeats=image_repeats, schedulers=scheds, lean=lean,
               log=lambda s: click.echo(s, err=True))
     results = b.run()
     click.echo(markdown_report(results))
