@@ -39,6 +39,8 @@ def _lean_resnet_forward(self, input_tensor: torch.Tensor, temb=None, *args, **k
     h = self.dropout(h)
     h = self.conv2(h)                     # fresh
     x = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+    if x.dtype != h.dtype:  # mixed dtypes (autocast): diffusers' promotion, out of place
+        return (x + h) / self.output_scale_factor
     return h.add_(x).div_(self.output_scale_factor)   # == (x + h) / scale, bit for bit
 
 
@@ -46,7 +48,9 @@ def _eligible(block: nn.Module) -> bool:
     return (type(block).__name__ == "ResnetBlock2D" and getattr(block, "time_emb_proj", 1) is None
             and block.upsample is None and block.downsample is None
             and getattr(block, "time_embedding_norm", "default") in ("default", "group")
-            and isinstance(block.nonlinearity, nn.SiLU))
+            and isinstance(block.nonlinearity, nn.SiLU)
+            # the norms must return fresh tensors (SiLU runs in place on their output)
+            and isinstance(block.norm1, nn.GroupNorm) and isinstance(block.norm2, nn.GroupNorm))
 
 
 def lean_vae_decode(vae: nn.Module) -> int:

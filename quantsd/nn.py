@@ -77,6 +77,14 @@ def dequantize_weight(
 _FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _version_of(t: torch.Tensor) -> int:
+    """In-place version counter of ``t`` (-1 for inference-mode tensors, which have none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 def _triton_ok(device: torch.device, dtype: torch.dtype) -> bool:
     from .kernels.dequant import SUPPORTED_DTYPES, available
 
@@ -119,6 +127,7 @@ class QuantModule(nn.Module):
         own value table (every code's decoded weight) for per-tensor parameters, else the level
         table shared by all layers of this bit width and method."""
         self._lut = None
+        self._table_source = None
         dev = self.weight_packed.device
         if self._plan is not None and dev.type != "meta":
             from .kernels.dequant import available, level_table, value_table
@@ -127,8 +136,22 @@ class QuantModule(nn.Module):
                 return
             if self._plan.table:
                 self._lut = value_table(self.bits, self.method, self.weight_scale, self.weight_breakpoint)
+                self._table_source = self._params_signature()
             else:
                 self._lut = level_table(self.bits, self.method, dev)
+
+    def _params_signature(self) -> tuple:
+        """Which scale/breakpoint tensors (and which in-place versions of them) a value table was
+        built from: a table whose source changed (in-place edit, reassignment, functional_call)
+        is rebuilt before use in eager mode."""
+        s, b = self.weight_scale, self.weight_breakpoint
+        return (id(s), _version_of(s), None if b is None else (id(b), _version_of(b)))
+
+    def refresh_tables(self) -> None:
+        """Rebuild the kernel's table from the current scale/breakpoint.  Eager forwards do this
+        by themselves when the parameters changed; inside torch.compile, call it after editing
+        them (compiled graphs do not re-check)."""
+        self._refresh_lut()
 
     def _load_from_state_dict(self, *args, **kwargs):
         # new scales/breakpoints: the value table derived from them must follow
@@ -167,6 +190,9 @@ class QuantModule(nn.Module):
         lut = self._lut
         if lut is not None and self._kernel_dtype_ok:  # CUDA: one Triton launch, no validation
             if self._table:
+                if not torch.compiler.is_compiling() and self._table_source != self._params_signature():
+                    self._refresh_lut()
+                    lut = self._lut
                 return op_call(self._plan, self._plan_key, self.weight_packed, lut, None, lut, self._dtype)
             return op_call(self._plan, self._plan_key, self.weight_packed, self.weight_scale, self.weight_breakpoint,
                            lut, self._dtype)
@@ -177,6 +203,9 @@ class QuantModule(nn.Module):
         lut = self._lut
         if lut is not None and dtype in _FAST_DTYPES:  # CUDA: one Triton launch, no validation
             if self._table:
+                if not torch.compiler.is_compiling() and self._table_source != self._params_signature():
+                    self._refresh_lut()
+                    lut = self._lut
                 return op_call(self._plan, self._plan_key, self.weight_packed, lut, None, lut, dtype)
             return op_call(self._plan, self._plan_key, self.weight_packed, self.weight_scale, self.weight_breakpoint,
                            lut, dtype)
@@ -321,7 +350,7 @@ class QuantEmbedding(QuantModule):
         elif len(pshape) == 1:             # channel: one scale per row
             cv, idx = codes.view(n, dim), flat
         else:                              # group:G: pshape[1] scales per row
-            cv, idx = codes.view(n * pshape[1], -1), flat
+            cv, idx = codes.view(n * pshape[1], dim // pshape[1]), flat
         def rows_of(t):
             if t is None:
                 return None

@@ -277,6 +277,9 @@ def test_prepare_group_modes():
     assert (p.gmode, p.group, p.nbytes, p.wide) == (1, 9, 45, False)
     p = prepare((5, 9), 3, "uniform", "group:3")
     assert (p.gmode, p.group, p.nbytes) == (1, 3, 17)
+    assert prepare((320, 320, 3, 3), 4, "pwlq", "tensor").table
+    assert not prepare((320, 2880), 4, "pwlq", "channel").table
+    assert not prepare((0, 5), 4, "pwlq", "tensor").table     # nothing to decode: no value table
     # 64-bit index math only once the bitstream nears 2^31 bits (not for any SD layer)
     assert not prepare((1280, 1280, 3, 3), 8, "pwlq", "tensor").wide
     assert prepare((2 ** 28 + 1,), 8, "uniform", "tensor").wide
@@ -469,6 +472,21 @@ _INTERP_COMPILE_SCRIPT = textwrap.dedent("""
     lin.load_state_dict({"weight_packed": qt.pack(), "weight_scale": qt.scale, "weight_breakpoint": qt.breakpoint,
                          "bias": lin.bias.detach().clone()})
     assert torch.equal(T._bits(lin.weight), T._bits(qt.dequantize().to(torch.float16)))
+    # ... and any other change of the parameters: in place, reassigned (eager forwards re-check)
+    from quantsd.nn import dequantize_weight
+    def ref():
+        return dequantize_weight(lin.weight_packed, lin.weight_shape, 4, "pwlq", "tensor", lin.weight_scale,
+                                 lin.weight_breakpoint, torch.float16, backend="torch")
+    with torch.no_grad():
+        lin.weight_scale.mul_(2)
+    assert torch.equal(T._bits(lin.weight), T._bits(ref()))
+    x5 = torch.randn(3, 96, dtype=torch.float16)
+    assert torch.equal(lin(x5), torch.nn.functional.linear(x5, ref(), lin.bias))
+    lin.weight_breakpoint = lin.weight_breakpoint * 0.5
+    assert torch.equal(T._bits(lin.weight), T._bits(ref()))
+    with torch.inference_mode():  # inference tensors have no version counter: still works
+        lin.weight_scale = lin.weight_scale * 0.25
+        assert torch.equal(T._bits(lin.weight), T._bits(ref()))
     print("COMPILE OK")
 """)
 

@@ -110,3 +110,23 @@ def test_drop_vae_encoder_frees_it_and_keeps_text_to_image():
     a, _ = generate("tiny", "a blue square", **kw)
     b, _ = generate("tiny", "a blue square", drop_vae_encoder=True, lean_vae=True, **kw)
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_lean_block_mixed_dtypes_and_non_groupnorm_blocks():
+    """Under autocast the shortcut (fp32) and conv2's output (bf16) differ in dtype: the lean block
+    then promotes exactly like diffusers; blocks whose norms are not GroupNorm are left alone."""
+    from torch import nn
+
+    vae = load_pipeline("tiny").vae.eval()
+    lean_vae_decode(vae)
+    block = next(m for m in vae.decoder.modules() if type(m).__name__ == "ResnetBlock2D")
+    x = torch.randn(1, block.in_channels, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = type(block).forward(block, x, None)
+        got = block(x, None)
+    assert got.dtype == want.dtype and torch.equal(got, want)
+    other = load_pipeline("tiny").vae
+    blk = next(m for m in other.decoder.modules() if type(m).__name__ == "ResnetBlock2D")
+    blk.norm1 = nn.Identity()  # would hand its input to the in-place SiLU
+    n_all = sum(1 for m in other.decoder.modules() if type(m).__name__ == "ResnetBlock2D")
+    assert lean_vae_decode(other) == n_all - 1 and "forward" not in vars(blk)

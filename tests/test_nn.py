@@ -85,5 +85,10 @@ def test_quant_embedding_unaligned_rows_dtype_and_size():
     big = nn.Embedding(1000, 64)
     qb = QuantEmbedding.from_embedding(big, quantize_tensor(big.weight.detach(), 8, "uniform", "tensor"))
     assert qb.nbytes_packed < big.weight.numel() * 2 // 2 + 64   # 8-bit codes: half of fp16
+    for gran in ("tensor", "channel", "group:4"):   # no ids: an empty (..., 0, dim) result, like nn.Embedding
+        e = QuantEmbedding.from_embedding(big, quantize_tensor(big.weight.detach(), 4, "pwlq", gran))
+        for shape in ((0,), (2, 0)):
+            out = e(torch.zeros(shape, dtype=torch.long))
+            assert out.shape == (*shape, 64) and out.shape == big(torch.zeros(shape, dtype=torch.long)).shape
     with pytest.raises(ValueError, match="max_norm"):
         QuantEmbedding.from_embedding(nn.Embedding(4, 8, max_norm=1.0), qt)

@@ -262,7 +262,7 @@ def _plan(shape, bits: int, pwlq: bool, gmode: int, group: int) -> DequantPlan:
     """The plan with its derived fields (element count, packed bytes, index width, table decode)."""
     numel = math.prod(shape)
     return DequantPlan(tuple(shape), numel, packed_nbytes(bits, numel), bits, pwlq, gmode, group,
-                       numel * bits + 8 >= 2 ** 31, gmode == 0)
+                       numel * bits + 8 >= 2 ** 31, gmode == 0 and numel > 0)
 
 
 def value_table(bits: int, method: str, scale: torch.Tensor, breakpoint: Optional[torch.Tensor]) -> torch.Tensor:
