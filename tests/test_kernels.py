@@ -551,3 +551,17 @@ def test_compiled_packed_layer_adds_few_dynamo_guards():
     dense, packed = map(int, line.split()[1:])
     assert dense > 20  # the log was captured
     assert (packed - dense) / 4 <= 20, (dense, packed)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("gran", ["tensor", "channel", "group:64"])
+def test_quant_embedding_on_cuda_equals_full_decode(gran):
+    from quantsd.nn import QuantEmbedding
+
+    emb = nn.Embedding(4096, 768)
+    q = QuantEmbedding.from_embedding(emb, quantize_tensor(emb.weight.detach().cuda(), 8, "pwlq", gran)).half()
+    ids = torch.randint(0, 4096, (2, 77), device="cuda")
+    full = dequantize_weight(q.weight_packed, q.weight_shape, 8, "pwlq", gran, q.weight_scale, q.weight_breakpoint,
+                             torch.float16, backend="torch")
+    assert torch.equal(_bits(q(ids)), _bits(F.embedding(ids, full)))
