@@ -91,6 +91,18 @@ def _triton_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype in SUPPORTED_DTYPES and available(device)
 
 
+def _kernel_weight(layer: "QuantModule", lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A packed layer's dense weight by one Triton launch (CUDA, or the interpreter), no validation.
+    A module-level function, not a method: torch.compile then guards it once, not once per layer."""
+    if layer._table:
+        if not torch.compiler.is_compiling() and layer._table_source != layer._params_signature():
+            layer._refresh_lut()
+            lut = layer._lut
+        return op_call(layer._plan, layer._plan_key, layer.weight_packed, lut, None, lut, dtype)
+    return op_call(layer._plan, layer._plan_key, layer.weight_packed, layer.weight_scale, layer.weight_breakpoint,
+                   lut, dtype)
+
+
 class QuantModule(nn.Module):
     """Shared buffers and bookkeeping of the packed layers."""
 
@@ -186,29 +198,18 @@ class QuantModule(nn.Module):
 
         Kept lean on purpose: torch.compile guards every attribute and tensor this reads, once per
         layer on every compiled call (~280 layers in SD1.5), so each read costs host time per step.
-        A value-table layer reads its codes, its table and three constants."""
+        A value-table layer reads its codes, its table and three constants (``_table`` mirrors
+        ``_plan.table`` for that reason: reading the plan would guard its type and length too)."""
         lut = self._lut
-        if lut is not None and self._kernel_dtype_ok:  # CUDA: one Triton launch, no validation
-            if self._table:
-                if not torch.compiler.is_compiling() and self._table_source != self._params_signature():
-                    self._refresh_lut()
-                    lut = self._lut
-                return op_call(self._plan, self._plan_key, self.weight_packed, lut, None, lut, self._dtype)
-            return op_call(self._plan, self._plan_key, self.weight_packed, self.weight_scale, self.weight_breakpoint,
-                           lut, self._dtype)
+        if lut is not None and self._kernel_dtype_ok:
+            return _kernel_weight(self, lut, self._dtype)
         return self.dequantized_weight()
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self._dtype
         lut = self._lut
-        if lut is not None and dtype in _FAST_DTYPES:  # CUDA: one Triton launch, no validation
-            if self._table:
-                if not torch.compiler.is_compiling() and self._table_source != self._params_signature():
-                    self._refresh_lut()
-                    lut = self._lut
-                return op_call(self._plan, self._plan_key, self.weight_packed, lut, None, lut, dtype)
-            return op_call(self._plan, self._plan_key, self.weight_packed, self.weight_scale, self.weight_breakpoint,
-                           lut, dtype)
+        if lut is not None and dtype in _FAST_DTYPES:
+            return _kernel_weight(self, lut, dtype)
         return dequantize_weight(self.weight_packed, self.weight_shape, self.bits, self.method, self.granularity,
                                  self.weight_scale, self.weight_breakpoint, dtype, backend="torch")
 
@@ -328,6 +329,7 @@ class QuantEmbedding(QuantModule):
         self._init_quant((self.num_embeddings, self.embedding_dim), bits, method, granularity, packed, scale,
                          breakpoint, dtype, device)
         self._row_bytes = self.embedding_dim * self.bits // 8 if (self.embedding_dim * self.bits) % 8 == 0 else None
+        self._pshape = param_shape(self.weight_shape, self.granularity)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, qt, device=None) -> "QuantEmbedding":
@@ -344,19 +346,19 @@ class QuantEmbedding(QuantModule):
         n, dim = flat.numel(), self.embedding_dim
         rows = self.weight_packed.view(self.num_embeddings, self._row_bytes).index_select(0, flat)
         codes = unpack_bits(rows.reshape(-1), self.bits, n * dim)
-        pshape = param_shape(self.weight_shape, self.granularity)
-        if not pshape:                     # tensor: one scale for every row
-            cv, idx = codes, None
-        elif len(pshape) == 1:             # channel: one scale per row
-            cv, idx = codes.view(n, dim), flat
-        else:                              # group:G: pshape[1] scales per row
-            cv, idx = codes.view(n * pshape[1], dim // pshape[1]), flat
-        def rows_of(t):
-            if t is None:
-                return None
-            t = t.float()
-            return t if idx is None else t.index_select(0, idx).reshape(-1)
-        w = decode(cv, self.method, self.bits, rows_of(self.weight_scale), rows_of(self.weight_breakpoint))
+        # the reference's grouped view (quant.granularity), with the looked-up rows in place of all
+        # rows: (rows, parameters per row, group length), the parameters gathered to (rows, parameters
+        # per row); per-tensor parameters: one group, the parameters as they are.  Explicit sizes, so
+        # that no ids (n = 0) still make a valid view.
+        if self._pshape:
+            groups = self._pshape[1] if len(self._pshape) == 2 else 1
+            cv = codes.view(n, groups, dim // groups)
+            params = [None if t is None else t.float().index_select(0, flat).reshape(n, groups)
+                      for t in (self.weight_scale, self.weight_breakpoint)]
+        else:
+            cv = codes
+            params = [None if t is None else t.float() for t in (self.weight_scale, self.weight_breakpoint)]
+        w = decode(cv, self.method, self.bits, *params)
         return w.reshape(*ids.shape, dim).to(self._dtype)
 
     def extra_repr(self) -> str:
