@@ -136,39 +136,38 @@ if HAS_TRITON:
 
         if TABLE:
             w = tl.load(lut_ptr + code)
-        elif GMODE == 0:
-            m = tl.load(scale_ptr).to(tl.float32)
         else:
-            g = e // group
-            m = tl.load(scale_ptr + g, mask=emask, other=0.0).to(tl.float32)
-
-        if TABLE:
-            pass
-        elif PWLQ:
-            L1: tl.constexpr = (1 << (BITS - 1)) - 1
-            L2: tl.constexpr = (1 << (BITS - 2)) - 1
             if GMODE == 0:
-                p = tl.load(bp_ptr).to(tl.float32)
+                m = tl.load(scale_ptr).to(tl.float32)
             else:
-                p = tl.load(bp_ptr + g, mask=emask, other=0.0).to(tl.float32)
-            tail_region = ((code >> (BITS - 1)) & 1) != 0
-            # one table read per weight: the center's level (cc/L1 - 0.5) or the tail's (lvl/L2)
-            if L2 > 0:
-                t = tl.load(lut_ptr + tl.where(tail_region, 256 + (code & L2), code & L1))
+                g = e // group
+                m = tl.load(scale_ptr + g, mask=emask, other=0.0).to(tl.float32)
+
+            if PWLQ:
+                L1: tl.constexpr = (1 << (BITS - 1)) - 1
+                L2: tl.constexpr = (1 << (BITS - 2)) - 1
+                if GMODE == 0:
+                    p = tl.load(bp_ptr).to(tl.float32)
+                else:
+                    p = tl.load(bp_ptr + g, mask=emask, other=0.0).to(tl.float32)
+                tail_region = ((code >> (BITS - 1)) & 1) != 0
+                # one table read per weight: the center's level (cc/L1 - 0.5) or the tail's (lvl/L2)
+                if L2 > 0:
+                    t = tl.load(lut_ptr + tl.where(tail_region, 256 + (code & L2), code & L1))
+                else:
+                    t = tl.load(lut_ptr + (code & L1))
+                center = (2.0 * p) * t                              # (2p) * (cc/L1 - 0.5)
+                center = tl.where(p == 0.0, 0.0, center)
+                if L2 > 0:
+                    mag = p + (m - p) * t                           # p + (m-p) * (lvl/L2), no FMA
+                else:
+                    mag = (p + m) * 0.5 + tl.zeros([BLOCK], dtype=tl.float32)
+                neg = ((code >> (BITS - 2)) & 1) != 0
+                tail = tl.where(neg, -mag, mag)
+                w = tl.where(tail_region, tail, center)
             else:
-                t = tl.load(lut_ptr + (code & L1))
-            center = (2.0 * p) * t                              # (2p) * (cc/L1 - 0.5)
-            center = tl.where(p == 0.0, 0.0, center)
-            if L2 > 0:
-                mag = p + (m - p) * t                           # p + (m-p) * (lvl/L2), no FMA
-            else:
-                mag = (p + m) * 0.5 + tl.zeros([BLOCK], dtype=tl.float32)
-            neg = ((code >> (BITS - 2)) & 1) != 0
-            tail = tl.where(neg, -mag, mag)
-            w = tl.where(tail_region, tail, center)
-        else:
-            v = (2.0 * m) * tl.load(lut_ptr + code)             # 2m * (c/L - 0.5)
-            w = tl.where(m == 0.0, 0.0, v)
+                v = (2.0 * m) * tl.load(lut_ptr + code)             # 2m * (c/L - 0.5)
+                w = tl.where(m == 0.0, 0.0, v)
         if OUT_BF16:
             # round-to-nearest-even to bfloat16 by hand, stored as int16 bits: the same result as
             # torch's cast, on the GPU and in the interpreter (whose own cast truncates)
