@@ -148,3 +148,7 @@ def test_cli_bench_help_and_errors(tmp_path):
     if not torch.cuda.is_available():
         r = CliRunner().invoke(main, ["bench", "-m", "tiny", "-o", str(tmp_path / "b")])
         assert r.exit_code != 0 and "CUDA" in r.output
+        # the new options parse and validate before the CUDA check: only the missing GPU stops them
+        r = CliRunner().invoke(main, ["bench", "-m", "tiny", "--lean", "--schedulers", "dpm,ddim",
+                                      "-o", str(tmp_path / "b")])
+        assert r.exit_code != 0 and "no CUDA device" in r.output and not (tmp_path / "b").exists()
