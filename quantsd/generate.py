@@ -52,13 +52,15 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
                        channels_last: bool = False, scheduler: str | None = None, attention: str | None = None,
                        attention_slicing: bool = False, vae_tiling: bool = False, vae_slicing: bool = False,
                        offload: str | None = None, tiny_vae: str | os.PathLike | None = None,
-                       lean_vae: bool = False, drop_vae_encoder: bool = False):
+                       lean_vae: bool = False, drop_vae_encoder: bool = False, ff_chunk: int | None = None):
     """Apply generation options to a loaded pipeline (in place; returns it).
 
     ``lean_vae``: the VAE decoder's resnet blocks run SiLU and the residual add in place on
     tensors they own (:mod:`quantsd.lean_vae`): same image bits, a lower decode peak.
     ``drop_vae_encoder``: free the VAE encoder (unused from text; SD1.5: 68 MB fp16); the pipeline
     can then only generate from text.
+    ``ff_chunk``: run the UNet's feed-forwards over at most this many tokens at a time
+    (:mod:`quantsd.ff_chunking`; the high-resolution memory peak; no effect at or below it).
 
     Order matters: the tiny VAE and memory format first, then offload hooks, then torch.compile
     of the UNet (``compile_mode`` "reduce-overhead" = CUDA graphs where shapes are static).
@@ -91,6 +93,10 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
         from .lean_vae import drop_vae_encoder as _drop
 
         _drop(pipe.vae)
+    if ff_chunk is not None:
+        from .ff_chunking import chunk_feed_forward
+
+        chunk_feed_forward(pipe.unet, ff_chunk)
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -194,6 +200,7 @@ def generate(
     tiny_vae: str | os.PathLike | None = None,
     lean_vae: bool = False,
     drop_vae_encoder: bool = False,
+    ff_chunk: int | None = None,
 ):
     """Generate one image; returns (PIL.Image, info dict).
 
@@ -203,7 +210,8 @@ def generate(
     ("sdpa" or "classic"), ``attention_slicing``, ``vae_tiling``, ``vae_slicing``, ``offload``
     ("model" / "sequential" CPU offload), ``tiny_vae`` (an AutoencoderTiny directory) and
     ``lean_vae`` (in-place SiLU/residual in the VAE decoder: same bits, lower decode peak) and
-    ``drop_vae_encoder`` (free the VAE encoder, unused when generating from text).
+    ``drop_vae_encoder`` (free the VAE encoder, unused when generating from text) and ``ff_chunk``
+    (feed-forwards over at most this many tokens at a time: large images in less memory).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -224,7 +232,7 @@ def generate(
     configure_pipeline(pipe, device=target, compile=compile, channels_last=channels_last, scheduler=scheduler,
                        attention=attention, attention_slicing=attention_slicing, vae_tiling=vae_tiling,
                        vae_slicing=vae_slicing, offload=offload, tiny_vae=tiny_vae, lean_vae=lean_vae,
-                       drop_vae_encoder=drop_vae_encoder)
+                       drop_vae_encoder=drop_vae_encoder, ff_chunk=ff_chunk)
     scale = getattr(pipe, "vae_scale_factor", 8)
     default = int(pipe.unet.config.sample_size) * scale
     height = height or default
@@ -245,7 +253,7 @@ def generate(
             "dtype": str(pipe.unet.dtype).replace("torch.", ""),
             "weights": ck["weights"] if ck else "dense", "seconds": round(elapsed, 3),
             "scheduler": type(pipe.scheduler).__name__, "cfg_cutoff": cfg_cutoff, "compile": compile,
-            "channels_last": channels_last, "offload": offload, "tiny_vae": None if tiny_vae is None else str(tiny_vae)}
+            "channels_last": channels_last, "offload": offload, "ff_chunk": ff_chunk, "tiny_vae": None if tiny_vae is None else str(tiny_vae)}
     return out.images[0], info
 
 

@@ -111,6 +111,10 @@ def test_markdown_names_lean_runs():
     assert "lean VAE decode" not in markdown_report(res)
     res["meta"]["lean"] = True
     assert "lean VAE decode, VAE encoder dropped" in markdown_report(res)
+    res["meta"].update(max_res_ff_chunk=4096, caps_gb=[8.0])
+    assert "feed-forward chunks of 4096 tokens" in markdown_report(res)
+    res["meta"]["caps_gb"] = []      # no max-res search: nothing to say about its probes
+    assert "feed-forward chunks" not in markdown_report(res)
 
 
 def test_markdown_partial_results():
@@ -143,12 +147,14 @@ def test_cli_bench_help_and_errors(tmp_path):
     assert r.exit_code == 0 and "--max-res-cap-gb" in r.output and "--compile" in r.output
     r = CliRunner().invoke(main, ["bench", "--max-res-cfg", "nope", "-o", str(tmp_path)])
     assert r.exit_code != 0 and "nope" in r.output
+    r = CliRunner().invoke(main, ["bench", "--max-res-ff-chunk", "-5", "-o", str(tmp_path)])
+    assert r.exit_code != 0 and "--max-res-ff-chunk" in r.output
     r = CliRunner().invoke(main, ["bench", "--schedulers", "dpm,heun", "-o", str(tmp_path)])
     assert r.exit_code != 0 and "heun" in r.output and "dpm" in r.output.split("valid:")[-1]
     if not torch.cuda.is_available():
         r = CliRunner().invoke(main, ["bench", "-m", "tiny", "-o", str(tmp_path / "b")])
         assert r.exit_code != 0 and "CUDA" in r.output
         # the new options parse and validate before the CUDA check: only the missing GPU stops them
-        r = CliRunner().invoke(main, ["bench", "-m", "tiny", "--lean", "--schedulers", "dpm,ddim",
+        r = CliRunner().invoke(main, ["bench", "-m", "tiny", "--lean", "--schedulers", "dpm,ddim", "--max-res-ff-chunk", "0",
                                       "-o", str(tmp_path / "b")])
         assert r.exit_code != 0 and "no CUDA device" in r.output and not (tmp_path / "b").exists()

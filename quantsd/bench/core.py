@@ -359,6 +359,7 @@ class Bench:
     image_repeats: int = 2
     schedulers: tuple[str, ...] = ()   # extra s/image rows with these samplers ("dpm", ...), same steps
     lean: bool = False                 # every configuration: lean VAE decode + VAE encoder dropped
+    max_res_ff_chunk: int | None = 4096  # max-res probes: UNet feed-forwards over <= this many tokens (None: off)
     configs: list[BenchConfig] | None = None
     log: Callable[[str], None] = print
     results: dict = field(default_factory=dict)
@@ -427,6 +428,7 @@ class Bench:
             "meta": {"model": self.model, "recipe": getattr(recipe, "name", None), "checkpoint": self.checkpoint,
                      "steps": self.steps, "guidance": self.guidance, "height": self.height, "width": self.width,
                      "batch": 1, "compile": self.compile, "caps_gb": list(self.caps_gb), "lean": self.lean,
+                     "max_res_ff_chunk": self.max_res_ff_chunk,
                      "gpu": props.name, "gpu_memory_bytes": props.total_memory, "torch": torch.__version__,
                      "triton": triton.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
             "configs": [],
@@ -510,6 +512,10 @@ class Bench:
                     break
                 try:
                     pipe = self._build(cfg, dev, recipe)
+                    if self.max_res_ff_chunk:
+                        from ..ff_chunking import chunk_feed_forward
+
+                        chunk_feed_forward(pipe.unet, self.max_res_ff_chunk)
                 except Exception as e:
                     entry[f"max_res_{mode}"] = {"error": f"build: {type(e).__name__}: {e}"}
                     continue
@@ -581,6 +587,7 @@ def markdown_report(results: dict) -> str:
              f"{meta.get('gpu')} · torch {meta.get('torch')} · triton {meta.get('triton')} · diffusers "
              f"{meta.get('diffusers')} · {meta.get('height')}x{meta.get('width')}, {meta.get('steps')} steps, "
              f"CFG {meta.get('guidance')}, batch 1{' · lean VAE decode, VAE encoder dropped' if meta.get('lean') else ''}"
+             f"{' · max-res probes with feed-forward chunks of ' + str(meta['max_res_ff_chunk']) + ' tokens' if meta.get('max_res_ff_chunk') and meta.get('caps_gb') else ''}"
              f" · started {meta.get('started')}, finished {meta.get('finished', '(cut short)')}",
              ""]
     rows = summary_rows(results)

@@ -30,6 +30,8 @@ def _caps(ctx, param, value):
               help="VRAM caps (GiB) for the max-resolution search; 'none' to skip.")
 @click.option("--max-res-cfg", default="sequential,batch2", show_default=True,
               help="CFG modes for the max-resolution probe: sequential (two batch-1 halves) and/or batch2.")
+@click.option("--max-res-ff-chunk", default=4096, show_default=True, type=click.IntRange(min=0), metavar="TOKENS",
+              help="Max-resolution probes run the UNet's feed-forwards over at most TOKENS tokens at a time; 0: off.")
 @click.option("--time-budget", default=None, type=float, help="Seconds; later measurements are skipped after it.")
 @click.option("--image-repeats", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--schedulers", default="", show_default=False,
@@ -37,8 +39,8 @@ def _caps(ctx, param, value):
 @click.option("--lean", is_flag=True,
               help="Every configuration with the lean VAE decode and without the VAE encoder (text-to-image memory).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile_, caps, max_res_cfg, time_budget,
-              image_repeats, schedulers, lean, out) -> None:
+def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile_, caps, max_res_cfg,
+              max_res_ff_chunk, time_budget, image_repeats, schedulers, lean, out) -> None:
     """Speed, memory and max resolution of MODEL (fp32 classic-attention and fp16 SDPA baselines
     always; the quantized model with --recipe or a packed CHECKPOINT) on CUDA. Writes
     results.json, report.md and time_vs_pixels.png to the output directory."""
@@ -64,6 +66,6 @@ def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile
     b = Bench(model=model, recipe=recipe, checkpoint=checkpoint, steps=steps, guidance=guidance, height=height,
               width=width, compile=compile_, caps_gb=caps, max_res_modes=modes, out_dir=out,
               time_budget_s=time_budget, image_repeats=image_repeats, schedulers=scheds, lean=lean,
-              log=lambda s: click.echo(s, err=True))
+              max_res_ff_chunk=max_res_ff_chunk or None, log=lambda s: click.echo(s, err=True))
     results = b.run()
     click.echo(markdown_report(results))
