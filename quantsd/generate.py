@@ -52,7 +52,8 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
                        channels_last: bool = False, scheduler: str | None = None, attention: str | None = None,
                        attention_slicing: bool = False, vae_tiling: bool = False, vae_slicing: bool = False,
                        offload: str | None = None, tiny_vae: str | os.PathLike | None = None,
-                       lean_vae: bool = False, drop_vae_encoder: bool = False, ff_chunk: int | None = None):
+                       lean_vae: bool = False, drop_vae_encoder: bool = False, ff_chunk: int | None = None,
+                       sync_free_scheduler: bool = True):
     """Apply generation options to a loaded pipeline (in place; returns it).
 
     ``lean_vae``: the VAE decoder's resnet blocks run SiLU and the residual add in place on
@@ -61,6 +62,8 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     can then only generate from text.
     ``ff_chunk``: run the UNet's feed-forwards over at most this many tokens at a time
     (:mod:`quantsd.ff_chunking`; the high-resolution memory peak; no effect at or below it).
+    ``sync_free_scheduler`` (default on): PNDM and DDIM read timestep values from a host copy
+    instead of the GPU (:mod:`quantsd.schedulers`; same bits, no device sync per step).
 
     Order matters: the tiny VAE and memory format first, then offload hooks, then torch.compile
     of the UNet (``compile_mode`` "reduce-overhead" = CUDA graphs where shapes are static).
@@ -76,6 +79,10 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
         vae = AutoencoderTiny.from_pretrained(str(path), local_files_only=True)
         pipe.register_modules(vae=vae.to(pipe.unet.device, pipe.unet.dtype))
     _set_scheduler(pipe, scheduler)
+    if sync_free_scheduler:
+        from .schedulers import make_sync_free
+
+        make_sync_free(pipe.scheduler)
     if attention is not None:
         set_attention(pipe.unet, attention)
         set_attention(pipe.vae, attention)
@@ -201,6 +208,7 @@ def generate(
     lean_vae: bool = False,
     drop_vae_encoder: bool = False,
     ff_chunk: int | None = None,
+    sync_free_scheduler: bool = True,
 ):
     """Generate one image; returns (PIL.Image, info dict).
 
@@ -211,7 +219,8 @@ def generate(
     ("model" / "sequential" CPU offload), ``tiny_vae`` (an AutoencoderTiny directory) and
     ``lean_vae`` (in-place SiLU/residual in the VAE decoder: same bits, lower decode peak) and
     ``drop_vae_encoder`` (free the VAE encoder, unused when generating from text) and ``ff_chunk``
-    (feed-forwards over at most this many tokens at a time: large images in less memory).
+    (feed-forwards over at most this many tokens at a time: large images in less memory);
+    ``sync_free_scheduler`` (default True) lets PNDM/DDIM run without a device sync per step.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -232,7 +241,8 @@ def generate(
     configure_pipeline(pipe, device=target, compile=compile, channels_last=channels_last, scheduler=scheduler,
                        attention=attention, attention_slicing=attention_slicing, vae_tiling=vae_tiling,
                        vae_slicing=vae_slicing, offload=offload, tiny_vae=tiny_vae, lean_vae=lean_vae,
-                       drop_vae_encoder=drop_vae_encoder, ff_chunk=ff_chunk)
+                       drop_vae_encoder=drop_vae_encoder, ff_chunk=ff_chunk,
+                       sync_free_scheduler=sync_free_scheduler)
     scale = getattr(pipe, "vae_scale_factor", 8)
     default = int(pipe.unet.config.sample_size) * scale
     height = height or default

@@ -158,10 +158,12 @@ def to_packed(pipe, recipe, dtype: torch.dtype = torch.float16):
     return pipe, plan
 
 
-def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=None, checkpoint=None):
+def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=None, checkpoint=None,
+                   sync_free_scheduler: bool = True):
     """A pipeline for one configuration, on ``device`` (built there directly for sd15-arch)."""
     from ..generate import set_attention
     from ..models import load_pipeline
+    from ..schedulers import make_sync_free
 
     if cfg.packed and checkpoint is not None:
         from ..io import load_checkpoint
@@ -174,6 +176,8 @@ def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=No
         elif cfg.torch_dtype != torch.float32:
             pipe.to(dtype=cfg.torch_dtype)
     pipe.set_progress_bar_config(disable=True)
+    if sync_free_scheduler:   # every configuration alike: PNDM/DDIM without a device sync per step
+        make_sync_free(pipe.scheduler)
     set_attention(pipe.unet, cfg.attention)
     set_attention(pipe.vae, cfg.attention)
     if cfg.compile:
@@ -379,10 +383,12 @@ class Bench:
 
     def _image_with_scheduler(self, pipe, name: str) -> dict:
         from ..generate import _set_scheduler
+        from ..schedulers import make_sync_free
 
         default = pipe.scheduler
         try:
             _set_scheduler(pipe, name)
+            make_sync_free(pipe.scheduler)
             return {**seconds_per_image(pipe, self.steps, self.guidance, self.height, self.width, self.image_repeats),
                     "scheduler": type(pipe.scheduler).__name__}
         finally:
@@ -415,6 +421,7 @@ class Bench:
         if not torch.cuda.is_available():
             raise RuntimeError("quantsd bench measures CUDA speed and memory: no CUDA device here")
         from ..recipe import load_recipe
+        from ..schedulers import is_sync_free
 
         dev = torch.device("cuda")
         self._deadline = None if self.time_budget_s is None else time.monotonic() + self.time_budget_s
@@ -428,7 +435,7 @@ class Bench:
             "meta": {"model": self.model, "recipe": getattr(recipe, "name", None), "checkpoint": self.checkpoint,
                      "steps": self.steps, "guidance": self.guidance, "height": self.height, "width": self.width,
                      "batch": 1, "compile": self.compile, "caps_gb": list(self.caps_gb), "lean": self.lean,
-                     "max_res_ff_chunk": self.max_res_ff_chunk,
+                     "max_res_ff_chunk": self.max_res_ff_chunk, "sync_free_scheduler": True,
                      "gpu": props.name, "gpu_memory_bytes": props.total_memory, "torch": torch.__version__,
                      "triton": triton.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
             "configs": [],
@@ -480,8 +487,10 @@ class Bench:
             self._step(entry, "unet_ms_pipelined", lambda: unet_step_pipelined_ms(pipe, self.height))
             if cfg.attention == "sdpa" and not cfg.compile:
                 self._step(entry, "attention_kernels", lambda: attention_kernels_used(pipe, self.height))
-            self._step(entry, "image", lambda: seconds_per_image(pipe, self.steps, self.guidance, self.height,
-                                                                  self.width, self.image_repeats))
+            self._step(entry, "image", lambda: {**seconds_per_image(pipe, self.steps, self.guidance, self.height,
+                                                                     self.width, self.image_repeats),
+                                                "scheduler": type(pipe.scheduler).__name__,
+                                                "sync_free_scheduler": is_sync_free(pipe.scheduler)})
             for sched in self.schedulers:  # the same pipeline (and compiled UNet) with another sampler
                 self._step(entry, f"image_{sched}", lambda: self._image_with_scheduler(pipe, sched))
             if cfg.sweep:
