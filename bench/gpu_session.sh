@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One GPU (H100/H200) session for quantsd's kernels and benchmarks, <= 9 minutes of command time.
 #   1. GPU kernel correctness tests (pytest -m gpu: Triton dequant == torch decode, compile, CUDA graphs)
-#   2. bench/profile_packed.py (PROFILE=0 skips; COMPARE_KERNEL=path times another kernel module too)
+#   2. bench/profile_packed.py (PROFILE=0 skips; COMPARE_KERNEL=path times another kernel module too);
+#      PEAK=1: bench/peak_attribution.py (what is alive at a 512² image's memory peak; lean with LEAN=1)
 #   3. scripts/recipe_error.py on sd15-arch for $RECIPES (space-separated; none by default)
 #   4. quantsd bench on sd15-arch with recipes/paper-final.yaml (+ baselines), --compile, caps $CAPS (8,4 GiB),
 #      s/image also with $SCHEDULERS (default dpm; empty for none); LEAN=1 adds --lean (lean VAE decode,
-#      VAE encoder dropped, every configuration)
+#      VAE encoder dropped, every configuration); MAXRES_CFG (default sequential,batch2) the CFG modes
 # Everything lands under $OUT (6 files, 2 levels): env.txt, pytest_gpu.txt, bench.log,
 # bench/results.json, bench/report.md, bench/time_vs_pixels.png.  A compact summary goes to stdout.
 # Each step is time-boxed; the bench records OOMs/errors per configuration and rewrites its
@@ -31,7 +32,7 @@ cat "$OUT/env.txt"
 # ---- 1. kernel correctness on the GPU (<= 170 s)
 log "pytest -m gpu (kernels, CUDA==CPU)"
 if $PY -c "import pytest" 2>/dev/null; then
-  timeout -k 10 170 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_quant_cuda.py \
+  timeout -k 10 170 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_quant_cuda.py tests/test_schedulers.py \
       > "$OUT/pytest_gpu.txt" 2>&1
   echo "exit=$?" >> "$OUT/pytest_gpu.txt"
 else
@@ -48,6 +49,13 @@ if [ "${PROFILE:-1}" = 1 ]; then
   echo "profile exit=$?" >> "$OUT/profile.log"; grep -v -i warn "$OUT/profile.log" | tail -30
 fi
 
+if [ "${PEAK:-0}" = 1 ]; then
+  log "bench/peak_attribution.py"
+  timeout -k 10 120 $PY bench/peak_attribution.py --out "$OUT/peak.json" $([ "${LEAN:-0}" = 1 ] && echo --lean) \
+      > "$OUT/peak.log" 2>&1
+  echo "peak exit=$?" >> "$OUT/peak.log"; grep -v -i warn "$OUT/peak.log" | tail -22
+fi
+
 # ---- 3. measured error of recipes on sd15-arch against the committed sweep's settings (<= 90 s)
 if [ -n "${RECIPES:-}" ]; then
   log "scripts/recipe_error.py $RECIPES"
@@ -61,7 +69,7 @@ LEFT=$(( TOTAL - $(el) - 25 ))
 log "quantsd bench (time budget ${LEFT}s)"
 timeout -k 15 $(( LEFT + 20 )) $PY -c "from quantsd.cli import main; main()" bench -m sd15-arch \
     --recipe recipes/paper-final.yaml --steps 50 --guidance 7.5 --height 512 --width 512 --compile \
-    --max-res-cap-gb "${CAPS:-8,4}" --max-res-cfg sequential,batch2 --schedulers "${SCHEDULERS-dpm}" \
+    --max-res-cap-gb "${CAPS:-8,4}" --max-res-cfg "${MAXRES_CFG:-sequential,batch2}" --schedulers "${SCHEDULERS-dpm}" \
     $([ "${LEAN:-0}" = 1 ] && echo --lean) \
     --time-budget "$LEFT" -o "$OUT/bench" \
     > "$OUT/bench.log" 2>&1
