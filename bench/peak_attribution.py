@@ -9,7 +9,8 @@ to find the moment of the peak, and every block alive then that was allocated du
 listed with its size and the Python frames that allocated it (grouped by the innermost diffusers
 / quantsd / torch.nn frame).  Then two single-decode variants: diffusers' decode as loaded, and
 with cuDNN off (native convolutions, no cuDNN workspace) — the difference bounds the cuDNN
-convolution workspace at the decode's peak.
+convolution workspace at the decode's peak — and in channels-last memory format (cuDNN's
+tensor-core convolutions work in NHWC and transpose NCHW operands through the workspace).
 """
 
 from __future__ import annotations
@@ -125,8 +126,12 @@ def main() -> None:
         res["decode_peak_over_resident_no_cudnn"] = decode_peak(pipe)
     finally:
         torch.backends.cudnn.enabled = True
+    pipe.vae.to(memory_format=torch.channels_last)   # NHWC: cuDNN needs no layout transposes
+    res["decode_peak_over_resident_channels_last"] = decode_peak(pipe)
+    pipe.vae.to(memory_format=torch.contiguous_format)
     print("decode peak over resident: cuDNN", res["decode_peak_over_resident"], "no cuDNN",
-          res["decode_peak_over_resident_no_cudnn"], flush=True)
+          res["decode_peak_over_resident_no_cudnn"], "channels-last", res["decode_peak_over_resident_channels_last"],
+          flush=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
 
 
