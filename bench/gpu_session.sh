@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One GPU (H100/H200) session for quantsd's kernels and benchmarks, <= 9 minutes of command time.
-#   1. GPU kernel correctness tests (pytest -m gpu: Triton dequant == torch decode, compile, CUDA graphs)
+#   1. GPU kernel correctness tests (pytest -m gpu: Triton dequant == torch decode, compile, CUDA graphs;
+#      PYTEST=0 skips)
 #   2. bench/profile_packed.py (PROFILE=0 skips; COMPARE_KERNEL=path times another kernel module too);
+#      VAEPEAK=1: bench/vae_peak.py (decode and image peaks: diffusers, lean, lean + banded convs);
 #      PEAK=1: bench/peak_attribution.py (what is alive at a 512² image's memory peak; lean with LEAN=1)
 #   3. scripts/recipe_error.py on sd15-arch for $RECIPES (space-separated; none by default)
 #   4. quantsd bench on sd15-arch with recipes/paper-final.yaml (+ baselines), --compile, caps $CAPS (8,4 GiB),
@@ -31,7 +33,9 @@ cat "$OUT/env.txt"
 
 # ---- 1. kernel correctness on the GPU (<= 170 s)
 log "pytest -m gpu (kernels, CUDA==CPU)"
-if $PY -c "import pytest" 2>/dev/null; then
+if [ "${PYTEST:-1}" = 0 ]; then
+  echo "skipped (PYTEST=0)" > "$OUT/pytest_gpu.txt"
+elif $PY -c "import pytest" 2>/dev/null; then
   timeout -k 10 170 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_quant_cuda.py tests/test_schedulers.py \
       > "$OUT/pytest_gpu.txt" 2>&1
   echo "exit=$?" >> "$OUT/pytest_gpu.txt"
@@ -54,6 +58,12 @@ if [ "${PEAK:-0}" = 1 ]; then
   timeout -k 10 120 $PY bench/peak_attribution.py --out "$OUT/peak.json" $([ "${LEAN:-0}" = 1 ] && echo --lean) \
       > "$OUT/peak.log" 2>&1
   echo "peak exit=$?" >> "$OUT/peak.log"; grep -v -i warn "$OUT/peak.log" | tail -22
+fi
+
+if [ "${VAEPEAK:-0}" = 1 ]; then
+  log "bench/vae_peak.py"
+  timeout -k 10 150 $PY bench/vae_peak.py --steps 10 --drop-encoder --out "$OUT/vae_peak.json" > "$OUT/vae_peak.log" 2>&1
+  echo "vae_peak exit=$?" >> "$OUT/vae_peak.log"; grep -v -i warn "$OUT/vae_peak.log" | tail -8
 fi
 
 # ---- 3. measured error of recipes on sd15-arch against the committed sweep's settings (<= 90 s)

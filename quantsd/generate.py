@@ -57,7 +57,8 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     """Apply generation options to a loaded pipeline (in place; returns it).
 
     ``lean_vae``: the VAE decoder's resnet blocks run SiLU and the residual add in place on
-    tensors they own (:mod:`quantsd.lean_vae`): same image bits, a lower decode peak.
+    tensors they own, and its large convolutions over bands of rows (:mod:`quantsd.lean_vae`): a lower
+    decode peak, the same image up to fp16 rounding in the banded convolutions.
     ``drop_vae_encoder``: free the VAE encoder (unused from text; SD1.5: 68 MB fp16); the pipeline
     can then only generate from text.
     ``ff_chunk``: run the UNet's feed-forwards over at most this many tokens at a time
@@ -217,7 +218,8 @@ def generate(
     ``cfg_cutoff`` (dynamic CFG: guidance only for that fraction of the steps), ``attention``
     ("sdpa" or "classic"), ``attention_slicing``, ``vae_tiling``, ``vae_slicing``, ``offload``
     ("model" / "sequential" CPU offload), ``tiny_vae`` (an AutoencoderTiny directory) and
-    ``lean_vae`` (in-place SiLU/residual in the VAE decoder: same bits, lower decode peak) and
+    ``lean_vae`` (in-place SiLU/residual and banded convolutions in the VAE decoder: lower decode
+    peak, same image to fp16 rounding) and
     ``drop_vae_encoder`` (free the VAE encoder, unused when generating from text) and ``ff_chunk``
     (feed-forwards over at most this many tokens at a time: large images in less memory);
     ``sync_free_scheduler`` (default True) lets PNDM/DDIM run without a device sync per step.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import weakref
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -50,7 +51,7 @@ def test_lean_decode_is_bit_identical_and_lighter():
     vae = load_pipeline("tiny").vae.eval()
     z = torch.randn(1, vae.config.latent_channels, 32, 32, generator=torch.Generator().manual_seed(0))
     ref, peak_ref = _decode(vae, z)
-    n = lean_vae_decode(vae)
+    n = lean_vae_decode(vae, conv_chunk_bytes=None)   # resnets only: bit-identical by construction
     assert n == sum(1 for m in vae.decoder.modules() if type(m).__name__ == "ResnetBlock2D")
     assert n > 0
     z_before = z.clone()
@@ -129,4 +130,66 @@ def test_lean_block_mixed_dtypes_and_non_groupnorm_blocks():
     blk = next(m for m in other.decoder.modules() if type(m).__name__ == "ResnetBlock2D")
     blk.norm1 = nn.Identity()  # would hand its input to the in-place SiLU
     n_all = sum(1 for m in other.decoder.modules() if type(m).__name__ == "ResnetBlock2D")
-    assert lean_vae_decode(other) == n_all - 1 and "forward" not in vars(blk)
+    assert lean_vae_decode(other, conv_chunk_bytes=None) == n_all - 1 and "forward" not in vars(blk)
+
+
+class _ConvCalls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.rows: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("conv2d", "convolution"):
+            self.rows.append(out.shape[-2])
+        return out
+
+
+@pytest.mark.parametrize("kind", ["conv", "quant"])
+@pytest.mark.parametrize("kernel", [3, 1])
+def test_banded_convolution_equals_the_full_one(kind, kernel):
+    from torch import nn
+
+    from quantsd.lean_vae import _banded_conv_forward
+    from quantsd.nn import QuantConv2d
+    from quantsd.quant import quantize_tensor
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, kernel, padding=kernel // 2)
+    if kind == "quant":
+        conv = QuantConv2d.from_conv(conv, quantize_tensor(conv.weight.detach(), 4, "pwlq", "channel"))
+    conv.eval()
+    x = torch.randn(2, 6, 23, 17)
+    with torch.inference_mode():
+        want = conv(x)
+        row_bytes = 2 * 5 * 17 * 4
+        for rows in (1, 4, 7, 22):                     # uneven bands, first/last band at the border
+            conv._quantsd_chunk_bytes = rows * row_bytes
+            with _ConvCalls() as calls:
+                got = _banded_conv_forward(conv, x)
+            assert calls.rows == [rows] * (23 // rows) + ([23 % rows] if 23 % rows else [])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        conv._quantsd_chunk_bytes = 23 * row_bytes     # fits in one band: the module's own forward
+        with _ConvCalls() as calls:
+            assert torch.equal(_banded_conv_forward(conv, x), want)
+        assert calls.rows == [23]
+
+
+def test_lean_decode_bands_large_convolutions_only():
+    vae = load_pipeline("tiny").vae.eval()
+    z = torch.randn(1, vae.config.latent_channels, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        ref = vae.decode(z, return_dict=False)[0]
+    resnets = sum(1 for m in vae.decoder.modules() if type(m).__name__ == "ResnetBlock2D")
+    convs = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    n = lean_vae_decode(vae, conv_chunk_bytes=16 * 1024)
+    banded = [c for c in convs if "forward" in vars(c)]
+    assert n == resnets + len(banded) and 0 < len(banded) <= len(convs)
+    assert all(c.stride == (1, 1) for c in banded)
+    with torch.inference_mode(), _ConvCalls() as calls:
+        got = vae.decode(z, return_dict=False)[0]
+    assert len(calls.rows) > len(convs)               # some convolutions ran in several bands
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    assert undo_lean_vae_decode(vae) == n and not any("forward" in vars(c) for c in convs)
+    with pytest.raises(ValueError, match="conv_chunk_bytes"):
+        lean_vae_decode(vae, conv_chunk_bytes=0)

@@ -33,7 +33,8 @@ from ._base import FORMAT, main, model_option
 @click.option("--vae-tiling", is_flag=True, help="Decode latents in tiles (large images in little memory).")
 @click.option("--vae-slicing", is_flag=True, help="Decode a batch one image at a time.")
 @click.option("--lean-vae", is_flag=True,
-              help="VAE decoder resnets work in place on their own tensors: same image, lower decode peak.")
+              help="VAE decoder works in place and runs large convolutions in row bands: lower decode peak, "
+                   "same image to fp16 rounding.")
 @click.option("--no-vae-encoder", "drop_vae_encoder", is_flag=True,
               help="Free the VAE encoder (never used from text; SD1.5: 68 MB fp16).")
 @click.option("--ff-chunk", type=click.IntRange(min=1), default=None, metavar="TOKENS",
