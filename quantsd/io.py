@@ -514,8 +514,12 @@ def _finite_params(name: str, scale: torch.Tensor, bp: torch.Tensor | None) -> N
 
 
 def _set_module(root: nn.Module, key: str, new: nn.Module) -> None:
+    """Put ``new`` where ``key`` is, in the replaced module's train/eval mode (a fresh module is
+    in training mode, which would leave eval-only fast paths of an eval-mode model off)."""
     parent, _, child = key.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
+    holder = root.get_submodule(parent) if parent else root
+    new.train(getattr(holder, child).training)
+    setattr(holder, child, new)
 
 
 def _refuse_save(self, *args, **kwargs):

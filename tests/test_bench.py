@@ -127,7 +127,13 @@ def test_to_packed_equals_simulated_quantization():
     from quantsd.nn import packed_modules
     from quantsd.recipe import apply_recipe
 
-    packed, plan = to_packed(load_pipeline("tiny"), RECIPE, torch.float32)
+    pipe = load_pipeline("tiny")
+    pipe.unet.eval()
+    pipe.vae.train()
+    packed, plan = to_packed(pipe, RECIPE, torch.float32)
+    # each packed module takes the mode of the module it replaced (eval-only fast paths stay on)
+    assert not any(m.training for _, m in packed_modules(packed.unet))
+    assert all(m.training for _, m in packed_modules(packed.vae)) and packed_modules(packed.vae)
     sim = load_pipeline("tiny")
     apply_recipe(sim, RECIPE, warn=False)
     n = len(packed_modules(packed.unet))

@@ -173,6 +173,15 @@ def test_banded_convolution_equals_the_full_one(kind, kernel):
         with _ConvCalls() as calls:
             assert torch.equal(_banded_conv_forward(conv, x), want)
         assert calls.rows == [23]
+    conv.train()                                       # the mode does not matter: same math
+    conv._quantsd_chunk_bytes = 4 * row_bytes
+    with torch.inference_mode(), _ConvCalls() as calls:
+        torch.testing.assert_close(_banded_conv_forward(conv, x), want, rtol=1e-5, atol=1e-5)
+    assert len(calls.rows) == 6
+    if kind == "conv":                                 # autograd: the module's own forward
+        with _ConvCalls() as calls:
+            _banded_conv_forward(conv, x)
+        assert calls.rows == [23]
 
 
 def test_lean_decode_bands_large_convolutions_only():

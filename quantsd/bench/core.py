@@ -151,6 +151,7 @@ def to_packed(pipe, recipe, dtype: torch.dtype = torch.float16):
                 mod.weight.copy_(qt.dequantize().to(mod.weight.dtype))
             continue
         parent, _, child = lp.path.rpartition(".")
+        new.train(mod.training)   # a fresh module is in training mode; keep the model's mode
         setattr(get_module(pipe, parent), child, new)
         del mod, qt
     for m in ("text_encoder", "unet", "vae"):
