@@ -4,11 +4,13 @@
 #      PYTEST=0 skips)
 #   2. bench/profile_packed.py (PROFILE=0 skips; COMPARE_KERNEL=path times another kernel module too);
 #      VAEPEAK=1: bench/vae_peak.py (decode and image peaks: diffusers, lean, lean + banded convs);
+#      HOSTOVH=1: bench/dynamo_host_overhead.py (torch.compile's host time per UNet call, full/minimal guards);
 #      PEAK=1: bench/peak_attribution.py (what is alive at a 512² image's memory peak; lean with LEAN=1)
 #   3. scripts/recipe_error.py on sd15-arch for $RECIPES (space-separated; none by default)
 #   4. quantsd bench on sd15-arch with recipes/paper-final.yaml (+ baselines), --compile, caps $CAPS (8,4 GiB),
 #      s/image also with $SCHEDULERS (default dpm; empty for none); LEAN=1 adds --lean (lean VAE decode,
-#      VAE encoder dropped, every configuration); MAXRES_CFG (default sequential,batch2) the CFG modes
+#      VAE encoder dropped, every configuration); MAXRES_CFG (default sequential,batch2) the CFG modes;
+#      COMPILE_GUARDS=minimal compiles both compiled configurations without per-call module guards
 # Everything lands under $OUT (6 files, 2 levels): env.txt, pytest_gpu.txt, bench.log,
 # bench/results.json, bench/report.md, bench/time_vs_pixels.png.  A compact summary goes to stdout.
 # Each step is time-boxed; the bench records OOMs/errors per configuration and rewrites its
@@ -66,6 +68,12 @@ if [ "${VAEPEAK:-0}" = 1 ]; then
   echo "vae_peak exit=$?" >> "$OUT/vae_peak.log"; grep -v -i warn "$OUT/vae_peak.log" | tail -8
 fi
 
+if [ "${HOSTOVH:-0}" = 1 ]; then
+  log "bench/dynamo_host_overhead.py"
+  timeout -k 10 120 $PY bench/dynamo_host_overhead.py --out "$OUT/dynamo_host_overhead.json" 2>&1 \
+      | grep -E "^(dense|packed)" | tee "$OUT/dynamo_host_overhead.log"
+fi
+
 # ---- 3. measured error of recipes on sd15-arch against the committed sweep's settings (<= 90 s)
 if [ -n "${RECIPES:-}" ]; then
   log "scripts/recipe_error.py $RECIPES"
@@ -80,7 +88,7 @@ log "quantsd bench (time budget ${LEFT}s)"
 timeout -k 15 $(( LEFT + 20 )) $PY -c "from quantsd.cli import main; main()" bench -m sd15-arch \
     --recipe recipes/paper-final.yaml --steps 50 --guidance 7.5 --height 512 --width 512 --compile \
     --max-res-cap-gb "${CAPS:-8,4}" --max-res-cfg "${MAXRES_CFG:-sequential,batch2}" --schedulers "${SCHEDULERS-dpm}" \
-    $([ "${LEAN:-0}" = 1 ] && echo --lean) \
+    $([ "${LEAN:-0}" = 1 ] && echo --lean) --compile-guards "${COMPILE_GUARDS:-full}" \
     --time-budget "$LEFT" -o "$OUT/bench" \
     > "$OUT/bench.log" 2>&1
 echo "bench exit=$?" >> "$OUT/bench.log"

@@ -115,6 +115,8 @@ def test_markdown_names_lean_runs():
     assert "feed-forward chunks of 4096 tokens" in markdown_report(res)
     res["meta"]["caps_gb"] = []      # no max-res search: nothing to say about its probes
     assert "feed-forward chunks" not in markdown_report(res)
+    res["meta"].update(compile=True, compile_guards="minimal")
+    assert "compiled with minimal guards" in markdown_report(res)
 
 
 def test_markdown_partial_results():

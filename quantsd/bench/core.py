@@ -160,9 +160,9 @@ def to_packed(pipe, recipe, dtype: torch.dtype = torch.float16):
 
 
 def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=None, checkpoint=None,
-                   sync_free_scheduler: bool = True):
+                   sync_free_scheduler: bool = True, compile_guards: str = "full"):
     """A pipeline for one configuration, on ``device`` (built there directly for sd15-arch)."""
-    from ..generate import set_attention
+    from ..generate import compile_unet, set_attention
     from ..models import load_pipeline
     from ..schedulers import make_sync_free
 
@@ -182,7 +182,7 @@ def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=No
     set_attention(pipe.unet, cfg.attention)
     set_attention(pipe.vae, cfg.attention)
     if cfg.compile:
-        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead")
+        pipe.unet = compile_unet(pipe.unet, "reduce-overhead", compile_guards)
     return pipe
 
 
@@ -365,6 +365,7 @@ class Bench:
     schedulers: tuple[str, ...] = ()   # extra s/image rows with these samplers ("dpm", ...), same steps
     lean: bool = False                 # every configuration: lean VAE decode + VAE encoder dropped
     max_res_ff_chunk: int | None = 4096  # max-res probes: UNet feed-forwards over <= this many tokens (None: off)
+    compile_guards: str = "full"       # compiled configurations: "minimal" = no per-call module-attribute guards
     configs: list[BenchConfig] | None = None
     log: Callable[[str], None] = print
     results: dict = field(default_factory=dict)
@@ -373,7 +374,7 @@ class Bench:
         write_reports(self.results, self.out_dir)
 
     def _build(self, cfg: BenchConfig, dev, recipe):
-        pipe = build_pipeline(self.model, cfg, dev, recipe, self.checkpoint)
+        pipe = build_pipeline(self.model, cfg, dev, recipe, self.checkpoint, compile_guards=self.compile_guards)
         if self.lean:
             from ..lean_vae import drop_vae_encoder, lean_vae_decode
 
@@ -437,6 +438,7 @@ class Bench:
                      "steps": self.steps, "guidance": self.guidance, "height": self.height, "width": self.width,
                      "batch": 1, "compile": self.compile, "caps_gb": list(self.caps_gb), "lean": self.lean,
                      "max_res_ff_chunk": self.max_res_ff_chunk, "sync_free_scheduler": True,
+                     "compile_guards": self.compile_guards,
                      "gpu": props.name, "gpu_memory_bytes": props.total_memory, "torch": torch.__version__,
                      "triton": triton.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
             "configs": [],
@@ -597,6 +599,7 @@ def markdown_report(results: dict) -> str:
              f"{meta.get('gpu')} · torch {meta.get('torch')} · triton {meta.get('triton')} · diffusers "
              f"{meta.get('diffusers')} · {meta.get('height')}x{meta.get('width')}, {meta.get('steps')} steps, "
              f"CFG {meta.get('guidance')}, batch 1{' · lean VAE decode, VAE encoder dropped' if meta.get('lean') else ''}"
+             f"{' · compiled with minimal guards' if meta.get('compile_guards') == 'minimal' and meta.get('compile') else ''}"
              f"{' · max-res probes with feed-forward chunks of ' + str(meta['max_res_ff_chunk']) + ' tokens' if meta.get('max_res_ff_chunk') and meta.get('caps_gb') else ''}"
              f" · started {meta.get('started')}, finished {meta.get('finished', '(cut short)')}",
              ""]

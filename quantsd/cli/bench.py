@@ -26,6 +26,8 @@ def _caps(ctx, param, value):
 @click.option("--height", default=512, show_default=True, type=int)
 @click.option("--width", default=512, show_default=True, type=int)
 @click.option("--compile", "compile_", is_flag=True, help="Also bench torch.compile (reduce-overhead) variants.")
+@click.option("--compile-guards", type=click.Choice(["full", "minimal"]), default="full", show_default=True,
+              help="Compiled configurations: 'minimal' skips Dynamo's per-call module-attribute checks.")
 @click.option("--max-res-cap-gb", "caps", default="8,4", show_default=True, callback=_caps,
               help="VRAM caps (GiB) for the max-resolution search; 'none' to skip.")
 @click.option("--max-res-cfg", default="sequential,batch2", show_default=True,
@@ -39,8 +41,8 @@ def _caps(ctx, param, value):
 @click.option("--lean", is_flag=True,
               help="Every configuration with the lean VAE decode and without the VAE encoder (text-to-image memory).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile_, caps, max_res_cfg,
-              max_res_ff_chunk, time_budget, image_repeats, schedulers, lean, out) -> None:
+def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile_, compile_guards, caps,
+              max_res_cfg, max_res_ff_chunk, time_budget, image_repeats, schedulers, lean, out) -> None:
     """Speed, memory and max resolution of MODEL (fp32 classic-attention and fp16 SDPA baselines
     always; the quantized model with --recipe or a packed CHECKPOINT) on CUDA. Writes
     results.json, report.md and time_vs_pixels.png to the output directory."""
@@ -66,6 +68,7 @@ def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile
     b = Bench(model=model, recipe=recipe, checkpoint=checkpoint, steps=steps, guidance=guidance, height=height,
               width=width, compile=compile_, caps_gb=caps, max_res_modes=modes, out_dir=out,
               time_budget_s=time_budget, image_repeats=image_repeats, schedulers=scheds, lean=lean,
-              max_res_ff_chunk=max_res_ff_chunk or None, log=lambda s: click.echo(s, err=True))
+              max_res_ff_chunk=max_res_ff_chunk or None, compile_guards=compile_guards,
+              log=lambda s: click.echo(s, err=True))
     results = b.run()
     click.echo(markdown_report(results))

@@ -22,6 +22,9 @@ from ._base import FORMAT, main, model_option
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="Compute dtype (default: float16 on CUDA, float32 on CPU).")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the UNet (mode reduce-overhead: CUDA graphs).")
+@click.option("--compile-guards", type=click.Choice(["full", "minimal"]), default="full", show_default=True,
+              help="With --compile: 'minimal' skips Dynamo's per-call checks of module attributes (less host "
+                   "time per step; the pipeline must not be edited after the first step).")
 @click.option("--channels-last", is_flag=True, help="UNet and VAE in channels-last memory format.")
 @click.option("--scheduler", type=click.Choice(["default", "dpm", "ddim", "euler", "pndm"]), default="default",
               show_default=True, help="Sampler; dpm = DPMSolverMultistepScheduler (good in ~20 steps).")
@@ -46,7 +49,8 @@ from ._base import FORMAT, main, model_option
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @FORMAT
 def generate_cmd(model, prompt, negative_prompt, seed, steps, guidance, height, width, weights, device, dtype,
-                 compile_, channels_last, scheduler, cfg_cutoff, attention, attention_slicing, vae_tiling, vae_slicing,
+                 compile_, compile_guards, channels_last, scheduler, cfg_cutoff, attention, attention_slicing,
+                 vae_tiling, vae_slicing,
                  lean_vae, drop_vae_encoder, ff_chunk, offload, tiny_vae, out, fmt) -> None:
     """Generate an image from MODEL (a model source or a quantsd checkpoint)."""
     from ..generate import generate, save_png
@@ -54,7 +58,8 @@ def generate_cmd(model, prompt, negative_prompt, seed, steps, guidance, height, 
 
     image, info = generate(model, prompt, negative_prompt=negative_prompt, seed=seed, steps=steps,
                            guidance=guidance, height=height, width=width, weights=weights, device=device,
-                           dtype=dtype, compile=compile_, channels_last=channels_last, scheduler=scheduler,
+                           dtype=dtype, compile=compile_, compile_guards=compile_guards,
+                           channels_last=channels_last, scheduler=scheduler,
                            cfg_cutoff=cfg_cutoff, attention=attention, attention_slicing=attention_slicing,
                            vae_tiling=vae_tiling, vae_slicing=vae_slicing, offload=offload, tiny_vae=tiny_vae,
                            lean_vae=lean_vae, drop_vae_encoder=drop_vae_encoder, ff_chunk=ff_chunk)

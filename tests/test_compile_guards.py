@@ -1,0 +1,67 @@
+"""compile_unet(guards="minimal"): fewer Dynamo guards per call, the same outputs."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from quantsd.cli import main
+from quantsd.generate import compile_unet, configure_pipeline
+from quantsd.models import load_pipeline
+
+
+class _Grab(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def _guards_and_output(guards: str):
+    unet = load_pipeline("tiny").unet.eval()
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(2, 4, 16, 16, generator=g)
+    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.inference_mode():
+        want = unet(lat, 10, encoder_hidden_states=ctx).sample
+    torch._dynamo.reset()
+    grab = _Grab()
+    log = logging.getLogger("torch._dynamo.guards")
+    torch._logging.set_logs(guards=True)
+    log.addHandler(grab)
+    try:
+        compiled = compile_unet(unet, guards=guards, backend="eager")
+        with torch.inference_mode():
+            got = compiled(lat, 10, encoder_hidden_states=ctx).sample
+            again = compiled(lat, 10, encoder_hidden_states=ctx).sample
+    finally:
+        log.removeHandler(grab)
+        torch._logging.set_logs()
+        torch._dynamo.reset()
+    n = len(re.findall(r"\+- [A-Z_]+:", "\n".join(grab.lines)))
+    return n, want, got, again
+
+
+def test_minimal_guards_drop_module_checks_and_keep_outputs():
+    n_full, want, got, _ = _guards_and_output("full")
+    n_min, want2, got_min, again = _guards_and_output("minimal")
+    assert n_full > 100                       # the guard log was captured
+    assert n_min < n_full / 2, (n_min, n_full)
+    assert torch.equal(got, want) and torch.equal(got_min, want2) and torch.equal(again, want2)
+
+
+def test_compile_guards_are_validated():
+    with pytest.raises(ValueError, match="compile guards"):
+        compile_unet(torch.nn.Linear(2, 2), guards="none")
+    with pytest.raises(ValueError, match="compile guards"):
+        configure_pipeline(load_pipeline("tiny"), compile_guards="fast")
+    r = CliRunner().invoke(main, ["generate", "-m", "tiny", "-p", "x", "--compile-guards", "fast", "-o", "x.png"])
+    assert r.exit_code != 0 and "--compile-guards" in r.output
+    r = CliRunner().invoke(main, ["bench", "--help"])
+    assert "--compile-guards" in r.output
