@@ -70,7 +70,9 @@ def _banded_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
         return type(self).forward(self, x)
     rows = max(1, limit // row_bytes)
     ph, pw = self.padding
-    out = x.new_empty(n, self.out_channels, h, w)
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    out = torch.empty(n, self.out_channels, h, w, dtype=x.dtype, device=x.device,   # the layout conv2d would give
+                      memory_format=torch.channels_last if nhwc else torch.contiguous_format)
     for a in range(0, h, rows):
         b = min(a + rows, h)
         lo, hi = max(a - ph, 0), min(b + ph, h)

@@ -173,6 +173,14 @@ def test_banded_convolution_equals_the_full_one(kind, kernel):
         with _ConvCalls() as calls:
             assert torch.equal(_banded_conv_forward(conv, x), want)
         assert calls.rows == [23]
+    xl = x.to(memory_format=torch.channels_last)       # channels-last in, channels-last out (as conv2d)
+    conv._quantsd_chunk_bytes = 4 * row_bytes
+    with torch.inference_mode():
+        got_cl = _banded_conv_forward(conv, xl)
+        want_cl = type(conv).forward(conv, xl)
+    assert got_cl.is_contiguous(memory_format=torch.channels_last) == want_cl.is_contiguous(
+        memory_format=torch.channels_last)
+    torch.testing.assert_close(got_cl, want, rtol=1e-5, atol=1e-5)
     conv.train()                                       # the mode does not matter: same math
     conv._quantsd_chunk_bytes = 4 * row_bytes
     with torch.inference_mode(), _ConvCalls() as calls:
