@@ -65,12 +65,14 @@ def _banded_conv_forward(self, x: torch.Tensor) -> torch.Tensor:
     row_bytes = n * self.out_channels * w * x.element_size()
     if row_bytes * h <= limit or h < 2:
         return type(self).forward(self, x)
+    if torch.is_autocast_enabled(x.device.type):   # autocast picks the conv's dtype: its own path
+        return type(self).forward(self, x)
     weight = self.weight            # QuantConv2d: dequantized once for all bands
-    if weight.dtype != x.dtype:     # autocast or mixed dtypes: the module's own path
+    if weight.dtype != x.dtype:     # mixed dtypes: the module's own path
         return type(self).forward(self, x)
     rows = max(1, limit // row_bytes)
     ph, pw = self.padding
-    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    nhwc = any(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in (x, weight))
     out = torch.empty(n, self.out_channels, h, w, dtype=x.dtype, device=x.device,   # the layout conv2d would give
                       memory_format=torch.channels_last if nhwc else torch.contiguous_format)
     for a in range(0, h, rows):
@@ -111,6 +113,7 @@ def lean_vae_decode(vae: nn.Module, conv_chunk_bytes: int | None = DEFAULT_CONV_
         return 0
     if conv_chunk_bytes is not None and conv_chunk_bytes < 1:
         raise ValueError(f"conv_chunk_bytes must be positive (or None for no banding), got {conv_chunk_bytes}")
+    undo_lean_vae_decode(vae)   # a second call replaces the first one's settings
     n = 0
     for m in decoder.modules():
         if _eligible(m):
@@ -130,6 +133,7 @@ def undo_lean_vae_decode(vae: nn.Module) -> int:
         if "forward" in vars(m) and getattr(m.forward, "__func__", None) in (_lean_resnet_forward,
                                                                               _banded_conv_forward):
             del m.forward
+            m.__dict__.pop("_quantsd_chunk_bytes", None)
             n += 1
     return n
 

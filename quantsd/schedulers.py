@@ -10,38 +10,38 @@ hiding behind it, that costs ~0.1 s per 50-step SD1.5 image on an H200.
 
 :func:`make_sync_free` keeps a host copy of the schedule (taken in ``set_timesteps`` before the
 move to the device, so that needs no sync either).  A pipeline passes ``step`` an element of
-``scheduler.timesteps`` (a 0-dim view into its storage, also after slicing as img2img does), so
-its position, and so its value, can be read from the view's storage offset without touching the
-GPU.  Any other timestep (a Python number, a CPU tensor, a tensor from elsewhere, a schedule
-edited in place) takes diffusers' path unchanged.  The instance's methods are rebound (the
-class and config stay diffusers'), so saving or swapping the scheduler works as before.
+``scheduler.timesteps`` (a 0-dim view into the schedule's storage, also after slicing as img2img
+does), so its position in the schedule ``set_timesteps`` built, and so its value, follows from
+the view's storage offset without touching the GPU.  Any other timestep (a Python number, a CPU
+tensor, a tensor from elsewhere) takes diffusers' path unchanged, as does a schedule edited in
+place outside inference mode; edits made inside inference mode or through ``.data`` are not seen
+(those tensors keep no version counter) and would be read from the stale host copy.
+
+The scheduler instance's class is switched to a subclass that keeps the diffusers class's name,
+module and method signatures (pipelines read ``step``'s signature to pass ``eta``/``generator``),
+so configs, ``save_pretrained``, ``copy`` and pickling (which restores the plain diffusers class)
+behave as before.
 """
 
 from __future__ import annotations
 
-import types
+import copy
+import copyreg
+import inspect
 
 import torch
 
-__all__ = ["make_sync_free", "is_sync_free", "SYNC_FREE_SCHEDULERS"]
+__all__ = ["make_sync_free", "undo_sync_free", "is_sync_free", "SYNC_FREE_SCHEDULERS"]
 
 # classes whose step() only needs the timestep's value, and whose set_timesteps() builds the
 # schedule on the host and moves it to ``device`` last
 SYNC_FREE_SCHEDULERS = ("PNDMScheduler", "DDIMScheduler")
 
-
-def _set_timesteps(self, num_inference_steps: int, device=None, *args, **kwargs):
-    type(self).set_timesteps(self, num_inference_steps, None, *args, **kwargs)   # on the host
-    host = self.timesteps
-    self._quantsd_host_timesteps = host.tolist()
-    if device is not None:
-        self.timesteps = host.to(device)
-    self._quantsd_version = (self.timesteps.untyped_storage().data_ptr(), _version_of(self.timesteps))
+_SUBCLASSES: dict[type, type] = {}
 
 
 def _version_of(t: torch.Tensor) -> int:
-    """In-place version counter of ``t`` (-1 for inference-mode tensors, which have none and which
-    only inference-mode code can edit)."""
+    """In-place version counter of ``t`` (-1 for inference-mode tensors, which have none)."""
     try:
         return t._version
     except RuntimeError:
@@ -49,40 +49,98 @@ def _version_of(t: torch.Tensor) -> int:
 
 
 def _host_value(self, timestep: torch.Tensor):
-    """The value of ``timestep`` read from the host copy, when ``timestep`` is an element of this
-    schedule (``scheduler.timesteps[i]`` or an iteration over it or a slice of it: a 0-dim view
-    into the same storage); None otherwise."""
-    ts = self.timesteps
-    host = getattr(self, "_quantsd_host_timesteps", None)
-    if host is None or timestep.dim() != 0 or ts.dim() != 1 or ts.stride(0) < 1:
+    """The value of ``timestep`` read from the host copy, when ``timestep`` is a 0-dim view of the
+    schedule ``set_timesteps`` built (``timesteps[i]``, iteration, slices of it); None otherwise."""
+    sched = self.__dict__.get("_quantsd_schedule")
+    if sched is None or timestep.dim() != 0:
         return None
-    storage = ts.untyped_storage().data_ptr()
-    if timestep.untyped_storage().data_ptr() != storage or (storage, _version_of(ts)) != self._quantsd_version:
-        return None   # not a view of the schedule, or the schedule was replaced or edited in place
-    offset = timestep.storage_offset() - ts.storage_offset()
-    i, rem = divmod(offset, ts.stride(0))
+    base, host, version = sched
+    if (timestep.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
+            or _version_of(base) != version):
+        return None   # not a view of the schedule, or the schedule was edited in place
+    i, rem = divmod(timestep.storage_offset() - base.storage_offset(), base.stride(0))
     if rem or not 0 <= i < len(host):
         return None
     return host[i]
 
 
-def _step(self, model_output, timestep, sample, *args, **kwargs):
-    if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
-        value = _host_value(self, timestep)
-        if value is not None:
-            timestep = value
-    return type(self).step(self, model_output, timestep, sample, *args, **kwargs)
+def _subclass(cls: type) -> type:
+    """``cls`` with the host-timestep ``set_timesteps``/``step``, under ``cls``'s own name."""
+    sub = _SUBCLASSES.get(cls)
+    if sub is not None:
+        return sub
+
+    def set_timesteps(self, num_inference_steps, device=None, *args, **kwargs):
+        cls.set_timesteps(self, num_inference_steps, None, *args, **kwargs)   # built on the host
+        host = self.timesteps
+        if device is not None:
+            self.timesteps = host.to(device)
+        if self.timesteps.dim() == 1 and self.timesteps.stride(0) >= 1:
+            self._quantsd_schedule = (self.timesteps, host.tolist(), _version_of(self.timesteps))
+        else:
+            self.__dict__.pop("_quantsd_schedule", None)
+
+    def step(self, model_output, timestep, *args, **kwargs):
+        if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
+            value = _host_value(self, timestep)
+            if value is not None:
+                timestep = value
+        return cls.step(self, model_output, timestep, *args, **kwargs)
+
+    # pipelines inspect these signatures (eta, generator, custom timesteps): show the real ones
+    set_timesteps.__signature__ = inspect.signature(cls.set_timesteps)
+    step.__signature__ = inspect.signature(cls.step)
+    for fn, name in ((set_timesteps, "set_timesteps"), (step, "step")):
+        fn.__doc__ = getattr(cls, name).__doc__
+        fn.__qualname__ = f"{cls.__qualname__}.{name}"
+    def __reduce_ex__(self, protocol):
+        # pickles name the plain diffusers class (and need no quantsd to load): correct, not sync-free
+        state = {k: v for k, v in self.__dict__.items() if k != "_quantsd_schedule"}
+        return copyreg._reconstructor, (cls, object, None), state
+
+    def __copy__(self):
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        sched = new.__dict__.get("_quantsd_schedule")
+        if sched is not None:   # a deep-copied tensor starts a new version count
+            new._quantsd_schedule = (sched[0], sched[1], _version_of(sched[0]))
+        return new
+
+    # same name, module and qualname as ``cls``: saved configs name the diffusers class
+    sub = type(cls.__name__, (cls,), {"set_timesteps": set_timesteps, "step": step, "_quantsd_base": cls,
+                                      "__reduce_ex__": __reduce_ex__, "__copy__": __copy__,
+                                      "__deepcopy__": __deepcopy__,
+                                      "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    _SUBCLASSES[cls] = sub
+    return sub
 
 
 def make_sync_free(scheduler) -> bool:
-    """Rebind ``set_timesteps``/``step`` of a PNDM or DDIM scheduler instance to the host-timestep
-    versions; returns False (and changes nothing) for other schedulers."""
+    """Switch a PNDM or DDIM scheduler instance to the host-timestep ``set_timesteps``/``step``;
+    returns False (and changes nothing) for other schedulers."""
+    if is_sync_free(scheduler):
+        return True
     if type(scheduler).__name__ not in SYNC_FREE_SCHEDULERS:
         return False
-    scheduler.set_timesteps = types.MethodType(_set_timesteps, scheduler)
-    scheduler.step = types.MethodType(_step, scheduler)
+    scheduler.__class__ = _subclass(type(scheduler))
+    return True
+
+
+def undo_sync_free(scheduler) -> bool:
+    """Back to the plain diffusers class; returns whether anything changed."""
+    base = type(scheduler).__dict__.get("_quantsd_base")
+    if base is None:
+        return False
+    scheduler.__class__ = base
+    scheduler.__dict__.pop("_quantsd_schedule", None)
     return True
 
 
 def is_sync_free(scheduler) -> bool:
-    return getattr(vars(scheduler).get("step"), "__func__", None) is _step
+    return "_quantsd_base" in type(scheduler).__dict__

@@ -65,3 +65,36 @@ def test_compile_guards_are_validated():
     assert r.exit_code != 0 and "--compile-guards" in r.output
     r = CliRunner().invoke(main, ["bench", "--help"])
     assert "--compile-guards" in r.output
+
+
+def test_minimal_guards_keep_two_models_apart():
+    """Dynamo's compiled code is per code object: without module guards a second UNet of the same
+    class would run the first one's graph.  Each minimal-guard compile gets its own code object."""
+    torch._dynamo.reset()
+    a = load_pipeline("tiny").unet.eval()
+    b = load_pipeline("tiny").unet.eval()
+    lin = b.down_blocks[0].attentions[0].proj_in if hasattr(b.down_blocks[0], "attentions") else None
+    assert isinstance(lin, torch.nn.Module)
+
+    class Negate(type(lin)):
+        def forward(self, x):
+            return -super().forward(x)
+
+    lin.__class__ = Negate                   # b's layout differs from a's, its parameters do not
+    g = torch.Generator().manual_seed(1)
+    lat = torch.randn(1, 4, 16, 16, generator=g)
+    ctx = torch.randn(1, 77, a.config.cross_attention_dim, generator=g)
+    with torch.inference_mode():
+        want_a = a(lat, 10, encoder_hidden_states=ctx).sample
+        want_b = b(lat, 10, encoder_hidden_states=ctx).sample
+    assert not torch.allclose(want_a, want_b)
+    ca = compile_unet(a, guards="minimal", backend="eager")
+    cb = compile_unet(b, guards="minimal", backend="eager")
+    try:
+        with torch.inference_mode():
+            got = [ca(lat, 10, encoder_hidden_states=ctx).sample, cb(lat, 10, encoder_hidden_states=ctx).sample,
+                   ca(lat, 10, encoder_hidden_states=ctx).sample]
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got[0], want_a) and torch.equal(got[1], want_b) and torch.equal(got[2], want_a)
+    assert compile_unet(torch.nn.Linear(2, 2), mode=None, guards="minimal", backend="inductor") is not None

@@ -207,6 +207,16 @@ def test_lean_decode_bands_large_convolutions_only():
         got = vae.decode(z, return_dict=False)[0]
     assert len(calls.rows) > len(convs)               # some convolutions ran in several bands
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-    assert undo_lean_vae_decode(vae) == n and not any("forward" in vars(c) for c in convs)
+    assert lean_vae_decode(vae, conv_chunk_bytes=None) == resnets    # re-applying replaces the bands
+    assert not any("forward" in vars(c) for c in convs)
+    assert lean_vae_decode(vae, conv_chunk_bytes=16 * 1024) == n
+    assert undo_lean_vae_decode(vae) == n and not any("forward" in vars(c) or hasattr(c, "_quantsd_chunk_bytes")
+                                                      for c in convs)
+    conv = banded[0]
+    lean_vae_decode(vae, conv_chunk_bytes=1)
+    xb = torch.randn(1, conv.in_channels, 9, 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), _ConvCalls() as calls:
+        assert conv(xb).dtype == torch.bfloat16        # autocast: the module's own forward, one call
+    assert calls.rows == [9]
     with pytest.raises(ValueError, match="conv_chunk_bytes"):
         lean_vae_decode(vae, conv_chunk_bytes=0)

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
 
 from quantsd.generate import generate
-from quantsd.schedulers import _host_value, is_sync_free, make_sync_free
+from quantsd.schedulers import _host_value, is_sync_free, make_sync_free, undo_sync_free
 
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -41,25 +41,61 @@ def test_sync_free_step_gives_the_same_samples(cls):
         _run(ref, "meta")
 
 
-def test_host_value_only_for_views_of_the_current_schedule():
+def test_host_value_only_for_views_of_the_schedule():
     _, fast = _pair(PNDMScheduler)
     fast.set_timesteps(10)
     ts = fast.timesteps
     host = ts.tolist()
     assert [_host_value(fast, t) for t in ts] == host
     assert [_host_value(fast, t) for t in ts[4:]] == host[4:]     # img2img slices the schedule
+    assert [_host_value(fast, t) for t in ts[::2]] == host[::2]
+    fast.timesteps = ts[3:]                                         # reassigned to a slice of itself
+    assert [_host_value(fast, t) for t in fast.timesteps] == host[3:]
     assert _host_value(fast, ts[3].clone()) is None                 # not a view: diffusers' path
     assert _host_value(fast, torch.tensor(host[3])) is None
     ts.add_(0)                                                      # edited in place: stale copy
     assert _host_value(fast, ts[3]) is None
     fast.set_timesteps(10)
-    fast.timesteps = fast.timesteps.flip(0).clone()                 # replaced: stale copy
+    fast.timesteps = fast.timesteps.flip(0).clone()                 # replaced: not the schedule
     assert _host_value(fast, fast.timesteps[0]) is None
+
+
+def test_sync_free_scheduler_looks_like_diffusers(tmp_path):
+    import copy
+    import inspect
+    import pickle
+
+    from diffusers import StableDiffusionPipeline
+
+    ref, fast = _pair(DDIMScheduler)
+    assert type(fast).__name__ == "DDIMScheduler" and isinstance(fast, DDIMScheduler)
+    # pipelines pass eta/generator only when step's signature names them
+    assert inspect.signature(fast.step).parameters.keys() == inspect.signature(ref.step).parameters.keys()
+    fake = type("P", (), {"scheduler": fast})()
+    extra = StableDiffusionPipeline.prepare_extra_step_kwargs(fake, torch.Generator(), 1.0)
+    assert extra["eta"] == 1.0 and "generator" in extra
+    fast.save_config(tmp_path)
+    import json
+
+    assert json.loads((tmp_path / "scheduler_config.json").read_text())["_class_name"] == "DDIMScheduler"
+    loaded = DDIMScheduler.from_pretrained(tmp_path)
+    assert {k: loaded.config[k] for k in ref.config if not k.startswith("_")} == {
+        k: v for k, v in ref.config.items() if not k.startswith("_")}
+    c = copy.copy(fast)                       # an independent sync-free scheduler
+    c.set_timesteps(7)
+    fast.set_timesteps(5)
+    assert is_sync_free(c) and len(c.timesteps) == 7 and len(fast.timesteps) == 5
+    d = copy.deepcopy(fast)
+    assert is_sync_free(d) and [_host_value(d, t) for t in d.timesteps] == fast.timesteps.tolist()
+    back = pickle.loads(pickle.dumps(fast))   # comes back as the plain diffusers class
+    assert type(back) is DDIMScheduler and torch.equal(back.timesteps, fast.timesteps)
+    assert make_sync_free(fast) and undo_sync_free(fast) and type(fast) is DDIMScheduler
+    assert not undo_sync_free(fast)
 
 
 def test_other_schedulers_are_left_alone():
     e = EulerDiscreteScheduler(**SD)
-    assert not make_sync_free(e) and "step" not in vars(e)
+    assert not make_sync_free(e) and type(e) is EulerDiscreteScheduler and not is_sync_free(e)
 
 
 def test_generate_uses_it_without_changing_the_image():
