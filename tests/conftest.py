@@ -4,6 +4,14 @@ from pathlib import Path
 import pytest
 import torch
 
+try:  # property tests draw the same examples on every run: CI results do not depend on luck
+    from hypothesis import settings as _hsettings
+
+    _hsettings.register_profile("quantsd", derandomize=True, deadline=None)
+    _hsettings.load_profile("quantsd")
+except ImportError:  # pragma: no cover
+    pass
+
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("QUANTSD_ASSETS", REPO.parent / "shared" / "assets"))
 
