@@ -106,6 +106,17 @@ def test_reports_written(tmp_path):
     assert not list((tmp_path / "out").glob(".*.tmp"))
 
 
+def test_select_configs_keeps_run_order_and_names_the_valid_ones():
+    from quantsd.bench.core import default_configs, select_configs
+
+    cfgs = default_configs(recipe=True, compile=True)
+    assert select_configs(cfgs, ()) == cfgs
+    got = select_configs(cfgs, ["packed-compiled", "fp16-sdpa-compiled"])
+    assert [c.name for c in got] == ["fp16-sdpa-compiled", "packed-compiled"]
+    with pytest.raises(ValueError, match="packed-compiled"):     # the message lists what exists
+        select_configs(default_configs(recipe=True, compile=False), ["packed-compiled"])
+
+
 def test_markdown_names_lean_runs():
     res = _fake_results()
     assert "lean VAE decode" not in markdown_report(res)
@@ -155,6 +166,8 @@ def test_cli_bench_help_and_errors(tmp_path):
     assert r.exit_code == 0 and "--max-res-cap-gb" in r.output and "--compile" in r.output
     r = CliRunner().invoke(main, ["bench", "--max-res-cfg", "nope", "-o", str(tmp_path)])
     assert r.exit_code != 0 and "nope" in r.output
+    r = CliRunner().invoke(main, ["bench", "--only", "packed", "-o", str(tmp_path)])   # no recipe: no packed row
+    assert r.exit_code != 0 and "--only" in r.output and "fp16-sdpa" in r.output
     r = CliRunner().invoke(main, ["bench", "--max-res-ff-chunk", "-5", "-o", str(tmp_path)])
     assert r.exit_code != 0 and "--max-res-ff-chunk" in r.output
     r = CliRunner().invoke(main, ["bench", "--schedulers", "dpm,heun", "-o", str(tmp_path)])
@@ -164,5 +177,6 @@ def test_cli_bench_help_and_errors(tmp_path):
         assert r.exit_code != 0 and "CUDA" in r.output
         # the new options parse and validate before the CUDA check: only the missing GPU stops them
         r = CliRunner().invoke(main, ["bench", "-m", "tiny", "--lean", "--schedulers", "dpm,ddim", "--max-res-ff-chunk", "0",
+                                      "--only", "fp16-sdpa",
                                       "-o", str(tmp_path / "b")])
         assert r.exit_code != 0 and "no CUDA device" in r.output and not (tmp_path / "b").exists()

@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["BenchConfig", "cuda_time_ms", "default_configs", "binary_search_max", "weight_bytes", "to_packed", "Bench",
+__all__ = ["BenchConfig", "cuda_time_ms", "default_configs", "select_configs", "binary_search_max", "weight_bytes", "to_packed", "Bench",
            "write_reports", "markdown_report", "plot_time_vs_pixels", "sdpa_report"]
 
 
@@ -108,6 +108,18 @@ class BenchConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+
+
+def select_configs(configs: list[BenchConfig], names: Sequence[str] | None) -> list[BenchConfig]:
+    """``configs`` restricted to ``names`` (None: all), in run order; unknown names are an error
+    that lists the valid ones."""
+    if not names:
+        return configs
+    known = [c.name for c in configs]
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ValueError(f"unknown configuration(s) {bad}; this run has {', '.join(known)}")
+    return [c for c in configs if c.name in names]
 
 
 def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
@@ -366,6 +378,7 @@ class Bench:
     lean: bool = False                 # every configuration: lean VAE decode + VAE encoder dropped
     max_res_ff_chunk: int | None = 4096  # max-res probes: UNet feed-forwards over <= this many tokens (None: off)
     compile_guards: str = "full"       # compiled configurations: "minimal" = no per-call module-attribute guards
+    only: tuple[str, ...] = ()         # run only these of the default configurations (names)
     configs: list[BenchConfig] | None = None
     log: Callable[[str], None] = print
     results: dict = field(default_factory=dict)
@@ -429,7 +442,7 @@ class Bench:
         self._deadline = None if self.time_budget_s is None else time.monotonic() + self.time_budget_s
         recipe = load_recipe(self.recipe) if self.recipe is not None else None
         has_q = recipe is not None or self.checkpoint is not None
-        configs = self.configs or default_configs(has_q, self.compile)
+        configs = self.configs or select_configs(default_configs(has_q, self.compile), self.only)
         props = torch.cuda.get_device_properties(dev)
         import triton
 
@@ -438,7 +451,7 @@ class Bench:
                      "steps": self.steps, "guidance": self.guidance, "height": self.height, "width": self.width,
                      "batch": 1, "compile": self.compile, "caps_gb": list(self.caps_gb), "lean": self.lean,
                      "max_res_ff_chunk": self.max_res_ff_chunk, "sync_free_scheduler": True,
-                     "compile_guards": self.compile_guards,
+                     "compile_guards": self.compile_guards, "only": list(self.only),
                      "gpu": props.name, "gpu_memory_bytes": props.total_memory, "torch": torch.__version__,
                      "triton": triton.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
             "configs": [],

@@ -26,6 +26,9 @@ def _caps(ctx, param, value):
 @click.option("--height", default=512, show_default=True, type=int)
 @click.option("--width", default=512, show_default=True, type=int)
 @click.option("--compile", "compile_", is_flag=True, help="Also bench torch.compile (reduce-overhead) variants.")
+@click.option("--only", default="", metavar="NAMES",
+              help="Run only these configurations (comma-separated: fp16-sdpa, packed, fp32-classic, "
+                   "fp16-sdpa-compiled, packed-compiled); the default is all of them.")
 @click.option("--compile-guards", type=click.Choice(["full", "minimal"]), default="full", show_default=True,
               help="Compiled configurations: 'minimal' skips Dynamo's per-call module-attribute checks.")
 @click.option("--max-res-cap-gb", "caps", default="8,4", show_default=True, callback=_caps,
@@ -41,7 +44,7 @@ def _caps(ctx, param, value):
 @click.option("--lean", is_flag=True,
               help="Every configuration with the lean VAE decode and without the VAE encoder (text-to-image memory).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile_, compile_guards, caps,
+def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile_, only, compile_guards, caps,
               max_res_cfg, max_res_ff_chunk, time_budget, image_repeats, schedulers, lean, out) -> None:
     """Speed, memory and max resolution of MODEL (fp32 classic-attention and fp16 SDPA baselines
     always; the quantized model with --recipe or a packed CHECKPOINT) on CUDA. Writes
@@ -63,12 +66,19 @@ def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile
     if bad:
         raise click.BadParameter(f"unknown scheduler(s) {bad}; valid: {', '.join(x for x in SCHEDULERS if x != 'default')}",
                                  param_hint="--schedulers")
+    from ..bench.core import default_configs, select_configs
+
+    only_names = tuple(x for x in only.split(",") if x)
+    try:
+        select_configs(default_configs(bool(recipe or checkpoint), compile_), only_names)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--only") from None
     if not torch.cuda.is_available():
         raise click.ClickException("quantsd bench measures CUDA speed and memory: no CUDA device here")
     b = Bench(model=model, recipe=recipe, checkpoint=checkpoint, steps=steps, guidance=guidance, height=height,
               width=width, compile=compile_, caps_gb=caps, max_res_modes=modes, out_dir=out,
               time_budget_s=time_budget, image_repeats=image_repeats, schedulers=scheds, lean=lean,
-              max_res_ff_chunk=max_res_ff_chunk or None, compile_guards=compile_guards,
+              max_res_ff_chunk=max_res_ff_chunk or None, compile_guards=compile_guards, only=only_names,
               log=lambda s: click.echo(s, err=True))
     results = b.run()
     click.echo(markdown_report(results))
