@@ -12,6 +12,7 @@ import itertools
 import os
 import tempfile
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -36,28 +37,34 @@ def compile_unet(unet, mode: str | None = "reduce-overhead", guards: str = "full
     (SD1.5: ~0.16 ms dense, ~0.31 ms packed on a CPU host; more on the H200's), which a per-step
     sync makes part of the step time.  Dynamo keeps compiled code per code object, shared by
     every module of a class, and without module guards it could not tell two UNets apart: so
-    the module's ``forward`` is replaced by a compiled wrapper with a code object of its own
-    (the module itself is returned, compiled in place).  Only valid while nothing edits the
-    module after its first call (swap a layer, change a dtype, load other weights: compile a
-    fresh module)."""
+    the module's ``forward`` is replaced, in place, by a compiled method whose code object is its
+    own, traced as one graph (``fullgraph=True``: a graph break would hand inner frames back to
+    the shared code objects, so it is an error instead).  The module itself is returned.  Needs
+    the class's own ``forward`` (no hooks, offload or an earlier compile on the instance), and is
+    only valid while nothing edits the module after its first call (swap a layer, change a
+    dtype: compile a fresh module); parameters may change, they are read on every call."""
     if guards not in COMPILE_GUARDS:
         raise ValueError(f"compile guards must be one of {', '.join(COMPILE_GUARDS)}, got {guards!r}")
     if guards == "full":
         return torch.compile(unet, mode=mode, backend=backend) if backend == "inductor" else \
             torch.compile(unet, backend=backend)
+    if "forward" in vars(unet):
+        raise ValueError("compile_unet(guards='minimal') needs the module's own forward, but this module's forward "
+                         "was replaced (hooks, CPU offload, or an earlier compile): use guards='full'")
     from torch._inductor import list_mode_options
 
     # torch.compile takes a mode or options, not both: the mode's own options plus the filter
     use_mode = backend == "inductor" and mode not in (None, "default")
     options = dict(list_mode_options(mode)) if use_mode else {}
     options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-    call = unet.forward          # the module's forward (or whatever hooks put there)
+    cls_forward = type(unet).forward
 
-    def forward(*args, **kwargs):
-        return call(*args, **kwargs)
+    def forward(self, *args, **kwargs):
+        return cls_forward(self, *args, **kwargs)
 
     forward.__code__ = forward.__code__.replace(co_name=f"quantsd_compiled_forward_{next(_COMPILED)}")
-    unet.forward = torch.compile(forward, backend=backend, options=options)
+    compiled = torch.compile(forward, backend=backend, options=options, fullgraph=True)
+    unet.forward = types.MethodType(compiled, unet)   # a deep copy rebinds it to the copy
     return unet
 
 

@@ -55,7 +55,7 @@ def _host_value(self, timestep: torch.Tensor):
     if sched is None or timestep.dim() != 0:
         return None
     base, host, version = sched
-    if (timestep.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
+    if (timestep.dtype != base.dtype or timestep.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()
             or _version_of(base) != version):
         return None   # not a view of the schedule, or the schedule was edited in place
     i, rem = divmod(timestep.storage_offset() - base.storage_offset(), base.stride(0))
@@ -107,9 +107,12 @@ def _subclass(cls: type) -> type:
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        sched = new.__dict__.get("_quantsd_schedule")
-        if sched is not None:   # a deep-copied tensor starts a new version count
-            new._quantsd_schedule = (sched[0], sched[1], _version_of(sched[0]))
+        old, sched = self.__dict__.get("_quantsd_schedule"), new.__dict__.get("_quantsd_schedule")
+        if sched is not None:
+            if _version_of(old[0]) != old[2]:   # already stale here: stale in the copy too
+                del new._quantsd_schedule
+            else:                              # a deep-copied tensor starts a new version count
+                new._quantsd_schedule = (sched[0], sched[1], _version_of(sched[0]))
         return new
 
     # same name, module and qualname as ``cls``: saved configs name the diffusers class
@@ -117,8 +120,7 @@ def _subclass(cls: type) -> type:
                                       "__reduce_ex__": __reduce_ex__, "__copy__": __copy__,
                                       "__deepcopy__": __deepcopy__,
                                       "__module__": cls.__module__, "__qualname__": cls.__qualname__})
-    _SUBCLASSES[cls] = sub
-    return sub
+    return _SUBCLASSES.setdefault(cls, sub)   # one subclass per class, also when threads race
 
 
 def make_sync_free(scheduler) -> bool:

@@ -98,3 +98,31 @@ def test_minimal_guards_keep_two_models_apart():
         torch._dynamo.reset()
     assert torch.equal(got[0], want_a) and torch.equal(got[1], want_b) and torch.equal(got[2], want_a)
     assert compile_unet(torch.nn.Linear(2, 2), mode=None, guards="minimal", backend="inductor") is not None
+
+
+def test_minimal_guards_copies_graph_breaks_and_hooks():
+    import copy
+
+    torch._dynamo.reset()
+    try:
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).eval()
+        x = torch.randn(3, 4)
+        compile_unet(net, guards="minimal", backend="eager")
+        twin = copy.deepcopy(net)
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.zero_()
+            assert torch.equal(twin(x), torch.zeros(3, 2))      # the copy runs its own weights
+            assert not torch.equal(net(x), torch.zeros(3, 2))
+        with pytest.raises(ValueError, match="own forward"):     # compiled twice / hooked forward
+            compile_unet(net, guards="minimal", backend="eager")
+
+        class Breaks(torch.nn.Module):
+            def forward(self, x):
+                torch._dynamo.graph_break()   # inner frames would go back to shared code objects
+                return x + 1
+
+        with pytest.raises(Exception):
+            compile_unet(Breaks(), guards="minimal", backend="eager")(x)
+    finally:
+        torch._dynamo.reset()

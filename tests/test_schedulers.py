@@ -87,6 +87,12 @@ def test_sync_free_scheduler_looks_like_diffusers(tmp_path):
     assert is_sync_free(c) and len(c.timesteps) == 7 and len(fast.timesteps) == 5
     d = copy.deepcopy(fast)
     assert is_sync_free(d) and [_host_value(d, t) for t in d.timesteps] == fast.timesteps.tolist()
+    fast.timesteps.add_(1)                    # stale here: stale in a deep copy too
+    assert _host_value(fast, fast.timesteps[0]) is None
+    d2 = copy.deepcopy(fast)
+    assert _host_value(d2, d2.timesteps[0]) is None
+    fast.set_timesteps(5)
+    assert _host_value(fast, fast.timesteps.view(torch.int32)[2]) is None   # another dtype's view
     back = pickle.loads(pickle.dumps(fast))   # comes back as the plain diffusers class
     assert type(back) is DDIMScheduler and torch.equal(back.timesteps, fast.timesteps)
     assert make_sync_free(fast) and undo_sync_free(fast) and type(fast) is DDIMScheduler

@@ -378,7 +378,7 @@ class Bench:
     lean: bool = False                 # every configuration: lean VAE decode + VAE encoder dropped
     max_res_ff_chunk: int | None = 4096  # max-res probes: UNet feed-forwards over <= this many tokens (None: off)
     compile_guards: str = "full"       # compiled configurations: "minimal" = no per-call module-attribute guards
-    only: tuple[str, ...] = ()         # run only these of the default configurations (names)
+    only: tuple[str, ...] = ()         # run only these of the default configurations (ignored with ``configs``)
     configs: list[BenchConfig] | None = None
     log: Callable[[str], None] = print
     results: dict = field(default_factory=dict)
@@ -613,6 +613,7 @@ def markdown_report(results: dict) -> str:
              f"{meta.get('diffusers')} · {meta.get('height')}x{meta.get('width')}, {meta.get('steps')} steps, "
              f"CFG {meta.get('guidance')}, batch 1{' · lean VAE decode, VAE encoder dropped' if meta.get('lean') else ''}"
              f"{' · compiled with minimal guards' if meta.get('compile_guards') == 'minimal' and meta.get('compile') else ''}"
+             f"{' · only ' + ', '.join(meta['only']) if meta.get('only') else ''}"
              f"{' · max-res probes with feed-forward chunks of ' + str(meta['max_res_ff_chunk']) + ' tokens' if meta.get('max_res_ff_chunk') and meta.get('caps_gb') else ''}"
              f" · started {meta.get('started')}, finished {meta.get('finished', '(cut short)')}",
              ""]

@@ -68,11 +68,12 @@ def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile
                                  param_hint="--schedulers")
     from ..bench.core import default_configs, select_configs
 
-    only_names = tuple(x for x in only.split(",") if x)
+    only_names = tuple(x.strip() for x in only.split(",") if x.strip())
     try:
         select_configs(default_configs(bool(recipe or checkpoint), compile_), only_names)
     except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--only") from None
+        hint = " (compiled configurations need --compile)" if any(n.endswith("-compiled") for n in only_names) else ""
+        raise click.BadParameter(f"{e}{hint}", param_hint="--only") from None
     if not torch.cuda.is_available():
         raise click.ClickException("quantsd bench measures CUDA speed and memory: no CUDA device here")
     b = Bench(model=model, recipe=recipe, checkpoint=checkpoint, steps=steps, guidance=guidance, height=height,
