@@ -53,6 +53,16 @@ def test_binary_search_edges_and_deadline():
         binary_search_max(lambda s: True, 1000, 900)
 
 
+def test_binary_search_skips_a_lo_known_to_fit():
+    seen = []
+    fits = lambda s: seen.append(s) or s <= 4032  # noqa: E731
+    full = binary_search_max(fits, 256, 8192)
+    seen.clear()
+    warm = binary_search_max(fits, 3008, 8192, lo_fits=True)   # e.g. the answer under a smaller cap
+    assert warm["max"] == full["max"] == 4032 and 3008 not in seen
+    assert len(warm["probes"]) < len(full["probes"])
+
+
 def test_weight_bytes_counts_params_and_buffers_once():
     m = torch.nn.Linear(10, 4)
     m.register_buffer("b", torch.zeros(3, dtype=torch.float16))

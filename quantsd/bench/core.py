@@ -39,12 +39,13 @@ __all__ = ["BenchConfig", "cuda_time_ms", "default_configs", "select_configs", "
 
 # --------------------------------------------------------------------------- pure logic (CPU-tested)
 def binary_search_max(fits: Callable[[int], bool], lo: int, hi: int, step: int = 64,
-                      deadline: float | None = None) -> dict:
+                      deadline: float | None = None, lo_fits: bool = False) -> dict:
     """Largest multiple of ``step`` in [lo, hi] with ``fits(s)`` True, assuming monotonicity.
 
     Returns {"max": s or None, "fit": largest s seen fitting, "fail": smallest s seen failing,
     "probes": [(s, ok), ...], "complete": bool}.  ``lo`` is probed first (if it fails the answer
-    is None); stops early (complete=False) when ``time.monotonic()`` passes ``deadline``.
+    is None) unless ``lo_fits`` says it is known to fit (e.g. found under a smaller cap); stops
+    early (complete=False) when ``time.monotonic()`` passes ``deadline``.
     """
     lo = int(math.ceil(lo / step)) * step
     hi = int(hi // step) * step
@@ -57,7 +58,7 @@ def binary_search_max(fits: Callable[[int], bool], lo: int, hi: int, step: int =
 
     if lo > hi:
         raise ValueError(f"empty search range [{lo}, {hi}] for step {step}")
-    if not probe(lo):
+    if not lo_fits and not probe(lo):
         return {"max": None, "fit": None, "fail": lo, "probes": probes, "complete": True}
     good, bad = lo, None
     if probe(hi):
@@ -297,16 +298,17 @@ def fits_under_cap(pipe, side: int, cfg_mode: str = "sequential") -> bool:
 
 
 def max_resolution(pipe, cap_gb: float, cfg_mode: str, lo: int = 256, hi: int = 8192,
-                   deadline: float | None = None) -> dict:
+                   deadline: float | None = None, lo_fits: bool = False) -> dict:
     """Largest square side (multiple of 64) whose probe fits with the caching allocator capped at
-    ``cap_gb`` GiB (``torch.cuda.set_per_process_memory_fraction``; resident weights count)."""
+    ``cap_gb`` GiB (``torch.cuda.set_per_process_memory_fraction``; resident weights count).
+    ``lo_fits``: ``lo`` is known to fit (the answer under a smaller cap), so it is not probed."""
     total = torch.cuda.get_device_properties(pipe.unet.device).total_memory
     frac = min(1.0, cap_gb * 2**30 / total)
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(frac, pipe.unet.device)
     try:
-        res = binary_search_max(lambda s: fits_under_cap(pipe, s, cfg_mode), lo, hi, 64, deadline)
+        res = binary_search_max(lambda s: fits_under_cap(pipe, s, cfg_mode), lo, hi, 64, deadline, lo_fits)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, pipe.unet.device)
         pipe.vae.disable_tiling()
@@ -544,9 +546,12 @@ class Bench:
                 except Exception as e:
                     entry[f"max_res_{mode}"] = {"error": f"build: {type(e).__name__}: {e}"}
                     continue
-                for cap in self.caps_gb:
-                    self._step(entry, f"max_res_{mode}_{cap:g}gb",
-                               lambda: max_resolution(pipe, cap, mode, lo=256, hi=8192, deadline=self._deadline))
+                known = None   # caps in increasing order: what fits under one cap fits under the next
+                for cap in sorted(self.caps_gb):
+                    res = self._step(entry, f"max_res_{mode}_{cap:g}gb",
+                                     lambda: max_resolution(pipe, cap, mode, lo=known or 256, hi=8192,
+                                                            deadline=self._deadline, lo_fits=known is not None))
+                    known = res.get("max") if isinstance(res, dict) and res.get("max") else known
                 del pipe
                 gc.collect()
                 torch.cuda.empty_cache()
