@@ -33,7 +33,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["BenchConfig", "cuda_time_ms", "default_configs", "select_configs", "binary_search_max", "weight_bytes", "to_packed", "Bench",
+__all__ = ["BenchConfig", "cuda_time_ms", "default_configs", "select_configs", "binary_search_max", "weight_bytes",
+           "to_packed", "Bench",
            "write_reports", "markdown_report", "plot_time_vs_pixels", "sdpa_report"]
 
 
@@ -610,16 +611,27 @@ def summary_rows(results: dict) -> list[dict]:
     return rows
 
 
+def _run_notes(meta: dict) -> str:
+    """The run's non-default settings, as " · "-separated notes for the report header."""
+    notes = []
+    if meta.get("lean"):
+        notes.append("lean VAE decode, VAE encoder dropped")
+    if meta.get("compile") and meta.get("compile_guards") == "minimal":
+        notes.append("compiled with minimal guards")
+    if meta.get("only"):
+        notes.append("only " + ", ".join(meta["only"]))
+    if meta.get("max_res_ff_chunk") and meta.get("caps_gb"):
+        notes.append(f"max-res probes with feed-forward chunks of {meta['max_res_ff_chunk']} tokens")
+    return "".join(f" · {n}" for n in notes)
+
+
 def markdown_report(results: dict) -> str:
     meta = results.get("meta", {})
     lines = [f"# quantsd bench: {meta.get('model')} ({meta.get('recipe') or meta.get('checkpoint') or 'baselines'})",
              "",
              f"{meta.get('gpu')} · torch {meta.get('torch')} · triton {meta.get('triton')} · diffusers "
              f"{meta.get('diffusers')} · {meta.get('height')}x{meta.get('width')}, {meta.get('steps')} steps, "
-             f"CFG {meta.get('guidance')}, batch 1{' · lean VAE decode, VAE encoder dropped' if meta.get('lean') else ''}"
-             f"{' · compiled with minimal guards' if meta.get('compile_guards') == 'minimal' and meta.get('compile') else ''}"
-             f"{' · only ' + ', '.join(meta['only']) if meta.get('only') else ''}"
-             f"{' · max-res probes with feed-forward chunks of ' + str(meta['max_res_ff_chunk']) + ' tokens' if meta.get('max_res_ff_chunk') and meta.get('caps_gb') else ''}"
+             f"CFG {meta.get('guidance')}, batch 1{_run_notes(meta)}"
              f" · started {meta.get('started')}, finished {meta.get('finished', '(cut short)')}",
              ""]
     rows = summary_rows(results)
