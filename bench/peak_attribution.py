@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantsd.bench.core import BenchConfig, build_pipeline, weight_bytes  # noqa: E402
+from vae_peak import decode_peak  # noqa: E402  (this script's directory is on sys.path)
 from quantsd.recipe import load_recipe  # noqa: E402
 
 OURS = ("diffusers/", "quantsd/", "torch/nn/modules/", "torch/nn/functional")
@@ -56,18 +57,6 @@ def live_at_peak(trace: list[dict]) -> tuple[int, list[dict]]:
         elif act == "free_requested" and ev["addr"] in live:
             cur -= live.pop(ev["addr"])["size"]
     return peak, at_peak
-
-
-def decode_peak(pipe) -> int:
-    g = torch.Generator(device="cpu").manual_seed(0)
-    z = torch.randn(1, 4, 64, 64, generator=g).to("cuda", torch.float16)
-    with torch.inference_mode():
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        pipe.vae.decode(z / pipe.vae.config.scaling_factor, return_dict=False)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
 
 
 def main() -> None:
@@ -120,14 +109,14 @@ def main() -> None:
     print(json.dumps({k: v for k, v in res.items() if not k.startswith(("live_at_peak_by", "largest"))}), flush=True)
     for site, size, n in res["live_at_peak_by_site"][:15]:
         print(f"{size / 2**20:9.1f} MiB  {n:4d}  {site}")
-    res["decode_peak_over_resident"] = decode_peak(pipe)
+    res["decode_peak_over_resident"] = decode_peak(pipe)[0]
     torch.backends.cudnn.enabled = False
     try:
-        res["decode_peak_over_resident_no_cudnn"] = decode_peak(pipe)
+        res["decode_peak_over_resident_no_cudnn"] = decode_peak(pipe)[0]
     finally:
         torch.backends.cudnn.enabled = True
     pipe.vae.to(memory_format=torch.channels_last)   # NHWC: cuDNN needs no layout transposes
-    res["decode_peak_over_resident_channels_last"] = decode_peak(pipe)
+    res["decode_peak_over_resident_channels_last"] = decode_peak(pipe)[0]
     pipe.vae.to(memory_format=torch.contiguous_format)
     print("decode peak over resident: cuDNN", res["decode_peak_over_resident"], "no cuDNN",
           res["decode_peak_over_resident_no_cudnn"], "channels-last", res["decode_peak_over_resident_channels_last"],

@@ -28,6 +28,11 @@ ATTENTION_MODES = ("sdpa", "classic")
 COMPILE_GUARDS = ("full", "minimal")
 
 
+def _check_compile_guards(guards: str) -> None:
+    if guards not in COMPILE_GUARDS:
+        raise ValueError(f"compile guards must be one of {', '.join(COMPILE_GUARDS)}, got {guards!r}")
+
+
 def compile_unet(unet, mode: str | None = "reduce-overhead", guards: str = "full", backend: str = "inductor"):
     """``torch.compile`` a UNet (or any module); returns what to call in its place.
 
@@ -43,8 +48,7 @@ def compile_unet(unet, mode: str | None = "reduce-overhead", guards: str = "full
     the class's own ``forward`` (no hooks, offload or an earlier compile on the instance), and is
     only valid while nothing edits the module after its first call (swap a layer, change a
     dtype: compile a fresh module); parameters may change, they are read on every call."""
-    if guards not in COMPILE_GUARDS:
-        raise ValueError(f"compile guards must be one of {', '.join(COMPILE_GUARDS)}, got {guards!r}")
+    _check_compile_guards(guards)
     if guards == "full":
         return torch.compile(unet, mode=mode, backend=backend) if backend == "inductor" else \
             torch.compile(unet, backend=backend)
@@ -117,8 +121,7 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     Order matters: the tiny VAE and memory format first, then offload hooks, then torch.compile
     of the UNet (``compile_mode`` "reduce-overhead" = CUDA graphs where shapes are static).
     """
-    if compile_guards not in COMPILE_GUARDS:   # before anything changes
-        raise ValueError(f"compile guards must be one of {', '.join(COMPILE_GUARDS)}, got {compile_guards!r}")
+    _check_compile_guards(compile_guards)   # before anything changes
     dev = resolve_device(device) if device is not None else pipe.unet.device
     if tiny_vae is not None:
         from diffusers import AutoencoderTiny

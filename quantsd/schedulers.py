@@ -31,6 +31,8 @@ import inspect
 
 import torch
 
+from .nn import _version_of
+
 __all__ = ["make_sync_free", "undo_sync_free", "is_sync_free", "SYNC_FREE_SCHEDULERS"]
 
 # classes whose step() only needs the timestep's value, and whose set_timesteps() builds the
@@ -38,14 +40,6 @@ __all__ = ["make_sync_free", "undo_sync_free", "is_sync_free", "SYNC_FREE_SCHEDU
 SYNC_FREE_SCHEDULERS = ("PNDMScheduler", "DDIMScheduler")
 
 _SUBCLASSES: dict[type, type] = {}
-
-
-def _version_of(t: torch.Tensor) -> int:
-    """In-place version counter of ``t`` (-1 for inference-mode tensors, which have none)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
 
 
 def _host_value(self, timestep: torch.Tensor):

@@ -412,6 +412,30 @@ class Bench:
         finally:
             pipe.scheduler = default
 
+    def max_res_searches(self, cfg: BenchConfig, entry: dict, dev, recipe, mode: str) -> None:
+        """The max-resolution searches of one configuration and CFG mode, one per cap, into
+        ``entry`` (``max_res_<mode>_<cap>gb``) on a freshly built pipeline (feed-forward chunks of
+        ``max_res_ff_chunk`` tokens).  Caps go in increasing order, each search starting from the
+        smaller cap's answer without re-probing it: what fits under 4 GiB fits under 8 GiB."""
+        try:
+            pipe = self._build(cfg, dev, recipe)
+            if self.max_res_ff_chunk:
+                from ..ff_chunking import chunk_feed_forward
+
+                chunk_feed_forward(pipe.unet, self.max_res_ff_chunk)
+        except Exception as e:
+            entry[f"max_res_{mode}"] = {"error": f"build: {type(e).__name__}: {e}"}
+            return
+        known = None
+        for cap in sorted(self.caps_gb):
+            res = self._step(entry, f"max_res_{mode}_{cap:g}gb",
+                             lambda: max_resolution(pipe, cap, mode, lo=known or 256, hi=8192,
+                                                    deadline=self._deadline, lo_fits=known is not None))
+            known = res.get("max") if isinstance(res, dict) and res.get("max") else known
+        del pipe
+        gc.collect()
+        torch.cuda.empty_cache()
+
     def _step(self, entry: dict, key: str, fn: Callable[[], Any]) -> Any:
         if self._deadline is not None and time.monotonic() > self._deadline:
             entry[key] = {"skipped": "time budget exhausted"}
@@ -538,24 +562,7 @@ class Bench:
             for cfg, entry in sorted(deferred, key=lambda ce: not ce[0].packed):
                 if self._deadline is not None and time.monotonic() > self._deadline:
                     break
-                try:
-                    pipe = self._build(cfg, dev, recipe)
-                    if self.max_res_ff_chunk:
-                        from ..ff_chunking import chunk_feed_forward
-
-                        chunk_feed_forward(pipe.unet, self.max_res_ff_chunk)
-                except Exception as e:
-                    entry[f"max_res_{mode}"] = {"error": f"build: {type(e).__name__}: {e}"}
-                    continue
-                known = None   # caps in increasing order: what fits under one cap fits under the next
-                for cap in sorted(self.caps_gb):
-                    res = self._step(entry, f"max_res_{mode}_{cap:g}gb",
-                                     lambda: max_resolution(pipe, cap, mode, lo=known or 256, hi=8192,
-                                                            deadline=self._deadline, lo_fits=known is not None))
-                    known = res.get("max") if isinstance(res, dict) and res.get("max") else known
-                del pipe
-                gc.collect()
-                torch.cuda.empty_cache()
+                self.max_res_searches(cfg, entry, dev, recipe, mode)
         self.results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         self._save()
         return self.results
