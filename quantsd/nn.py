@@ -7,12 +7,10 @@ rebuilt inside ``forward`` by :func:`dequantize_weight` and dropped afterwards. 
 rebuild is one Triton kernel launch per layer (``quantsd.kernels``: unpack + decode + cast in
 one pass, bit-identical to the pure-torch decode, a custom op under torch.compile); the
 pure-torch decode below is the reference and the CPU path.  Where the kernel runs, each layer
-also holds ``_lut`` (a non-persistent buffer, so CUDA graphs see a static input): for per-tensor
-parameters its own table, the 256-entry byte table (2/4/8 bits, float16/bfloat16: every byte's
-weights in the compute dtype) or else the value table (2^bits float32, the reference decode of
-every code); otherwise the level table shared by every layer of that bit width and method.  It is
-rebuilt when the layer moves to another device, changes compute dtype (byte tables) or loads new
-parameters (``load_state_dict``), never saved.
+also holds ``_lut`` (a non-persistent buffer, so CUDA graphs see a static input): its own value
+table (2^bits float32, the reference decode of every code) for per-tensor parameters, else the
+level table shared by every layer of that bit width and method.  It is rebuilt when the layer
+moves to another device or loads new parameters (``load_state_dict``), never saved.
 
 The decode is exactly the quantizer's (``quantsd.quant``): a weight rebuilt here equals the
 simulated ``quantize_tensor(...).dequantize()`` bit for bit.
@@ -134,28 +132,25 @@ class QuantModule(nn.Module):
         # the kernel's table: a (non-persistent) buffer, so torch.compile + CUDA graphs treat it as a
         # static input like any weight (a plain tensor attribute would be copied on every replay)
         self.register_buffer("_lut", None, persistent=False)
-        self._lut_dtype = dtype
         self._refresh_lut()
 
     def _refresh_lut(self) -> None:
         """The kernel's table on this layer's device (None where the kernel can't run): the layer's
-        own byte or value table (``kernels.dequant.layer_table``, for the compute dtype) for
-        per-tensor parameters, else the level table shared by all layers of this bit width and method."""
+        own value table (every code's decoded weight) for per-tensor parameters, else the level
+        table shared by all layers of this bit width and method."""
         self._lut = None
         self._table_source = None
         dev = self.weight_packed.device
         if self._plan is not None and dev.type != "meta":
-            from .kernels.dequant import available, layer_table, level_table
+            from .kernels.dequant import available, level_table, value_table
 
             if not available(dev):  # CUDA, or the CPU under TRITON_INTERPRET=1 (tests)
                 return
             if self._plan.table:
-                self._lut = layer_table(self._plan, self.bits, self.method, self.weight_scale,
-                                        self.weight_breakpoint, self._dtype)
+                self._lut = value_table(self.bits, self.method, self.weight_scale, self.weight_breakpoint)
                 self._table_source = self._params_signature()
             else:
                 self._lut = level_table(self.bits, self.method, dev)
-        self._lut_dtype = self._dtype
 
     def _params_signature(self) -> tuple:
         """Which scale/breakpoint tensors (and which in-place versions of them) a value table was
@@ -190,9 +185,8 @@ class QuantModule(nn.Module):
             self._buffers["_lut"] = lut
             self._dtype = self._compute_dtype_ref.dtype
             self._kernel_dtype_ok = self._dtype in _FAST_DTYPES
-        if getattr(self, "_plan", None) is not None and (lut is None or lut.device != self.weight_packed.device
-                                                          or (self._plan.table and self._lut_dtype != self._dtype)):
-            self._refresh_lut()  # new device, or a new compute dtype (byte tables hold output-dtype bits)
+        if getattr(self, "_plan", None) is not None and (lut is None or lut.device != self.weight_packed.device):
+            self._refresh_lut()
         return self
 
     @property
@@ -215,13 +209,6 @@ class QuantModule(nn.Module):
         dtype = dtype or self._dtype
         lut = self._lut
         if lut is not None and dtype in _FAST_DTYPES:
-            if lut.dtype != torch.float32 and dtype != self._lut_dtype:
-                # the layer's byte table holds weights in its compute dtype: another dtype gets its own
-                from .kernels.dequant import launch, layer_table
-
-                return launch(self._plan, self.weight_packed, self.weight_scale, self.weight_breakpoint,
-                              layer_table(self._plan, self.bits, self.method, self.weight_scale,
-                                          self.weight_breakpoint, dtype), dtype)
             return _kernel_weight(self, lut, dtype)
         return dequantize_weight(self.weight_packed, self.weight_shape, self.bits, self.method, self.granularity,
                                  self.weight_scale, self.weight_breakpoint, dtype, backend="torch")

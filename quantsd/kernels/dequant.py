@@ -11,14 +11,6 @@ decode on every code (2^bits float32 values, 1 KiB at most, once per layer and d
 kernel's decode is ``w = table[code]``: exact by construction, and the cheapest decode there is
 (one L1-resident gather; 282 SD1.5 layers in 1.12 ms on an H200 vs 1.41 ms arithmetically).
 
-**Byte tables (per-tensor parameters, 2/4/8 bits, float16/bfloat16 out).**  One packed byte then
-holds whole codes (4, 2 or 1 of them), so the table can be indexed by the byte itself:
-:func:`byte_table` holds, for each of the 256 byte values, the output-dtype bits of every weight
-the byte encodes, side by side (int16 for 8-bit, int32 = two float16 for 4-bit, int64 = four for
-2-bit).  The kernel (``_byte_table_kernel``) is then load byte, gather, store: no nibble
-splitting, no interleave, no cast, half (4-bit) or a quarter (2-bit) of the gathers.  The entries
-are the value table cast by torch (``Tensor.to``), so the output is the reference's bit for bit.
-
 **Per-channel / per-group parameters (arithmetic).**  The kernel performs the reference's float32
 operations in the same order:
 
@@ -83,13 +75,9 @@ except Exception:  # pragma: no cover - platform without triton
     HAS_TRITON = False
 
 __all__ = ["HAS_TRITON", "interpreting", "available", "level_table", "prepare", "dequantize", "DequantPlan",
-           "SUPPORTED_DTYPES", "LAUNCH_OPTIONS", "value_table", "byte_table", "uses_byte_table", "layer_table"]
+           "SUPPORTED_DTYPES", "LAUNCH_OPTIONS", "value_table"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BYTE_TABLE_BITS = (2, 4, 8)                    # whole codes per byte: the byte-table decode applies
-BYTE_TABLE_DTYPES = (torch.float16, torch.bfloat16)
-_BYTE_ENTRY = {8: torch.int16, 4: torch.int32, 2: torch.int64}   # one byte's weights, side by side
-BYTE_BLOCK = 2048       # packed bytes per program of the byte-table kernel
 _PWLQ = ("pwlq", "pwlq-stochastic")
 _UNIFORM = ("uniform", "stochastic")
 BLOCK = 1024            # weights per program (one per lane; 8 per thread at 4 warps; tuned on an H200)
@@ -188,20 +176,6 @@ if HAS_TRITON:
             tl.store(out_ptr + e, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=emask)
         else:
             tl.store(out_ptr + e, w.to(out_ptr.dtype.element_ty), mask=emask)
-
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _byte_table_kernel(packed_ptr, tab_ptr, out_ptr, nbytes, BLOCK: tl.constexpr, WIDE: tl.constexpr):
-        # out_ptr: the output viewed as one entry (int16/int32/int64) per packed byte
-        pid = tl.program_id(0)
-        if WIDE:
-            pid = pid.to(tl.int64)
-        b = pid * BLOCK + tl.arange(0, BLOCK)
-        bmask = b < nbytes
-        byte = tl.load(packed_ptr + b, mask=bmask, other=0).to(tl.int32)
-        tl.store(out_ptr + b, tl.load(tab_ptr + byte), mask=bmask)
 
 
 _LUTS: dict = {}
@@ -307,35 +281,10 @@ def value_table(bits: int, method: str, scale: torch.Tensor, breakpoint: Optiona
     return decode(codes, method, int(bits), scale.float().reshape(1), p)[0].contiguous()
 
 
-def uses_byte_table(plan: DequantPlan, dtype: torch.dtype) -> bool:
-    """Does this layer decode by :func:`byte_table` when it computes in ``dtype``?"""
-    return plan.table and plan.bits in BYTE_TABLE_BITS and dtype in BYTE_TABLE_DTYPES
-
-
-def byte_table(values: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """The 256-entry table of the byte-table decode: entry ``b`` holds the ``dtype`` bits of the
-    weights that packed byte ``b`` encodes, lowest code first (LSB-first packing), as one integer
-    (int16 / int32 / int64 for 8 / 4 / 2 bits).  ``values`` is the layer's :func:`value_table`
-    (float32, one decoded weight per code); the cast to ``dtype`` is torch's, so each weight is
-    the reference's bit for bit.  Little-endian layout (CUDA, x86, Arm)."""
-    bits = int(bits)
-    if bits not in BYTE_TABLE_BITS or dtype not in BYTE_TABLE_DTYPES:
-        raise ValueError(f"byte tables exist for bits {BYTE_TABLE_BITS} and {BYTE_TABLE_DTYPES}, "
-                         f"not {bits} bits / {dtype}")
-    w = values.to(dtype).view(torch.int16)
-    byte = torch.arange(256, device=values.device)
-    per = 8 // bits
-    parts = [w[(byte >> (bits * k)) & ((1 << bits) - 1)] for k in range(per)]
-    return torch.stack(parts, 1).contiguous().view(_BYTE_ENTRY[bits]).reshape(256)
-
-
 def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor],
            lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Run the kernel for a prepared layer (no validation: the hot path).  ``lut`` is the layer's
-    :func:`byte_table` (an integer tensor; then ``dtype`` must be the one it was built for), its
     :func:`value_table` when ``plan.table``, else the shared :func:`level_table`."""
-    if lut.dtype != torch.float32:
-        return _launch_byte_table(plan, packed, lut, dtype)
     out = torch.empty(plan.shape, dtype=dtype, device=packed.device)
     if plan.numel == 0:
         return out
@@ -346,33 +295,6 @@ def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpo
         BITS=plan.bits, PWLQ=plan.pwlq, GMODE=plan.gmode, BLOCK=BLOCK, OUT_BF16=bf16, WIDE=plan.wide,
         TABLE=plan.table, **LAUNCH_OPTIONS)
     return out
-
-
-def _launch_byte_table(plan: DequantPlan, packed: torch.Tensor, table: torch.Tensor,
-                       dtype: torch.dtype) -> torch.Tensor:
-    per = 8 // plan.bits
-    if plan.numel % per == 0:
-        out = torch.empty(plan.shape, dtype=dtype, device=packed.device)
-        flat = out.view(-1)
-    else:  # the last byte holds fewer codes: write a whole entry into padding, return the weights
-        flat = torch.empty(plan.nbytes * per, dtype=dtype, device=packed.device)
-        out = flat[:plan.numel].view(plan.shape)
-    if plan.nbytes:
-        _byte_table_kernel[(-(-plan.nbytes // BYTE_BLOCK),)](
-            packed, table, flat.view(table.dtype), plan.nbytes, BLOCK=BYTE_BLOCK, WIDE=plan.wide,
-            num_warps=NUM_WARPS)
-    return out
-
-
-def layer_table(plan: DequantPlan, bits: int, method: str, scale: torch.Tensor, breakpoint: Optional[torch.Tensor],
-                dtype: torch.dtype) -> torch.Tensor:
-    """The table the kernel decodes a layer with in ``dtype``: its :func:`byte_table` where that
-    applies, else its float32 :func:`value_table` (per-tensor parameters) or the shared
-    :func:`level_table`."""
-    if not plan.table:
-        return level_table(bits, method, scale.device)
-    values = value_table(bits, method, scale, breakpoint)
-    return byte_table(values, bits, dtype) if uses_byte_table(plan, dtype) else values
 
 
 def dequantize(packed: torch.Tensor, shape: Sequence[int], bits: int, method: str, granularity: str,
@@ -399,8 +321,7 @@ def dequantize(packed: torch.Tensor, shape: Sequence[int], bits: int, method: st
     packed = packed.reshape(-1).contiguous()
     scale = scale.contiguous()
     breakpoint = None if breakpoint is None else breakpoint.contiguous()
-    lut = layer_table(plan, bits, method, scale, breakpoint, dtype) if plan.table else \
-        level_table(bits, method, packed.device)
+    lut = value_table(bits, method, scale, breakpoint) if plan.table else level_table(bits, method, packed.device)
     return launch(plan, packed, scale, breakpoint, lut, dtype)
 
 
