@@ -566,3 +566,49 @@ def test_quant_embedding_on_cuda_equals_full_decode(gran):
     full = dequantize_weight(q.weight_packed, q.weight_shape, 8, "pwlq", gran, q.weight_scale, q.weight_breakpoint,
                              torch.float16, backend="torch")
     assert torch.equal(_bits(q(ids)), _bits(F.embedding(ids, full)))
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_direct_launch_is_used_and_equals_torch(dtype):
+    """Eager launches after the first go through the cached compiled kernel's launcher (skipping
+    Triton's argument binding): still the reference's bits, for every plan kind."""
+    from quantsd.kernels import dequant
+
+    for bits, method, gran in ((4, "pwlq", "tensor"), (3, "uniform", "channel"), (8, "pwlq", "group:8"),
+                               (5, "pwlq-stochastic", "channel")):
+        qt = _case((40, 24), bits, method, gran, "cuda", seed=bits)
+        lin = QuantLinear.from_linear(nn.Linear(24, 40), qt, device="cuda").to(dtype)
+        ref = dequantize_weight(lin.weight_packed, lin.weight_shape, bits, method, gran, lin.weight_scale,
+                                lin.weight_breakpoint, dtype, backend="torch")
+        first = lin.dequantized_weight()   # Triton's own launch; the kernel is then checked and cached
+        n_cached = len(dequant._DIRECT)
+        again = lin.dequantized_weight()   # the direct launch
+        assert dequant._direct_enabled and n_cached >= 1 and len(dequant._DIRECT) == n_cached
+        assert torch.equal(_bits(first), _bits(ref)) and torch.equal(_bits(again), _bits(ref)), (bits, method, gran)
+
+
+def test_direct_launch_switches_itself_off_when_it_disagrees(monkeypatch):
+    """A launcher that writes other bits than Triton's own launch (or raises: another Triton's
+    launcher signature) turns the direct path off instead of being cached."""
+    from quantsd.kernels import dequant
+
+    want = torch.arange(8, dtype=torch.float16)
+    args = (1, None, None, None, None, None, want, False)
+    monkeypatch.setattr(dequant, "_DIRECT", {})
+    monkeypatch.setattr(dequant, "_direct_enabled", True)
+    monkeypatch.setattr(dequant, "_run_direct", lambda k, grid, plan, p, s, b, lut, out, bf16: out.copy_(want))
+    dequant._adopt("same", "K", *args)
+    assert dequant._DIRECT == {"same": "K"} and dequant._direct_enabled
+    monkeypatch.setattr(dequant, "_run_direct", lambda k, grid, plan, p, s, b, lut, out, bf16: out.fill_(1))
+    dequant._adopt("differs", "K2", *args)
+    assert "differs" not in dequant._DIRECT and not dequant._direct_enabled
+    monkeypatch.setattr(dequant, "_direct_enabled", True)
+
+    def boom(*a):
+        raise TypeError("launcher takes other arguments")
+
+    monkeypatch.setattr(dequant, "_run_direct", boom)
+    dequant._adopt("raises", "K3", *args)
+    assert "raises" not in dequant._DIRECT and not dequant._direct_enabled

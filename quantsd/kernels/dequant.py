@@ -281,6 +281,51 @@ def value_table(bits: int, method: str, scale: torch.Tensor, breakpoint: Optiona
     return decode(codes, method, int(bits), scale.float().reshape(1), p)[0].contiguous()
 
 
+# --------------------------------------------------------------------------- eager launches
+# Triton's ``JITFunction.run`` binds and specializes every argument and looks the kernel up on
+# each call: ~29 us of host time per launch on the H200 box, against ~15 us for the compiled
+# kernel's own launcher (bench/launch_overhead.py).  An eager UNet step is host-bound, so that
+# difference is ~4 ms per SD1.5 step.  The compiled kernel is therefore cached per specialization
+# (the plan fixes the integer arguments; pointers are keyed by dtype and 16-byte alignment, as
+# Triton keys them) and launched directly.  A new entry is checked once against Triton's own
+# launch (same bits); on a mismatch or an error the direct path is switched off for good.
+_DIRECT: dict = {}
+_direct_enabled = HAS_TRITON and os.environ.get("QUANTSD_DIRECT_LAUNCH", "1") != "0"
+
+
+def _no_launch_hooks() -> bool:
+    """No profiler (e.g. proton) has registered a Triton launch hook: the direct launch skips them."""
+    hook = triton.knobs.runtime.launch_enter_hook
+    return hook is None or not getattr(hook, "calls", True)
+
+
+def _direct_key(plan, packed, scale, bp, lut, dtype):
+    return (plan, dtype, scale.dtype, bp.dtype, packed.device.index, packed.data_ptr() % 16 == 0,
+            scale.data_ptr() % 16 == 0, bp.data_ptr() % 16 == 0, lut.data_ptr() % 16 == 0)
+
+
+def _run_direct(k, grid: int, plan: DequantPlan, packed, scale, bp, lut, out, bf16: bool) -> None:
+    k.run(grid, 1, 1, torch._C._cuda_getCurrentRawStream(packed.device.index), k.function, k.packed_metadata, None,
+          None, None, packed, scale, bp, lut, out, plan.numel, plan.group, plan.bits, plan.pwlq, plan.gmode, BLOCK,
+          bf16, plan.wide, plan.table)
+
+
+def _adopt(key, k, grid, plan, packed, scale, bp, lut, want: torch.Tensor, bf16: bool) -> None:
+    """Cache ``k`` for ``key`` if a direct launch reproduces Triton's own output (``want``)."""
+    global _direct_enabled
+    try:
+        got = torch.empty_like(want)
+        _run_direct(k, grid, plan, packed, scale, bp, lut, got, bf16)
+        ok = torch.equal(got.view(torch.int16) if got.element_size() == 2 else got.view(torch.int32),
+                         want.view(torch.int16) if want.element_size() == 2 else want.view(torch.int32))
+    except Exception:  # a Triton whose launcher takes other arguments
+        ok = False
+    if ok:
+        _DIRECT[key] = k
+    else:
+        _direct_enabled = False
+
+
 def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor],
            lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Run the kernel for a prepared layer (no validation: the hot path).  ``lut`` is the layer's
@@ -289,11 +334,22 @@ def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpo
     if plan.numel == 0:
         return out
     bf16 = dtype == torch.bfloat16
-    _dequant_kernel[(-(-plan.numel // BLOCK),)](
-        packed, scale, scale if breakpoint is None else breakpoint, lut, out.view(torch.int16) if bf16 else out,
-        plan.numel, plan.group,
+    bp = scale if breakpoint is None else breakpoint
+    o = out.view(torch.int16) if bf16 else out
+    grid = -(-plan.numel // BLOCK)
+    direct = _direct_enabled and packed.is_cuda and _no_launch_hooks()
+    if direct:
+        key = _direct_key(plan, packed, scale, bp, lut, dtype)
+        k = _DIRECT.get(key)
+        if k is not None:
+            _run_direct(k, grid, plan, packed, scale, bp, lut, o, bf16)
+            return out
+    k = _dequant_kernel[(grid,)](
+        packed, scale, bp, lut, o, plan.numel, plan.group,
         BITS=plan.bits, PWLQ=plan.pwlq, GMODE=plan.gmode, BLOCK=BLOCK, OUT_BF16=bf16, WIDE=plan.wide,
         TABLE=plan.table, **LAUNCH_OPTIONS)
+    if direct and k is not None and hasattr(k, "run"):
+        _adopt(key, k, grid, plan, packed, scale, bp, lut, o, bf16)
     return out
 
 

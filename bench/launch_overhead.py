@@ -1,0 +1,83 @@
+"""Host time per packed-layer dequant launch in eager mode (GPU only; numbers for BENCHMARKS.md).
+
+    python bench/launch_overhead.py --recipe recipes/paper-final.yaml --out OUT.json
+
+An eager UNet step is host-bound (the GPU waits for Python): every packed layer adds its
+dequant launch to the host's work.  For every packed layer of the sd15-arch UNet (fp16) this
+times, on the host only (``time.perf_counter`` around N launches of all layers, then one sync):
+
+* ``layer``: ``QuantModule._forward_weight()`` (what ``forward`` calls);
+* ``launch``: ``kernels.dequant.launch`` (allocation + the cached compiled kernel's own launcher);
+* ``launch_triton_run``: the same through Triton's ``JITFunction.run`` (argument binding,
+  specialization, cache lookup: the path before the direct launcher);
+* ``alloc``: the output allocation alone (``torch.empty``);
+* ``f_linear``: one small ``F.linear`` (the cost of one dense op, for scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quantsd.bench.core import BenchConfig, build_pipeline  # noqa: E402
+from quantsd.kernels import dequant  # noqa: E402
+from quantsd.nn import packed_modules  # noqa: E402
+from quantsd.recipe import load_recipe  # noqa: E402
+
+
+def host_us(fn, n_layers: int, reps: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    best = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best.append((time.perf_counter() - t) / reps / n_layers * 1e6)
+        torch.cuda.synchronize()
+    best.sort()
+    return round(best[len(best) // 2], 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default="recipes/paper-final.yaml")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    pipe = build_pipeline("sd15-arch", BenchConfig("packed", packed=True), torch.device("cuda"),
+                          recipe=load_recipe(a.recipe))
+    layers = [m for _, m in packed_modules(pipe.unet)]
+    n = len(layers)
+    dt = torch.float16
+    res: dict = {"gpu": torch.cuda.get_device_name(0), "layers": n}
+    with torch.inference_mode():
+        res["layer_us"] = host_us(lambda: [m._forward_weight() for m in layers], n)
+        res["launch_us"] = host_us(lambda: [dequant.launch(m._plan, m.weight_packed, m._lut, None, m._lut, dt)
+                                            for m in layers], n)
+        res["alloc_us"] = host_us(lambda: [torch.empty(m.weight_shape, dtype=dt, device="cuda") for m in layers], n)
+        x = torch.randn(8, 64, device="cuda", dtype=dt)
+        w = torch.randn(64, 64, device="cuda", dtype=dt)
+        res["f_linear_us"] = host_us(lambda: F.linear(x, w), 1, reps=2000)
+        # the same launches through Triton's JITFunction.run (the direct launcher switched off)
+        dequant._direct_enabled = False
+        try:
+            res["launch_triton_run_us"] = host_us(
+                lambda: [dequant.launch(m._plan, m.weight_packed, m._lut, None, m._lut, dt) for m in layers], n)
+        finally:
+            dequant._direct_enabled = True
+        res["direct_kernels_cached"] = len(dequant._DIRECT)
+    print(json.dumps(res))
+    Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
