@@ -1,17 +1,24 @@
-"""Host time per packed-layer dequant launch in eager mode (GPU only; numbers for BENCHMARKS.md).
+"""Host time of the packed layers' dequant in eager mode, and eager UNet steps (GPU only; numbers
+for BENCHMARKS.md).
 
     python bench/launch_overhead.py --recipe recipes/paper-final.yaml --out OUT.json
 
 An eager UNet step is host-bound (the GPU waits for Python): every packed layer adds its
 dequant launch to the host's work.  For every packed layer of the sd15-arch UNet (fp16) this
-times, on the host only (``time.perf_counter`` around N launches of all layers, then one sync):
+times, on the host only (``time.perf_counter`` around N launches of all layers, then one sync),
+per layer:
 
-* ``layer``: ``QuantModule._forward_weight()`` (what ``forward`` calls);
+* ``layer_grouped``: ``QuantModule._forward_weight()`` (what ``forward`` calls) with the layers
+  grouped (quantsd.dequant_groups: one launch per block, the default in eager generation);
+* ``layer``: the same, one launch per layer;
 * ``launch``: ``kernels.dequant.launch`` (allocation + the cached compiled kernel's own launcher);
 * ``launch_triton_run``: the same through Triton's ``JITFunction.run`` (argument binding,
   specialization, cache lookup: the path before the direct launcher);
 * ``alloc``: the output allocation alone (``torch.empty``);
 * ``f_linear``: one small ``F.linear`` (the cost of one dense op, for scale).
+
+Then eager UNet steps (batch 2 = CFG, 512², CUDA-event medians of 20 after warm-up, same process):
+dense fp16, packed per layer (also with Triton's own launch path), packed grouped.
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantsd.bench.core import BenchConfig, build_pipeline  # noqa: E402
+from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline, cuda_time_ms  # noqa: E402
+from quantsd.dequant_groups import group_dequant, ungroup_dequant  # noqa: E402
 from quantsd.kernels import dequant  # noqa: E402
 from quantsd.nn import packed_modules  # noqa: E402
 from quantsd.recipe import load_recipe  # noqa: E402
@@ -58,8 +66,21 @@ def main() -> None:
     layers = [m for _, m in packed_modules(pipe.unet)]
     n = len(layers)
     dt = torch.float16
-    res: dict = {"gpu": torch.cuda.get_device_name(0), "layers": n}
+    groups = group_dequant(pipe.unet)
+    res: dict = {"gpu": torch.cuda.get_device_name(0), "layers": n, "groups": len(groups),
+                 "grouped_layers": sum(len(g.members) for g in groups),
+                 "largest_group_mib": round(max((g.dense_bytes for g in groups), default=0) / 2**20, 1)}
+    unet = pipe.unet
+    lat, t, ctx = _unet_inputs(pipe, 2, 512, unet.device, unet.dtype)
+
+    def step(u):
+        return lambda: u(lat, t, encoder_hidden_states=ctx, return_dict=False)
+
     with torch.inference_mode():
+        res["layer_grouped_us"] = host_us(lambda: [m._forward_weight() for m in layers], n)
+        res["unet_eager_grouped_ms"] = cuda_time_ms(step(unet), 20, 5)["median"]
+        ungroup_dequant(unet)
+        res["unet_eager_per_layer_ms"] = cuda_time_ms(step(unet), 20, 5)["median"]
         res["layer_us"] = host_us(lambda: [m._forward_weight() for m in layers], n)
         res["launch_us"] = host_us(lambda: [dequant.launch(m._plan, m.weight_packed, m._lut, None, m._lut, dt)
                                             for m in layers], n)
@@ -72,9 +93,15 @@ def main() -> None:
         try:
             res["launch_triton_run_us"] = host_us(
                 lambda: [dequant.launch(m._plan, m.weight_packed, m._lut, None, m._lut, dt) for m in layers], n)
+            res["unet_eager_per_layer_triton_run_ms"] = cuda_time_ms(step(unet), 20, 5)["median"]
         finally:
             dequant._direct_enabled = True
         res["direct_kernels_cached"] = len(dequant._DIRECT)
+    del pipe, unet, layers, groups
+    torch.cuda.empty_cache()
+    dense = build_pipeline("sd15-arch", BenchConfig("fp16-sdpa"), torch.device("cuda"))
+    with torch.inference_mode():
+        res["unet_eager_fp16_ms"] = cuda_time_ms(step(dense.unet), 20, 5)["median"]
     print(json.dumps(res))
     Path(a.out).write_text(json.dumps(res, indent=1))
 

@@ -104,7 +104,8 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
                        attention_slicing: bool = False, vae_tiling: bool = False, vae_slicing: bool = False,
                        offload: str | None = None, tiny_vae: str | os.PathLike | None = None,
                        lean_vae: bool = False, drop_vae_encoder: bool = False, ff_chunk: int | None = None,
-                       sync_free_scheduler: bool = True, compile_guards: str = "full"):
+                       sync_free_scheduler: bool = True, compile_guards: str = "full",
+                       grouped_dequant: bool = True):
     """Apply generation options to a loaded pipeline (in place; returns it).
 
     ``lean_vae``: the VAE decoder's resnet blocks run SiLU and the residual add in place on
@@ -117,6 +118,8 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     ``sync_free_scheduler`` (default on): PNDM and DDIM read timestep values from a host copy
     instead of the GPU (:mod:`quantsd.schedulers`; same bits, no device sync per step).
     ``compile_guards``: "minimal" compiles with fewer per-call Dynamo checks (:func:`compile_unet`).
+    ``grouped_dequant`` (default on; eager, not offloaded): packed layers of one block are
+    dequantized by one kernel launch (:mod:`quantsd.dequant_groups`; same weights, less host time).
 
     Order matters: the tiny VAE and memory format first, then offload hooks, then torch.compile
     of the UNet (``compile_mode`` "reduce-overhead" = CUDA graphs where shapes are static).
@@ -170,6 +173,10 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
             pipe.enable_model_cpu_offload(device=dev)
         else:
             pipe.enable_sequential_cpu_offload(device=dev)
+    if grouped_dequant and not compile and offload is None:
+        from .dequant_groups import group_pipeline
+
+        group_pipeline(pipe)
     if compile:
         pipe.unet = compile_unet(pipe.unet, compile_mode, compile_guards)
     return pipe
@@ -264,6 +271,7 @@ def generate(
     ff_chunk: int | None = None,
     sync_free_scheduler: bool = True,
     compile_guards: str = "full",
+    grouped_dequant: bool = True,
 ):
     """Generate one image; returns (PIL.Image, info dict).
 
@@ -278,7 +286,8 @@ def generate(
     (feed-forwards over at most this many tokens at a time: large images in less memory);
     ``sync_free_scheduler`` (default True) lets PNDM/DDIM run without a device sync per step;
     ``compile_guards="minimal"`` (with ``compile``) trades Dynamo's per-call module checks for less
-    host time per step.
+    host time per step; ``grouped_dequant`` (default True) dequantizes the packed layers of a block
+    in one launch in eager mode.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -300,7 +309,8 @@ def generate(
                        attention=attention, attention_slicing=attention_slicing, vae_tiling=vae_tiling,
                        vae_slicing=vae_slicing, offload=offload, tiny_vae=tiny_vae, lean_vae=lean_vae,
                        drop_vae_encoder=drop_vae_encoder, ff_chunk=ff_chunk,
-                       sync_free_scheduler=sync_free_scheduler, compile_guards=compile_guards)
+                       sync_free_scheduler=sync_free_scheduler, compile_guards=compile_guards,
+                       grouped_dequant=grouped_dequant)
     scale = getattr(pipe, "vae_scale_factor", 8)
     default = int(pipe.unet.config.sample_size) * scale
     height = height or default
@@ -322,8 +332,18 @@ def generate(
             "weights": ck["weights"] if ck else "dense", "seconds": round(elapsed, 3),
             "scheduler": type(pipe.scheduler).__name__, "cfg_cutoff": cfg_cutoff, "compile": compile,
             "channels_last": channels_last, "offload": offload, "ff_chunk": ff_chunk,
-            "compile_guards": compile_guards if compile else None, "tiny_vae": None if tiny_vae is None else str(tiny_vae)}
+            "compile_guards": compile_guards if compile else None,
+            "dequant_groups": _count_groups(pipe), "tiny_vae": None if tiny_vae is None else str(tiny_vae)}
     return out.images[0], info
+
+
+def _count_groups(pipe) -> int:
+    """Grouped eager dequant launches set up on the pipeline (quantsd.dequant_groups)."""
+    from .nn import QuantModule
+
+    groups = {id(m._dq_group) for name in ("text_encoder", "unet", "vae") if getattr(pipe, name, None) is not None
+              for m in getattr(pipe, name).modules() if isinstance(m, QuantModule) and m._dq_group is not None}
+    return len(groups)
 
 
 def save_png(image, path: str | os.PathLike, info: dict | None = None) -> Path:

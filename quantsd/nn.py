@@ -107,6 +107,8 @@ class QuantModule(nn.Module):
     """Shared buffers and bookkeeping of the packed layers."""
 
     _STORED = ("weight_scale", "weight_breakpoint")
+    _dq_group = None    # quantsd.dequant_groups.DequantGroup of this layer (eager grouped launches), if any
+    _dq_index = 0
 
     def _init_quant(self, shape, bits, method, granularity, packed, scale, breakpoint, dtype, device):
         self.weight_shape = tuple(int(s) for s in shape)
@@ -132,6 +134,7 @@ class QuantModule(nn.Module):
         # the kernel's table: a (non-persistent) buffer, so torch.compile + CUDA graphs treat it as a
         # static input like any weight (a plain tensor attribute would be copied on every replay)
         self.register_buffer("_lut", None, persistent=False)
+        self._dq_group, self._dq_index = None, 0   # quantsd.dequant_groups: eager grouped launches
         self._refresh_lut()
 
     def _refresh_lut(self) -> None:
@@ -156,7 +159,8 @@ class QuantModule(nn.Module):
         """Which scale/breakpoint tensors (and which in-place versions of them) a value table was
         built from: a table whose source changed (in-place edit, reassignment, functional_call)
         is rebuilt before use in eager mode."""
-        s, b = self.weight_scale, self.weight_breakpoint
+        buffers = self._buffers
+        s, b = buffers["weight_scale"], buffers["weight_breakpoint"]
         return (id(s), _version_of(s), None if b is None else (id(b), _version_of(b)))
 
     def refresh_tables(self) -> None:
@@ -202,6 +206,12 @@ class QuantModule(nn.Module):
         ``_plan.table`` for that reason: reading the plan would guard its type and length too)."""
         lut = self._lut
         if lut is not None and self._kernel_dtype_ok:
+            if not torch.compiler.is_compiling():   # eager: a grouped launch (quantsd.dequant_groups)
+                group = self._dq_group
+                if group is not None:
+                    w = group.weight(self._dq_index)
+                    if w is not None:
+                        return w
             return _kernel_weight(self, lut, self._dtype)
         return self.dequantized_weight()
 

@@ -174,7 +174,7 @@ def to_packed(pipe, recipe, dtype: torch.dtype = torch.float16):
 
 
 def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=None, checkpoint=None,
-                   sync_free_scheduler: bool = True, compile_guards: str = "full"):
+                   sync_free_scheduler: bool = True, compile_guards: str = "full", grouped_dequant: bool = True):
     """A pipeline for one configuration, on ``device`` (built there directly for sd15-arch)."""
     from ..generate import compile_unet, set_attention
     from ..models import load_pipeline
@@ -197,6 +197,10 @@ def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=No
     set_attention(pipe.vae, cfg.attention)
     if cfg.compile:
         pipe.unet = compile_unet(pipe.unet, "reduce-overhead", compile_guards)
+    elif cfg.packed and grouped_dequant:   # eager packed: one dequant launch per block (as quantsd generate)
+        from ..dequant_groups import group_pipeline
+
+        group_pipeline(pipe)
     return pipe
 
 
@@ -382,6 +386,7 @@ class Bench:
     max_res_ff_chunk: int | None = 4096  # max-res probes: UNet feed-forwards over <= this many tokens (None: off)
     compile_guards: str = "full"       # compiled configurations: "minimal" = no per-call module-attribute guards
     only: tuple[str, ...] = ()         # run only these of the default configurations (ignored with ``configs``)
+    grouped_dequant: bool = True       # eager packed: one dequant launch per block (quantsd.dequant_groups)
     configs: list[BenchConfig] | None = None
     log: Callable[[str], None] = print
     results: dict = field(default_factory=dict)
@@ -390,7 +395,8 @@ class Bench:
         write_reports(self.results, self.out_dir)
 
     def _build(self, cfg: BenchConfig, dev, recipe):
-        pipe = build_pipeline(self.model, cfg, dev, recipe, self.checkpoint, compile_guards=self.compile_guards)
+        pipe = build_pipeline(self.model, cfg, dev, recipe, self.checkpoint, compile_guards=self.compile_guards,
+                              grouped_dequant=self.grouped_dequant)
         if self.lean:
             from ..lean_vae import drop_vae_encoder, lean_vae_decode
 
@@ -479,6 +485,7 @@ class Bench:
                      "batch": 1, "compile": self.compile, "caps_gb": list(self.caps_gb), "lean": self.lean,
                      "max_res_ff_chunk": self.max_res_ff_chunk, "sync_free_scheduler": True,
                      "compile_guards": self.compile_guards, "only": list(self.only),
+                     "grouped_dequant": self.grouped_dequant,
                      "gpu": props.name, "gpu_memory_bytes": props.total_memory, "torch": torch.__version__,
                      "triton": triton.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
             "configs": [],
@@ -627,6 +634,8 @@ def _run_notes(meta: dict) -> str:
         notes.append("compiled with minimal guards")
     if meta.get("only"):
         notes.append("only " + ", ".join(meta["only"]))
+    if meta.get("grouped_dequant") is False:
+        notes.append("eager packed with one dequant launch per layer")
     if meta.get("max_res_ff_chunk") and meta.get("caps_gb"):
         notes.append(f"max-res probes with feed-forward chunks of {meta['max_res_ff_chunk']} tokens")
     return "".join(f" · {n}" for n in notes)

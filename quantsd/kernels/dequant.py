@@ -104,17 +104,8 @@ def available(device: torch.device) -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _dequant_kernel(packed_ptr, scale_ptr, bp_ptr, lut_ptr, out_ptr, numel, group,
-                        BITS: tl.constexpr, PWLQ: tl.constexpr, GMODE: tl.constexpr, BLOCK: tl.constexpr,
-                        OUT_BF16: tl.constexpr, WIDE: tl.constexpr, TABLE: tl.constexpr):
-        # GMODE: 0 one scale (tensor), 1 one scale per `group` consecutive weights
-        # TABLE: lut_ptr is the layer's value table (float32[2^BITS], the decoded weight of every
-        # code): the decode is one gather, scale/breakpoint are not read
-        pid = tl.program_id(0)
-        if WIDE:
-            pid = pid.to(tl.int64)
-        e = pid * BLOCK + tl.arange(0, BLOCK)                   # element index
-        emask = e < numel
+    def _load_codes(packed_ptr, pid, e, emask, numel, BITS: tl.constexpr, BLOCK: tl.constexpr):
+        """The codes of weights ``e`` (= pid * BLOCK + arange) of one layer's LSB-first bitstream."""
         MASK: tl.constexpr = (1 << BITS) - 1
         if BITS == 8:
             code = tl.load(packed_ptr + e, mask=emask, other=0).to(tl.int32)
@@ -133,6 +124,32 @@ if HAS_TRITON:
             lo = tl.load(packed_ptr + (bit >> 3), mask=emask, other=0).to(tl.int32)
             hi = tl.load(packed_ptr + (bit >> 3) + 1, mask=emask & (sh + BITS > 8), other=0).to(tl.int32)
             code = ((lo | (hi << 8)) >> sh) & MASK
+        return code
+
+    @triton.jit
+    def _store_weights(out_ptr, e, emask, w, OUT_BF16: tl.constexpr):
+        if OUT_BF16:
+            # round-to-nearest-even to bfloat16 by hand, stored as int16 bits: the same result as
+            # torch's cast, on the GPU and in the interpreter (whose own cast truncates)
+            u = w.to(tl.uint32, bitcast=True)
+            r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+            tl.store(out_ptr + e, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=emask)
+        else:
+            tl.store(out_ptr + e, w.to(out_ptr.dtype.element_ty), mask=emask)
+
+    @triton.jit
+    def _dequant_kernel(packed_ptr, scale_ptr, bp_ptr, lut_ptr, out_ptr, numel, group,
+                        BITS: tl.constexpr, PWLQ: tl.constexpr, GMODE: tl.constexpr, BLOCK: tl.constexpr,
+                        OUT_BF16: tl.constexpr, WIDE: tl.constexpr, TABLE: tl.constexpr):
+        # GMODE: 0 one scale (tensor), 1 one scale per `group` consecutive weights
+        # TABLE: lut_ptr is the layer's value table (float32[2^BITS], the decoded weight of every
+        # code): the decode is one gather, scale/breakpoint are not read
+        pid = tl.program_id(0)
+        if WIDE:
+            pid = pid.to(tl.int64)
+        e = pid * BLOCK + tl.arange(0, BLOCK)                   # element index
+        emask = e < numel
+        code = _load_codes(packed_ptr, pid, e, emask, numel, BITS, BLOCK)
 
         if TABLE:
             w = tl.load(lut_ptr + code)
@@ -168,14 +185,27 @@ if HAS_TRITON:
             else:
                 v = (2.0 * m) * tl.load(lut_ptr + code)             # 2m * (c/L - 0.5)
                 w = tl.where(m == 0.0, 0.0, v)
-        if OUT_BF16:
-            # round-to-nearest-even to bfloat16 by hand, stored as int16 bits: the same result as
-            # torch's cast, on the GPU and in the interpreter (whose own cast truncates)
-            u = w.to(tl.uint32, bitcast=True)
-            r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-            tl.store(out_ptr + e, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=emask)
-        else:
-            tl.store(out_ptr + e, w.to(out_ptr.dtype.element_ty), mask=emask)
+        _store_weights(out_ptr, e, emask, w, OUT_BF16)
+
+    @triton.jit
+    def _group_table_kernel(packed_base, lut_base, out_ptr, desc_ptr, prog_layer_ptr,
+                            BITS: tl.constexpr, BLOCK: tl.constexpr, OUT_BF16: tl.constexpr):
+        # Several value-table layers of one bit width in one launch (kernels/grouped.py).  Program
+        # pid works on layer prog_layer[pid]; desc (int64, 5 per layer): its codes' byte offset
+        # from packed_base, its table's element offset from lut_base, its first element in out,
+        # its element count, its first program.  The decode is the TABLE path above.
+        pid = tl.program_id(0)
+        layer = tl.load(prog_layer_ptr + pid).to(tl.int64)
+        d = desc_ptr + layer * 5
+        packed_ptr = packed_base + tl.load(d)
+        lut_ptr = lut_base + tl.load(d + 1)
+        out_off = tl.load(d + 2)
+        numel = tl.load(d + 3)
+        lpid = pid.to(tl.int64) - tl.load(d + 4)
+        e = lpid * BLOCK + tl.arange(0, BLOCK)
+        emask = e < numel
+        code = _load_codes(packed_ptr, lpid, e, emask, numel, BITS, BLOCK)
+        _store_weights(out_ptr + out_off, e, emask, tl.load(lut_ptr + code), OUT_BF16)
 
 
 _LUTS: dict = {}

@@ -1,0 +1,189 @@
+"""Grouped dequant for eager forwards: one kernel launch per block of packed layers, not per layer.
+
+    from quantsd.dequant_groups import group_dequant
+    group_dequant(pipe.unet)          # after the model is on the GPU in its compute dtype
+
+Why: an eager UNet step is host-bound (the GPU waits for Python), and each packed layer's own
+dequant launch adds ~15-30 us of host time (bench/launch_overhead.py) -- ~282 launches per
+SD1.5 step.  A group is the value-table layers (per-tensor parameters) of one bit width inside
+one block (a ResNet block, a transformer, an attention...): the first of its layers that runs
+rebuilds every member's dense weight in one launch (:class:`quantsd.kernels.grouped.GroupLaunch`)
+and each member then takes its view.  Bits are the per-layer kernel's (same decode).
+
+Memory: a group's buffer lives from its first member's forward until every member has taken its
+weight (and at most ``max_live`` groups are held at once; an evicted group relaunches if a member
+still needs it), so groups are capped at ``max_bytes`` of dense weights.  Every member call
+checks which weights it takes, so any call order is correct: a member called twice before its
+group is used up, or a group evicted early, simply launches again.  Each launch writes a fresh
+buffer (never one a previous weight still reads), so nothing is overwritten under autograd or
+on other streams.  torch.compile traces the per-layer path (the check is skipped while
+compiling), where Inductor and CUDA graphs remove the launch overhead anyway.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+from torch import nn
+
+from .nn import QuantConv2d, QuantLinear, QuantModule
+
+__all__ = ["DequantGroup", "group_dequant", "group_pipeline", "ungroup_dequant", "DEFAULT_MAX_BYTES"]
+
+DEFAULT_MAX_BYTES = 32 << 20
+_LIVE: deque = deque()      # groups whose buffer is held, oldest first
+_MAX_LIVE = 2
+
+
+def _eligible(m: nn.Module) -> bool:
+    """A layer the grouped kernel can rebuild: packed Linear/Conv2d on a device the Triton kernel
+    runs on, decoded by its value table (per-tensor parameters), in a kernel dtype."""
+    return (isinstance(m, (QuantLinear, QuantConv2d)) and m._lut is not None and m._plan is not None
+            and m._plan.table and m._kernel_dtype_ok and m._lut.dtype == torch.float32)
+
+
+class DequantGroup:
+    """Packed layers whose dense weights are rebuilt together, by the first of them that runs."""
+
+    def __init__(self, members: list[QuantModule]):
+        if len(members) < 2:
+            raise ValueError("a group has two or more layers")
+        self.members = members
+        self._launch = None
+        self._signature = None
+        self._views: list | None = None
+        self._stamp: list[int] = [0] * len(members)
+        self._generation = 0
+        self._remaining = 0
+        self.launches = 0               # how many times the group was rebuilt (for tests/benchmarks)
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(m._plan.numel * m._compute_dtype_ref.element_size() for m in self.members)
+
+    def _current_signature(self) -> tuple | None:
+        """Where every member's codes and table are, and its dtype; None if one left the kernel path."""
+        sig = []
+        for m in self.members:
+            buffers = m._buffers
+            lut = buffers["_lut"]
+            if lut is None or lut.dtype != torch.float32 or not m._kernel_dtype_ok:
+                return None
+            if m._table_source != m._params_signature():   # scales edited since the table was made
+                m._refresh_lut()
+                lut = buffers["_lut"]
+            sig.append((buffers["weight_packed"].data_ptr(), lut.data_ptr(), m._dtype, m.bits))
+        return tuple(sig)
+
+    def _materialize(self) -> bool:
+        sig = self._current_signature()
+        if sig is None:
+            return False
+        if sig != self._signature:
+            from .kernels.grouped import GroupLaunch
+
+            ms = self.members
+            if len({s[2] for s in sig}) != 1 or len({s[3] for s in sig}) != 1:
+                return False
+            self._launch = GroupLaunch([m.weight_packed for m in ms], [m._lut for m in ms],
+                                       [m.weight_shape for m in ms], ms[0].bits, ms[0]._dtype)
+            self._signature = sig
+        self._views = self._launch.views(self._launch.run())
+        self.launches += 1
+        self._generation += 1
+        self._remaining = len(self.members)
+        if self in _LIVE:
+            _LIVE.remove(self)
+        _LIVE.append(self)
+        while len(_LIVE) > _MAX_LIVE:
+            _LIVE.popleft()._release()
+        return True
+
+    def _release(self) -> None:
+        self._views = None
+
+    def weight(self, index: int) -> torch.Tensor | None:
+        """Member ``index``'s dense weight (None: use the layer's own launch)."""
+        if self._views is None or self._stamp[index] == self._generation:
+            if not self._materialize():
+                return None
+        self._stamp[index] = self._generation
+        w = self._views[index]
+        self._remaining -= 1
+        if self._remaining == 0:       # every member has its weight: drop the buffer with the last view
+            self._views = None
+            if self in _LIVE:
+                _LIVE.remove(self)
+        return w
+
+
+def _dense_bytes(m: QuantModule) -> int:
+    return m._plan.numel * m._compute_dtype_ref.element_size()
+
+
+def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES) -> list[DequantGroup]:
+    """Group the packed layers below ``module`` for eager forwards; returns the groups.
+
+    A group root is the largest non-container module (not a ModuleList/ModuleDict, whose children
+    may run interleaved) whose eligible layers hold at most ``max_bytes`` of dense weights; its
+    eligible layers form one group per bit width and dtype (a layer larger than ``max_bytes`` is a
+    root of its own, so it keeps its own launch).
+    Call again after moving or casting the module (groups check and rebuild themselves, but the
+    split by dtype is made here).  Layers in no group keep their own launch."""
+    ungroup_dequant(module)
+    totals: dict[int, int] = {}
+
+    def total(mod: nn.Module) -> int:
+        if id(mod) not in totals:
+            own = _dense_bytes(mod) if _eligible(mod) else 0
+            totals[id(mod)] = own + sum(total(c) for c in mod.children())
+        return totals[id(mod)]
+
+    roots: list[nn.Module] = []
+
+    def visit(mod: nn.Module) -> None:
+        t = total(mod)
+        if t == 0:
+            return
+        if t <= max_bytes and not isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
+            roots.append(mod)
+            return
+        for c in mod.children():
+            visit(c)
+
+    visit(module)
+    groups: list[DequantGroup] = []
+    for root in roots:
+        by_kind: dict[tuple, list[QuantModule]] = {}
+        for m in root.modules():
+            if _eligible(m):
+                by_kind.setdefault((m.bits, m._dtype, m.weight_packed.device), []).append(m)
+        for members in by_kind.values():
+            if len(members) < 2:
+                continue
+            g = DequantGroup(members)
+            for i, m in enumerate(members):
+                m._dq_group, m._dq_index = g, i
+            groups.append(g)
+    return groups
+
+
+def ungroup_dequant(module: nn.Module) -> None:
+    """Every packed layer below ``module`` back to its own launch."""
+    for m in module.modules():
+        if isinstance(m, QuantModule) and getattr(m, "_dq_group", None) is not None:
+            if m._dq_group in _LIVE:
+                _LIVE.remove(m._dq_group)
+            m._dq_group = None
+
+
+def group_pipeline(pipe, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
+    """:func:`group_dequant` on a diffusers pipeline's text encoder, UNet and VAE (those it has);
+    returns how many groups were made (0 where no layer runs the Triton kernel, e.g. on the CPU)."""
+    n = 0
+    for name in ("text_encoder", "unet", "vae"):
+        mod = getattr(pipe, name, None)
+        if isinstance(mod, nn.Module):
+            n += len(group_dequant(mod, max_bytes))
+    return n

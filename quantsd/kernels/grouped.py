@@ -1,0 +1,81 @@
+"""One Triton launch for several packed layers (eager mode; see :mod:`quantsd.dequant_groups`).
+
+An eager UNet step is host-bound: each layer's own dequant launch costs ~15-30 us of Python and
+driver time, ~282 times per SD1.5 step.  :class:`GroupLaunch` rebuilds the dense weights of
+several value-table layers (per-tensor parameters, one bit width, one output dtype) in a single
+launch of ``_group_table_kernel`` into one flat buffer, each layer's weight a view of it.
+
+The layers' codes and tables stay where they are (no copy): the kernel is given the first
+layer's codes and table as base pointers and every layer's offsets from them (int64 address
+differences), plus a per-program layer index.  The decode is the per-layer kernel's value-table
+path (same code extraction, same gather, same cast), so the weights are the reference's bits.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .dequant import BLOCK, HAS_TRITON, LAUNCH_OPTIONS
+
+__all__ = ["GroupLaunch", "ALIGN"]
+
+ALIGN = 128  # elements: each layer's weight starts on a 256-byte boundary of the flat buffer (fp16)
+
+
+class GroupLaunch:
+    """Launch constants of one group, computed once (``run`` only allocates and launches).
+
+    ``packed`` / ``luts``: the layers' codes (uint8) and value tables (float32[2^bits]), which must
+    stay alive and in place while this object is used (callers rebuild it when a data pointer
+    changes).  ``shapes``: the dense weights' shapes."""
+
+    def __init__(self, packed: Sequence[torch.Tensor], luts: Sequence[torch.Tensor], shapes: Sequence[tuple],
+                 bits: int, dtype: torch.dtype):
+        if not HAS_TRITON:
+            raise RuntimeError("grouped dequant needs Triton")
+        if not packed or len(packed) != len(luts) or len(packed) != len(shapes):
+            raise ValueError("one codes tensor, one table and one shape per layer")
+        if any(t.dtype != torch.float32 for t in luts) or any(p.dtype != torch.uint8 for p in packed):
+            raise ValueError("grouped dequant takes uint8 codes and float32 value tables")
+        self.bits, self.dtype = int(bits), dtype
+        self.device = packed[0].device
+        self.shapes = [tuple(int(s) for s in sh) for sh in shapes]
+        numels = [int(torch.Size(sh).numel()) for sh in self.shapes]
+        self.offsets, off = [], 0
+        for n in numels:
+            self.offsets.append(off)
+            off += -(-n // ALIGN) * ALIGN
+        self.numel = off
+        progs = [-(-n // BLOCK) for n in numels]
+        first = [0]
+        for p in progs[:-1]:
+            first.append(first[-1] + p)
+        self.programs = sum(progs)
+        self._packed_base, self._lut_base = packed[0], luts[0]
+        pb, lb = packed[0].data_ptr(), luts[0].data_ptr()
+        rows = []
+        for p, t, o, n, f in zip(packed, luts, self.offsets, numels, first):
+            dl = t.data_ptr() - lb
+            if dl % 4:
+                raise ValueError("value tables must be 4-byte aligned")
+            rows.append([p.data_ptr() - pb, dl // 4, o, n, f])
+        self.desc = torch.tensor(rows, dtype=torch.int64).to(self.device)
+        self.prog_layer = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
+                                                  torch.tensor(progs)).to(self.device)
+
+    def run(self) -> torch.Tensor:
+        """The flat buffer of every layer's dense weight (layer i at ``offsets[i]``)."""
+        from .dequant import _group_table_kernel
+
+        out = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        if self.programs:
+            bf16 = self.dtype == torch.bfloat16
+            _group_table_kernel[(self.programs,)](
+                self._packed_base, self._lut_base, out.view(torch.int16) if bf16 else out, self.desc,
+                self.prog_layer, BITS=self.bits, BLOCK=BLOCK, OUT_BF16=bf16, **LAUNCH_OPTIONS)
+        return out
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[o:o + torch.Size(sh).numel()].view(sh) for o, sh in zip(self.offsets, self.shapes)]
