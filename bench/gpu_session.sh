@@ -5,6 +5,8 @@
 #   2. bench/profile_packed.py (PROFILE=0 skips; COMPARE_KERNEL=path times another kernel module too);
 #      VAEPEAK=1: bench/vae_peak.py (decode and image peaks: diffusers, lean, lean + banded convs);
 #      HOSTOVH=1: bench/dynamo_host_overhead.py (torch.compile's host time per UNet call, full/minimal guards);
+#      LAUNCHOVH=1: bench/launch_overhead.py (eager dequant host time per layer; eager UNet steps fp16 / packed
+#      per layer / packed grouped);
 #      PEAK=1: bench/peak_attribution.py (what is alive at a 512² image's memory peak; lean with LEAN=1)
 #   3. scripts/recipe_error.py on sd15-arch for $RECIPES (space-separated; none by default)
 #   4. quantsd bench on sd15-arch with recipes/paper-final.yaml (+ baselines), --compile, caps $CAPS (8,4 GiB),
@@ -39,7 +41,7 @@ log "pytest -m gpu (kernels, CUDA==CPU)"
 if [ "${PYTEST:-1}" = 0 ]; then
   echo "skipped (PYTEST=0)" > "$OUT/pytest_gpu.txt"
 elif $PY -c "import pytest" 2>/dev/null; then
-  timeout -k 10 170 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_quant_cuda.py tests/test_schedulers.py \
+  timeout -k 10 170 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_quant_cuda.py tests/test_schedulers.py tests/test_dequant_groups.py \
       > "$OUT/pytest_gpu.txt" 2>&1
   echo "exit=$?" >> "$OUT/pytest_gpu.txt"
 else
@@ -67,6 +69,11 @@ if [ "${VAEPEAK:-0}" = 1 ]; then
   log "bench/vae_peak.py"
   timeout -k 10 150 $PY bench/vae_peak.py --steps 10 --drop-encoder --out "$OUT/vae_peak.json" > "$OUT/vae_peak.log" 2>&1
   echo "vae_peak exit=$?" >> "$OUT/vae_peak.log"; grep -v -i warn "$OUT/vae_peak.log" | tail -8
+fi
+
+if [ "${LAUNCHOVH:-0}" = 1 ]; then
+  log "bench/launch_overhead.py"
+  timeout -k 10 150 $PY bench/launch_overhead.py --out "$OUT/launch_overhead.json" 2>&1 | grep -v -i warn | tail -3
 fi
 
 if [ "${HOSTOVH:-0}" = 1 ]; then

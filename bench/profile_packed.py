@@ -104,7 +104,7 @@ def kernel_time_per_step(pipe, steps: int = 5) -> dict:
             continue
         us = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
         name = ev.key.lower()
-        key = ("dequant" if "dequant" in name
+        key = ("dequant" if ("dequant" in name or "group_table" in name)
                else "inductor triton" if name.startswith("triton_") else "attention" if ("flash" in name or "fmha" in name or "attention" in name)
                else "gemm/conv" if any(k in name for k in ("gemm", "conv", "sm90", "xmma", "cutlass", "cudnn", "implicit"))
                else "elementwise/other")
