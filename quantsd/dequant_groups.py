@@ -52,7 +52,7 @@ class DequantGroup:
         self.members = members
         self._launch = None
         self._signature = None
-        self._views: list | None = None
+        self._flat: torch.Tensor | None = None   # the group's buffer while members still need it
         self._stamp: list[int] = [0] * len(members)
         self._generation = 0
         self._remaining = 0
@@ -62,8 +62,9 @@ class DequantGroup:
     def dense_bytes(self) -> int:
         return sum(m._plan.numel * m._compute_dtype_ref.element_size() for m in self.members)
 
-    def _current_signature(self) -> tuple | None:
-        """Where every member's codes and table are, and its dtype; None if one left the kernel path."""
+    def _current_signature(self) -> list | None:
+        """Every member's codes and table tensors, and its dtype (the launch constants hold their
+        addresses: a replaced tensor means new constants); None if one left the kernel path."""
         sig = []
         for m in self.members:
             buffers = m._buffers
@@ -73,23 +74,27 @@ class DequantGroup:
             if m._table_source != m._params_signature():   # scales edited since the table was made
                 m._refresh_lut()
                 lut = buffers["_lut"]
-            sig.append((buffers["weight_packed"].data_ptr(), lut.data_ptr(), m._dtype, m.bits))
-        return tuple(sig)
+            sig += (buffers["weight_packed"], lut, m._dtype)
+        return sig
+
+    def _same_signature(self, sig: list) -> bool:
+        old = self._signature
+        return old is not None and len(old) == len(sig) and all(a is b for a, b in zip(old, sig))
 
     def _materialize(self) -> bool:
         sig = self._current_signature()
         if sig is None:
             return False
-        if sig != self._signature:
+        if not self._same_signature(sig):
             from .kernels.grouped import GroupLaunch
 
             ms = self.members
-            if len({s[2] for s in sig}) != 1 or len({s[3] for s in sig}) != 1:
+            if len({m._dtype for m in ms}) != 1 or len({m.bits for m in ms}) != 1:
                 return False
             self._launch = GroupLaunch([m.weight_packed for m in ms], [m._lut for m in ms],
                                        [m.weight_shape for m in ms], ms[0].bits, ms[0]._dtype)
             self._signature = sig
-        self._views = self._launch.views(self._launch.run())
+        self._flat = self._launch.run()
         self.launches += 1
         self._generation += 1
         self._remaining = len(self.members)
@@ -101,18 +106,18 @@ class DequantGroup:
         return True
 
     def _release(self) -> None:
-        self._views = None
+        self._flat = None
 
     def weight(self, index: int) -> torch.Tensor | None:
         """Member ``index``'s dense weight (None: use the layer's own launch)."""
-        if self._views is None or self._stamp[index] == self._generation:
+        if self._flat is None or self._stamp[index] == self._generation:
             if not self._materialize():
                 return None
         self._stamp[index] = self._generation
-        w = self._views[index]
+        w = self._launch.view(self._flat, index)
         self._remaining -= 1
         if self._remaining == 0:       # every member has its weight: drop the buffer with the last view
-            self._views = None
+            self._release()
             if self in _LIVE:
                 _LIVE.remove(self)
         return w

@@ -334,10 +334,27 @@ def _direct_key(plan, packed, scale, bp, lut, dtype):
             scale.data_ptr() % 16 == 0, bp.data_ptr() % 16 == 0, lut.data_ptr() % 16 == 0)
 
 
+def direct_launch(k, grid: int, device_index: int, *args) -> None:
+    """Launch compiled Triton kernel ``k`` (what ``JITFunction.run`` returned) on the current stream
+    with ``args`` in signature order, constexprs included: what Triton's ``run`` does after binding."""
+    k.run(grid, 1, 1, torch._C._cuda_getCurrentRawStream(device_index), k.function, k.packed_metadata, None, None,
+          None, *args)
+
+
+def direct_ok() -> bool:
+    """May callers launch cached kernels directly (CUDA, no launch hooks, not switched off)?"""
+    return _direct_enabled and _no_launch_hooks()
+
+
+def disable_direct() -> None:
+    """Switch direct launches off for good (a launch that disagreed with Triton's own)."""
+    global _direct_enabled
+    _direct_enabled = False
+
+
 def _run_direct(k, grid: int, plan: DequantPlan, packed, scale, bp, lut, out, bf16: bool) -> None:
-    k.run(grid, 1, 1, torch._C._cuda_getCurrentRawStream(packed.device.index), k.function, k.packed_metadata, None,
-          None, None, packed, scale, bp, lut, out, plan.numel, plan.group, plan.bits, plan.pwlq, plan.gmode, BLOCK,
-          bf16, plan.wide, plan.table)
+    direct_launch(k, grid, packed.device.index, packed, scale, bp, lut, out, plan.numel, plan.group, plan.bits,
+                  plan.pwlq, plan.gmode, BLOCK, bf16, plan.wide, plan.table)
 
 
 def _adopt(key, k, grid, plan, packed, scale, bp, lut, want: torch.Tensor, bf16: bool) -> None:

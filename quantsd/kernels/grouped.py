@@ -61,21 +61,50 @@ class GroupLaunch:
             if dl % 4:
                 raise ValueError("value tables must be 4-byte aligned")
             rows.append([p.data_ptr() - pb, dl // 4, o, n, f])
+        self._view_args = [(sh, torch.empty(sh, device="meta").stride(), o) for sh, o in zip(self.shapes, self.offsets)]
+        self._kernel = None
         self.desc = torch.tensor(rows, dtype=torch.int64).to(self.device)
         self.prog_layer = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
                                                   torch.tensor(progs)).to(self.device)
 
     def run(self) -> torch.Tensor:
-        """The flat buffer of every layer's dense weight (layer i at ``offsets[i]``)."""
-        from .dequant import _group_table_kernel
+        """The flat buffer of every layer's dense weight (layer i at ``offsets[i]``).
+
+        After the first launch (Triton's own, whose output a direct launch must then reproduce) the
+        compiled kernel is launched directly: every argument but the fresh output is fixed, and the
+        output is a new caching-allocator block (aligned), so the specialization cannot change."""
+        from . import dequant
 
         out = torch.empty(self.numel, dtype=self.dtype, device=self.device)
-        if self.programs:
-            bf16 = self.dtype == torch.bfloat16
-            _group_table_kernel[(self.programs,)](
-                self._packed_base, self._lut_base, out.view(torch.int16) if bf16 else out, self.desc,
-                self.prog_layer, BITS=self.bits, BLOCK=BLOCK, OUT_BF16=bf16, **LAUNCH_OPTIONS)
+        if not self.programs:
+            return out
+        bf16 = self.dtype == torch.bfloat16
+        o = out.view(torch.int16) if bf16 else out
+        k = self._kernel
+        if k is not None and dequant.direct_ok():
+            dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base, o,
+                                  self.desc, self.prog_layer, self.bits, BLOCK, bf16)
+            return out
+        k = dequant._group_table_kernel[(self.programs,)](
+            self._packed_base, self._lut_base, o, self.desc, self.prog_layer, BITS=self.bits, BLOCK=BLOCK,
+            OUT_BF16=bf16, **LAUNCH_OPTIONS)
+        if self._kernel is None and self.device.type == "cuda" and dequant.direct_ok() and hasattr(k, "run"):
+            try:
+                check = torch.empty_like(o)
+                dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base, check,
+                                      self.desc, self.prog_layer, self.bits, BLOCK, bf16)
+                ok = torch.equal(check, o)
+            except Exception:   # a Triton whose launcher takes other arguments
+                ok = False
+            if ok:
+                self._kernel = k
+            else:
+                dequant.disable_direct()
         return out
 
+    def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        """Layer ``i``'s weight in the flat buffer ``run`` returned."""
+        return flat.as_strided(*self._view_args[i])
+
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [flat[o:o + torch.Size(sh).numel()].view(sh) for o, sh in zip(self.offsets, self.shapes)]
+        return [self.view(flat, i) for i in range(len(self.shapes))]
