@@ -184,11 +184,10 @@ def ungroup_dequant(module: nn.Module) -> None:
 
 
 def group_pipeline(pipe, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
-    """:func:`group_dequant` on a diffusers pipeline's text encoder, UNet and VAE (those it has);
-    returns how many groups were made (0 where no layer runs the Triton kernel, e.g. on the CPU)."""
-    n = 0
-    for name in ("text_encoder", "unet", "vae"):
-        mod = getattr(pipe, name, None)
-        if isinstance(mod, nn.Module):
-            n += len(group_dequant(mod, max_bytes))
-    return n
+    """:func:`group_dequant` on a diffusers pipeline's UNet; returns how many groups were made (0
+    where no layer runs the Triton kernel, e.g. on the CPU).
+
+    Only the UNet: it runs once per step, the text encoder and the VAE once per image (a few ms of
+    launches), and the VAE decode is a generation's memory peak, which a group's buffer would raise."""
+    unet = getattr(pipe, "unet", None)
+    return len(group_dequant(unet, max_bytes)) if isinstance(unet, nn.Module) else 0

@@ -118,8 +118,8 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     ``sync_free_scheduler`` (default on): PNDM and DDIM read timestep values from a host copy
     instead of the GPU (:mod:`quantsd.schedulers`; same bits, no device sync per step).
     ``compile_guards``: "minimal" compiles with fewer per-call Dynamo checks (:func:`compile_unet`).
-    ``grouped_dequant`` (default on; eager, not offloaded): packed layers of one block are
-    dequantized by one kernel launch (:mod:`quantsd.dequant_groups`; same weights, less host time).
+    ``grouped_dequant`` (default on; eager, not offloaded): the UNet's packed layers of one block
+    are dequantized by one kernel launch (:mod:`quantsd.dequant_groups`; same weights, less host time).
 
     Order matters: the tiny VAE and memory format first, then offload hooks, then torch.compile
     of the UNet (``compile_mode`` "reduce-overhead" = CUDA graphs where shapes are static).
@@ -341,9 +341,10 @@ def _count_groups(pipe) -> int:
     """Grouped eager dequant launches set up on the pipeline (quantsd.dequant_groups)."""
     from .nn import QuantModule
 
-    groups = {id(m._dq_group) for name in ("text_encoder", "unet", "vae") if getattr(pipe, name, None) is not None
-              for m in getattr(pipe, name).modules() if isinstance(m, QuantModule) and m._dq_group is not None}
-    return len(groups)
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        return 0
+    return len({id(m._dq_group) for m in unet.modules() if isinstance(m, QuantModule) and m._dq_group is not None})
 
 
 def save_png(image, path: str | os.PathLike, info: dict | None = None) -> Path:
