@@ -208,3 +208,24 @@ def test_generate_groups_packed_layers_by_default(tmp_path):
     r = subprocess.run([sys.executable, "-c", _GENERATE_SCRIPT % str(REPO / "recipes" / "paper-final.yaml"),
                         str(tmp_path / "ck")], env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and "GENERATE OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
+
+
+def test_group_direct_launch_check_ignores_the_padding():
+    """The first direct launch of a group kernel is checked against Triton's own launch by the
+    layers' weights only: the padding between layers is never written, so it holds whatever the
+    allocator left there (on the H200 a whole-buffer comparison turned direct launches off)."""
+    from quantsd.kernels.grouped import ALIGN, GroupLaunch
+
+    packed = [torch.zeros(5, dtype=torch.uint8), torch.zeros(6, dtype=torch.uint8)]
+    luts = [torch.zeros(256), torch.zeros(256)]
+    g = GroupLaunch(packed, luts, [(5,), (3, 2)], 8, torch.float16)
+    assert g.offsets == [0, ALIGN] and g.numel == ALIGN + ALIGN
+    a = torch.full((g.numel,), float("nan"), dtype=torch.float16)
+    b = torch.full((g.numel,), 7.0, dtype=torch.float16)
+    for t in (a, b):
+        t[:5] = torch.arange(5)
+        t[ALIGN:ALIGN + 6] = torch.arange(6)
+    assert g.same_weights(a, b)
+    b[ALIGN + 5] = -1
+    assert not g.same_weights(a, b)
+    assert g.view(a, 1).shape == (3, 2) and torch.equal(g.view(a, 1), torch.arange(6.).view(3, 2).half())
