@@ -190,3 +190,29 @@ def test_cli_bench_help_and_errors(tmp_path):
                                       "--only", "fp16-sdpa",
                                       "-o", str(tmp_path / "b")])
         assert r.exit_code != 0 and "no CUDA device" in r.output and not (tmp_path / "b").exists()
+
+
+def test_release_frees_a_minimal_guard_compiled_unet():
+    """The bench lets a measured pipeline go before building the next: the compiled method a
+    minimal-guard compile puts on the UNet (a reference cycle) is removed, Dynamo is reset, and
+    the UNet is freed by reference counting alone (no garbage collection needed)."""
+    import gc
+    import weakref
+
+    import quantsd
+    from quantsd.bench.core import _release
+    from quantsd.generate import compile_unet
+
+    pipe = quantsd.load_pipeline("tiny")
+    unet = compile_unet(pipe.unet, None, guards="minimal", backend="eager")
+    assert "forward" in vars(unet)
+    alive = weakref.ref(unet)
+    del unet
+    gc.disable()
+    try:
+        _release(pipe, compiled=True)
+        assert "forward" not in vars(pipe.unet)
+        del pipe
+        assert alive() is None
+    finally:
+        gc.enable()

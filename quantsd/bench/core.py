@@ -302,6 +302,22 @@ def fits_under_cap(pipe, side: int, cfg_mode: str = "sequential") -> bool:
         torch.cuda.empty_cache()
 
 
+def _release(pipe, compiled: bool) -> None:
+    """Let a measured pipeline's memory go before the next configuration is built.
+
+    A compile with minimal guards (``compile_unet``) puts the compiled method on the UNet itself,
+    a reference cycle that holds the UNet (and, through the compiled graphs, CUDA-graph memory
+    pools) until a garbage collection; Dynamo's caches and the CUDA-graph trees hold compiled
+    code and pools until ``torch._dynamo.reset()``.  So: break the cycle, reset, then collect.
+    (On the H200, max-resolution searches run after the compiled configurations once found
+    ~1.5-2 GiB of a 4 GiB cap already taken: BENCHMARKS.md, fourth run.)"""
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        vars(unet).pop("forward", None)
+    if compiled:
+        torch._dynamo.reset()
+
+
 def max_resolution(pipe, cap_gb: float, cfg_mode: str, lo: int = 256, hi: int = 8192,
                    deadline: float | None = None, lo_fits: bool = False) -> dict:
     """Largest square side (multiple of 64) whose probe fits with the caching allocator capped at
@@ -311,13 +327,17 @@ def max_resolution(pipe, cap_gb: float, cfg_mode: str, lo: int = 256, hi: int = 
     frac = min(1.0, cap_gb * 2**30 / total)
     gc.collect()
     torch.cuda.empty_cache()
+    # what the process holds before the first probe (the pipeline's weights, and anything an earlier
+    # measurement left behind): a probe's headroom is the cap minus this
+    start = {"allocated_bytes": torch.cuda.memory_allocated(pipe.unet.device),
+             "reserved_bytes": torch.cuda.memory_reserved(pipe.unet.device)}
     torch.cuda.set_per_process_memory_fraction(frac, pipe.unet.device)
     try:
         res = binary_search_max(lambda s: fits_under_cap(pipe, s, cfg_mode), lo, hi, 64, deadline, lo_fits)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, pipe.unet.device)
         pipe.vae.disable_tiling()
-    return {**res, "cap_gb": cap_gb, "cfg_mode": cfg_mode, "fraction": frac}
+    return {**res, "cap_gb": cap_gb, "cfg_mode": cfg_mode, "fraction": frac, "start": start}
 
 
 def sdpa_report(device, dtype=torch.float16, heads: int = 8, tokens: int = 4096,
@@ -560,10 +580,11 @@ class Bench:
                 self._save()
             if cfg.max_res and self.caps_gb:
                 deferred.append((cfg, entry))
+            _release(pipe, cfg.compile)
             del pipe
             gc.collect()
             torch.cuda.empty_cache()
-            torch._dynamo.reset() if cfg.compile else None
+            entry["left_allocated_bytes"] = torch.cuda.memory_allocated(dev)
         # max-resolution searches last (the most expensive), most important first
         for mode in self.max_res_modes:
             for cfg, entry in sorted(deferred, key=lambda ce: not ce[0].packed):
