@@ -89,14 +89,16 @@ def main() -> None:
         w = torch.randn(64, 64, device="cuda", dtype=dt)
         res["f_linear_us"] = host_us(lambda: F.linear(x, w), 1, reps=2000)
         # the same launches through Triton's JITFunction.run (the direct launcher switched off)
+        was = dequant._direct_enabled
         dequant._direct_enabled = False
         try:
             res["launch_triton_run_us"] = host_us(
                 lambda: [dequant.launch(m._plan, m.weight_packed, m._lut, None, m._lut, dt) for m in layers], n)
             res["unet_eager_per_layer_triton_run_ms"] = cuda_time_ms(step(unet), 20, 5)["median"]
         finally:
-            dequant._direct_enabled = True
+            dequant._direct_enabled = was
         res["direct_kernels_cached"] = len(dequant._DIRECT)
+        res["direct_enabled"] = dequant._direct_enabled
     del pipe, unet, layers, groups
     torch.cuda.empty_cache()
     dense = build_pipeline("sd15-arch", BenchConfig("fp16-sdpa"), torch.device("cuda"))

@@ -22,6 +22,7 @@ compiling), where Inductor and CUDA graphs remove the launch overhead anyway.
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 
 import torch
@@ -32,7 +33,7 @@ from .nn import QuantConv2d, QuantLinear, QuantModule
 __all__ = ["DequantGroup", "group_dequant", "group_pipeline", "ungroup_dequant", "DEFAULT_MAX_BYTES"]
 
 DEFAULT_MAX_BYTES = 32 << 20
-_LIVE: deque = deque()      # groups whose buffer is held, oldest first
+_LIVE: deque = deque()      # weak references to the groups whose buffer is held, oldest first
 _MAX_LIVE = 2
 
 
@@ -43,29 +44,56 @@ def _eligible(m: nn.Module) -> bool:
             and m._plan.table and m._kernel_dtype_ok and m._lut.dtype == torch.float32)
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class DequantGroup:
-    """Packed layers whose dense weights are rebuilt together, by the first of them that runs."""
+    """Packed layers whose dense weights are rebuilt together, by the first of them that runs.
+
+    Runtime state (the launch constants, the buffer) is never copied: a deep copy or an unpickled
+    group starts empty and rebuilds from its own (copied) members."""
 
     def __init__(self, members: list[QuantModule]):
         if len(members) < 2:
             raise ValueError("a group has two or more layers")
         self.members = members
+        self._reset()
+        self.launches = 0               # how many times the group was rebuilt (for tests/benchmarks)
+
+    def _reset(self) -> None:
         self._launch = None
         self._signature = None
         self._flat: torch.Tensor | None = None   # the group's buffer while members still need it
-        self._stamp: list[int] = [0] * len(members)
+        self._stamp: list[int] = [0] * len(self.members)
         self._generation = 0
         self._remaining = 0
-        self.launches = 0               # how many times the group was rebuilt (for tests/benchmarks)
+
+    def __getstate__(self) -> dict:
+        return {"members": self.members, "launches": self.launches}
+
+    def __setstate__(self, state: dict) -> None:
+        self.members = state["members"]
+        self.launches = state["launches"]
+        self._reset()
 
     @property
     def dense_bytes(self) -> int:
         return sum(m._plan.numel * m._compute_dtype_ref.element_size() for m in self.members)
 
+    def invalidate(self) -> None:
+        """Forget the buffer and the launch constants (a member moved, changed dtype, or got new
+        codes or tables): the next request rebuilds them from the members as they are then."""
+        self._release()
+        self._launch = None
+        self._signature = None
+
     def _current_signature(self) -> list | None:
         """Every member's codes and table tensors, and its dtype (the launch constants hold their
-        addresses: a replaced tensor means new constants); None if one left the kernel path."""
+        addresses: a replaced tensor means new constants); None if one left the kernel path or the
+        members are not all on one device."""
         sig = []
+        device = None
         for m in self.members:
             buffers = m._buffers
             lut = buffers["_lut"]
@@ -74,7 +102,12 @@ class DequantGroup:
             if m._table_source != m._params_signature():   # scales edited since the table was made
                 m._refresh_lut()
                 lut = buffers["_lut"]
-            sig += (buffers["weight_packed"], lut, m._dtype)
+            packed = buffers["weight_packed"]
+            if device is None:
+                device = packed.device
+            if packed.device != device or lut.device != device:
+                return None
+            sig += (packed, lut, m._dtype)
         return sig
 
     def _same_signature(self, sig: list) -> bool:
@@ -82,6 +115,7 @@ class DequantGroup:
         return old is not None and len(old) == len(sig) and all(a is b for a, b in zip(old, sig))
 
     def _materialize(self) -> bool:
+        self._release()                    # the old buffer goes before the new one is allocated
         sig = self._current_signature()
         if sig is None:
             return False
@@ -98,19 +132,31 @@ class DequantGroup:
         self.launches += 1
         self._generation += 1
         self._remaining = len(self.members)
-        if self in _LIVE:
-            _LIVE.remove(self)
-        _LIVE.append(self)
+        _LIVE.append(weakref.ref(self))
         while len(_LIVE) > _MAX_LIVE:
-            _LIVE.popleft()._release()
+            old = _LIVE.popleft()()
+            if old is not None and old is not self:
+                old._release()
         return True
 
     def _release(self) -> None:
-        self._flat = None
+        if self._flat is not None:
+            self._flat = None
+            for i, r in enumerate(_LIVE):
+                if r() is self:
+                    del _LIVE[i]
+                    break
 
     def weight(self, index: int) -> torch.Tensor | None:
-        """Member ``index``'s dense weight (None: use the layer's own launch)."""
-        if self._flat is None or self._stamp[index] == self._generation:
+        """Member ``index``'s dense weight (None: use the layer's own launch).
+
+        Never while a CUDA graph is being captured: a buffer made outside the capture would be
+        baked into the graph, and one made inside it must not outlive it."""
+        member = self.members[index]
+        if _capturing(member._buffers["weight_packed"].device):
+            return None
+        if (self._flat is None or self._stamp[index] == self._generation
+                or member._table_source != member._params_signature()):   # scales edited in place
             if not self._materialize():
                 return None
         self._stamp[index] = self._generation
@@ -118,8 +164,6 @@ class DequantGroup:
         self._remaining -= 1
         if self._remaining == 0:       # every member has its weight: drop the buffer with the last view
             self._release()
-            if self in _LIVE:
-                _LIVE.remove(self)
         return w
 
 
@@ -178,8 +222,7 @@ def ungroup_dequant(module: nn.Module) -> None:
     """Every packed layer below ``module`` back to its own launch."""
     for m in module.modules():
         if isinstance(m, QuantModule) and getattr(m, "_dq_group", None) is not None:
-            if m._dq_group in _LIVE:
-                _LIVE.remove(m._dq_group)
+            m._dq_group.invalidate()
             m._dq_group = None
 
 

@@ -141,6 +141,8 @@ class QuantModule(nn.Module):
         """The kernel's table on this layer's device (None where the kernel can't run): the layer's
         own value table (every code's decoded weight) for per-tensor parameters, else the level
         table shared by all layers of this bit width and method."""
+        if self._dq_group is not None:   # a grouped launch must not keep the old table's address
+            self._dq_group.invalidate()
         self._lut = None
         self._table_source = None
         dev = self.weight_packed.device
@@ -172,12 +174,16 @@ class QuantModule(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         # new scales/breakpoints: the value table derived from them must follow
         super()._load_from_state_dict(*args, **kwargs)
+        if self._dq_group is not None:   # new codes: a group's buffer holds the old weights
+            self._dq_group.invalidate()
         if getattr(self, "_plan", None) is not None:
             self._refresh_lut()
 
     def _apply(self, fn, recurse=True):
         # Stored quantization parameters follow the device, never a dtype cast; the float32 table
         # is rebuilt on the new device (never cast either).
+        if self._dq_group is not None:   # new device or dtype: the group rebuilds from scratch
+            self._dq_group.invalidate()
         saved = {k: self._buffers.pop(k) for k in self._STORED if k in self._buffers}
         lut = self._buffers.pop("_lut", None)
         try:

@@ -583,9 +583,14 @@ def test_direct_launch_is_used_and_equals_torch(dtype):
         ref = dequantize_weight(lin.weight_packed, lin.weight_shape, bits, method, gran, lin.weight_scale,
                                 lin.weight_breakpoint, dtype, backend="torch")
         first = lin.dequantized_weight()   # Triton's own launch; the kernel is then checked and cached
+        lut = lin._lut
+        key = dequant._direct_key(lin._plan, lin.weight_packed, lut if lin._plan.table else lin.weight_scale,
+                                  lut if lin._plan.table else (lin.weight_breakpoint if lin.weight_breakpoint is not None
+                                                               else lin.weight_scale), lut, dtype)
+        assert dequant._direct_enabled and key in dequant._DIRECT, (bits, method, gran)
         n_cached = len(dequant._DIRECT)
         again = lin.dequantized_weight()   # the direct launch
-        assert dequant._direct_enabled and n_cached >= 1 and len(dequant._DIRECT) == n_cached
+        assert len(dequant._DIRECT) == n_cached
         assert torch.equal(_bits(first), _bits(ref)) and torch.equal(_bits(again), _bits(ref)), (bits, method, gran)
 
 
@@ -612,3 +617,12 @@ def test_direct_launch_switches_itself_off_when_it_disagrees(monkeypatch):
     monkeypatch.setattr(dequant, "_run_direct", boom)
     dequant._adopt("raises", "K3", *args)
     assert "raises" not in dequant._DIRECT and not dequant._direct_enabled
+    # no memory for the check buffer: not cached, but direct launches stay on
+    monkeypatch.setattr(dequant, "_direct_enabled", True)
+
+    def oom(*a):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(dequant, "_run_direct", oom)
+    dequant._adopt("oom", "K4", *args)
+    assert "oom" not in dequant._DIRECT and dequant._direct_enabled

@@ -312,8 +312,11 @@ def _release(pipe, compiled: bool) -> None:
     (On the H200, max-resolution searches run after the compiled configurations once found
     ~1.5-2 GiB of a 4 GiB cap already taken: BENCHMARKS.md, fourth run.)"""
     unet = getattr(pipe, "unet", None)
-    if unet is not None:
+    if isinstance(unet, torch.nn.Module):
+        from ..dequant_groups import ungroup_dequant
+
         vars(unet).pop("forward", None)
+        ungroup_dequant(unet)    # a group's buffer held by an interrupted forward goes too
     if compiled:
         torch._dynamo.reset()
 
@@ -458,6 +461,7 @@ class Bench:
                              lambda: max_resolution(pipe, cap, mode, lo=known or 256, hi=8192,
                                                     deadline=self._deadline, lo_fits=known is not None))
             known = res.get("max") if isinstance(res, dict) and res.get("max") else known
+        _release(pipe, cfg.compile)
         del pipe
         gc.collect()
         torch.cuda.empty_cache()

@@ -341,9 +341,29 @@ def direct_launch(k, grid: int, device_index: int, *args) -> None:
           None, *args)
 
 
-def direct_ok() -> bool:
-    """May callers launch cached kernels directly (CUDA, no launch hooks, not switched off)?"""
-    return _direct_enabled and _no_launch_hooks()
+def direct_ok(device: torch.device) -> bool:
+    """May callers launch cached kernels for ``device`` directly?  Not switched off, no launch hooks,
+    and ``device`` is the current device (Triton compiles and loads for the current device)."""
+    return _direct_enabled and device.index == torch._C._cuda_getDevice() and _no_launch_hooks()
+
+
+def adopt_checked(cache: dict, key, k, launch_into, want: torch.Tensor, same) -> None:
+    """Cache compiled kernel ``k`` under ``key`` if launching it directly (``launch_into(buffer)``)
+    reproduces Triton's own output ``want`` (``same(got, want)``).  A disagreement or a launcher
+    that rejects the arguments (another Triton) switches direct launches off for good; running out
+    of memory for the check buffer only skips the caching."""
+    try:
+        got = torch.empty_like(want)
+        launch_into(got)
+        ok = same(got, want)
+    except torch.OutOfMemoryError:
+        return
+    except Exception:  # a Triton whose launcher takes other arguments
+        ok = False
+    if ok:
+        cache[key] = k
+    else:
+        disable_direct()
 
 
 def disable_direct() -> None:
@@ -357,20 +377,17 @@ def _run_direct(k, grid: int, plan: DequantPlan, packed, scale, bp, lut, out, bf
                   plan.pwlq, plan.gmode, BLOCK, bf16, plan.wide, plan.table)
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    def bits(t):
+        return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+    return torch.equal(bits(a), bits(b))
+
+
 def _adopt(key, k, grid, plan, packed, scale, bp, lut, want: torch.Tensor, bf16: bool) -> None:
     """Cache ``k`` for ``key`` if a direct launch reproduces Triton's own output (``want``)."""
-    global _direct_enabled
-    try:
-        got = torch.empty_like(want)
-        _run_direct(k, grid, plan, packed, scale, bp, lut, got, bf16)
-        ok = torch.equal(got.view(torch.int16) if got.element_size() == 2 else got.view(torch.int32),
-                         want.view(torch.int16) if want.element_size() == 2 else want.view(torch.int32))
-    except Exception:  # a Triton whose launcher takes other arguments
-        ok = False
-    if ok:
-        _DIRECT[key] = k
-    else:
-        _direct_enabled = False
+    adopt_checked(_DIRECT, key, k, lambda got: _run_direct(k, grid, plan, packed, scale, bp, lut, got, bf16),
+                  want, _same_bits)
 
 
 def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor],
@@ -384,7 +401,7 @@ def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpo
     bp = scale if breakpoint is None else breakpoint
     o = out.view(torch.int16) if bf16 else out
     grid = -(-plan.numel // BLOCK)
-    direct = _direct_enabled and packed.is_cuda and _no_launch_hooks()
+    direct = _direct_enabled and packed.is_cuda and direct_ok(packed.device)
     if direct:
         key = _direct_key(plan, packed, scale, bp, lut, dtype)
         k = _DIRECT.get(key)
@@ -395,8 +412,8 @@ def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpo
         packed, scale, bp, lut, o, plan.numel, plan.group,
         BITS=plan.bits, PWLQ=plan.pwlq, GMODE=plan.gmode, BLOCK=BLOCK, OUT_BF16=bf16, WIDE=plan.wide,
         TABLE=plan.table, **LAUNCH_OPTIONS)
-    if direct and k is not None and hasattr(k, "run"):
-        _adopt(key, k, grid, plan, packed, scale, bp, lut, o, bf16)
+    if direct and k is not None and hasattr(k, "run") and not torch.cuda.is_current_stream_capturing():
+        _adopt(key, k, grid, plan, packed, scale, bp, lut, o, bf16)   # (the check would sync a capture)
     return out
 
 

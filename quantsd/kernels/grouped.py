@@ -22,6 +22,7 @@ from .dequant import BLOCK, HAS_TRITON, LAUNCH_OPTIONS
 __all__ = ["GroupLaunch", "ALIGN"]
 
 ALIGN = 128  # elements: each layer's weight starts on a 256-byte boundary of the flat buffer (fp16)
+_KERNELS: dict = {}  # specialization key -> compiled group kernel, checked once (dequant.adopt_checked)
 
 
 class GroupLaunch:
@@ -62,7 +63,10 @@ class GroupLaunch:
                 raise ValueError("value tables must be 4-byte aligned")
             rows.append([p.data_ptr() - pb, dl // 4, o, n, f])
         self._view_args = [(sh, torch.empty(sh, device="meta").stride(), o) for sh, o in zip(self.shapes, self.offsets)]
-        self._kernel = None
+        # the compiled kernel's specialization: output dtype, and the base pointers' 16-byte alignment
+        # (every other argument is a fresh allocation); the kernels live in a module-level cache,
+        # never on this object (a compiled kernel can be neither copied nor pickled)
+        self._key = (self.bits, dtype, self.device, pb % 16 == 0, lb % 16 == 0)
         self.desc = torch.tensor(rows, dtype=torch.int64).to(self.device)
         self.prog_layer = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
                                                   torch.tensor(progs)).to(self.device)
@@ -80,27 +84,23 @@ class GroupLaunch:
             return out
         bf16 = self.dtype == torch.bfloat16
         o = out.view(torch.int16) if bf16 else out
-        k = self._kernel
-        if k is not None and dequant.direct_ok():
-            dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base, o,
-                                  self.desc, self.prog_layer, self.bits, BLOCK, bf16)
-            return out
+        direct = self.device.type == "cuda" and dequant.direct_ok(self.device)
+        if direct:
+            k = _KERNELS.get(self._key)
+            if k is not None:
+                dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base, o,
+                                      self.desc, self.prog_layer, self.bits, BLOCK, bf16)
+                return out
         k = dequant._group_table_kernel[(self.programs,)](
             self._packed_base, self._lut_base, o, self.desc, self.prog_layer, BITS=self.bits, BLOCK=BLOCK,
             OUT_BF16=bf16, **LAUNCH_OPTIONS)
-        if self._kernel is None and self.device.type == "cuda" and dequant.direct_ok() and hasattr(k, "run"):
-            try:
-                check = torch.empty_like(out)
+        if direct and hasattr(k, "run") and not torch.cuda.is_current_stream_capturing():
+            def launch_into(check):
                 dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base,
                                       check.view(torch.int16) if bf16 else check, self.desc, self.prog_layer,
                                       self.bits, BLOCK, bf16)
-                ok = self.same_weights(check, out)
-            except Exception:   # a Triton whose launcher takes other arguments
-                ok = False
-            if ok:
-                self._kernel = k
-            else:
-                dequant.disable_direct()
+
+            dequant.adopt_checked(_KERNELS, self._key, k, launch_into, out, self.same_weights)
         return out
 
     def same_weights(self, a: torch.Tensor, b: torch.Tensor) -> bool:
