@@ -626,3 +626,32 @@ def test_direct_launch_switches_itself_off_when_it_disagrees(monkeypatch):
     monkeypatch.setattr(dequant, "_run_direct", oom)
     dequant._adopt("oom", "K4", *args)
     assert "oom" not in dequant._DIRECT and dequant._direct_enabled
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the Triton wheel's ptxas: Linux only")
+def test_group_kernel_stores_vectorize_on_sm90():
+    """The grouped kernel's stores cover whole ALIGN-element runs from ALIGN boundaries, so on an
+    H100 they compile to 16-byte vector stores like the per-layer kernel's (a runtime layer offset
+    and length would otherwise give one 2-byte store per weight)."""
+    import re
+
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from quantsd.kernels.dequant import LAUNCH_OPTIONS, _group_table_kernel
+    from quantsd.kernels.grouped import ALIGN
+
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as e:  # pragma: no cover - triton without the NVIDIA backend
+        pytest.skip(f"no NVIDIA Triton backend: {e}")
+    sig = {"packed_base": "*u8", "lut_base": "*fp32", "out_ptr": "*fp16", "desc_ptr": "*i64", "prog_layer_ptr": "*i32",
+           "BITS": "constexpr", "BLOCK": "constexpr", "OUT_BF16": "constexpr", "ALIGN": "constexpr"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
+    for bits in (4, 8):
+        k = triton.compile(ASTSource(_group_table_kernel, sig, {"BITS": bits, "BLOCK": 1024, "OUT_BF16": False,
+                                                               "ALIGN": ALIGN}, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options=dict(LAUNCH_OPTIONS))
+        stores = set(re.findall(r"st\.global[\.\w]*", k.asm["ptx"]))
+        assert stores and all(".v4" in st or ".v2" in st for st in stores), stores

@@ -189,7 +189,8 @@ if HAS_TRITON:
 
     @triton.jit
     def _group_table_kernel(packed_base, lut_base, out_ptr, desc_ptr, prog_layer_ptr,
-                            BITS: tl.constexpr, BLOCK: tl.constexpr, OUT_BF16: tl.constexpr):
+                            BITS: tl.constexpr, BLOCK: tl.constexpr, OUT_BF16: tl.constexpr,
+                            ALIGN: tl.constexpr):
         # Several value-table layers of one bit width in one launch (kernels/grouped.py).  Program
         # pid works on layer prog_layer[pid]; desc (int64, 5 per layer): its codes' byte offset
         # from packed_base, its table's element offset from lut_base, its first element in out,
@@ -199,13 +200,16 @@ if HAS_TRITON:
         d = desc_ptr + layer * 5
         packed_ptr = packed_base + tl.load(d)
         lut_ptr = lut_base + tl.load(d + 1)
-        out_off = tl.load(d + 2)
+        out_off = tl.multiple_of(tl.load(d + 2), ALIGN)      # every layer starts on an ALIGN boundary
         numel = tl.load(d + 3)
         lpid = pid.to(tl.int64) - tl.load(d + 4)
         e = lpid * BLOCK + tl.arange(0, BLOCK)
         emask = e < numel
         code = _load_codes(packed_ptr, lpid, e, emask, numel, BITS, BLOCK)
-        _store_weights(out_ptr + out_off, e, emask, tl.load(lut_ptr + code), OUT_BF16)
+        # stores run to the layer's padded end (the padding is the group buffer's own, unread), so
+        # whole ALIGN-element runs are stored and the stores vectorize
+        padded = tl.multiple_of((numel + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
+        _store_weights(out_ptr + out_off, e, e < padded, tl.load(lut_ptr + code), OUT_BF16)
 
 
 _LUTS: dict = {}

@@ -22,6 +22,7 @@ from .dequant import BLOCK, HAS_TRITON, LAUNCH_OPTIONS
 __all__ = ["GroupLaunch", "ALIGN"]
 
 ALIGN = 128  # elements: each layer's weight starts on a 256-byte boundary of the flat buffer (fp16)
+assert BLOCK % ALIGN == 0   # a layer's programs cover its padded slot, never the next layer's
 _KERNELS: dict = {}  # specialization key -> compiled group kernel, checked once (dequant.adopt_checked)
 
 
@@ -89,16 +90,16 @@ class GroupLaunch:
             k = _KERNELS.get(self._key)
             if k is not None:
                 dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base, o,
-                                      self.desc, self.prog_layer, self.bits, BLOCK, bf16)
+                                      self.desc, self.prog_layer, self.bits, BLOCK, bf16, ALIGN)
                 return out
         k = dequant._group_table_kernel[(self.programs,)](
             self._packed_base, self._lut_base, o, self.desc, self.prog_layer, BITS=self.bits, BLOCK=BLOCK,
-            OUT_BF16=bf16, **LAUNCH_OPTIONS)
+            OUT_BF16=bf16, ALIGN=ALIGN, **LAUNCH_OPTIONS)
         if direct and hasattr(k, "run") and not torch.cuda.is_current_stream_capturing():
             def launch_into(check):
                 dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base,
                                       check.view(torch.int16) if bf16 else check, self.desc, self.prog_layer,
-                                      self.bits, BLOCK, bf16)
+                                      self.bits, BLOCK, bf16, ALIGN)
 
             dequant.adopt_checked(_KERNELS, self._key, k, launch_into, out, self.same_weights)
         return out
