@@ -145,6 +145,16 @@ def test_markdown_partial_results():
     assert "(cut short)" in md and "build: OOM" in md
 
 
+def test_markdown_flags_memory_left_after_a_configuration():
+    """A configuration that leaves memory allocated after its release makes every later peak and
+    max-res search in the run wrong: the report says so, naming it (small remainders are not noise)."""
+    cfgs = [{"name": "fp16-sdpa-compiled", "left_allocated_bytes": 3 << 29},
+            {"name": "packed", "left_allocated_bytes": 1 << 20}]
+    md = markdown_report({"meta": {"model": "m"}, "configs": cfgs})
+    assert "fp16-sdpa-compiled 1.50 GiB" in md and "packed 0.00" not in md
+    assert "still allocated" not in markdown_report({"meta": {"model": "m"}, "configs": cfgs[1:]})
+
+
 def test_to_packed_equals_simulated_quantization():
     from quantsd.models import load_pipeline
     from quantsd.nn import packed_modules

@@ -691,6 +691,11 @@ def markdown_report(results: dict) -> str:
     errs = [f"- {r['config']}: {r['errors']}" for r in rows if r["errors"]]
     if errs:
         lines += ["", "Errors (recorded, run continued):", *errs]
+    left = [(c["name"], c["left_allocated_bytes"]) for c in results.get("configs", [])
+            if (c.get("left_allocated_bytes") or 0) > LEFT_WARN_BYTES]
+    if left:   # later peaks and max-res searches in this process include it
+        lines += ["", "Memory still allocated after a configuration was released (later peaks and max-res "
+                  "searches in this run include it): " + ", ".join(f"{n} {b / 2**30:.2f} GiB" for n, b in left)]
     sweep = {c["name"]: c.get("sweep_unet_ms") for c in results.get("configs", []) if c.get("sweep_unet_ms")}
     if sweep:
         sides = sorted({int(s) for v in sweep.values() for s in v})
@@ -704,6 +709,9 @@ def markdown_report(results: dict) -> str:
                   f"math {sd.get('math_sdp_enabled')}; flash probe ({sd.get('dtype')}): "
                   + ", ".join(f"{k} {v}" for k, v in (sd.get("probes") or {}).items())]
     return "\n".join(lines) + "\n"
+
+
+LEFT_WARN_BYTES = 64 << 20   # more than this left allocated after a configuration is flagged in the report
 
 
 def _cell(v: Any) -> str:
