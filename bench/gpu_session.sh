@@ -36,12 +36,12 @@ log() { echo "[$(el)s] $*"; }
   git log --oneline -1 2>/dev/null; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# ---- 1. kernel correctness on the GPU (<= 170 s)
+# ---- 1. kernel correctness on the GPU (<= 240 s)
 log "pytest -m gpu (kernels, CUDA==CPU)"
 if [ "${PYTEST:-1}" = 0 ]; then
   echo "skipped (PYTEST=0)" > "$OUT/pytest_gpu.txt"
 elif $PY -c "import pytest" 2>/dev/null; then
-  timeout -k 10 170 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_quant_cuda.py tests/test_schedulers.py tests/test_dequant_groups.py \
+  timeout -k 10 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_quant_cuda.py tests/test_schedulers.py tests/test_dequant_groups.py tests/test_compile_guards.py \
       > "$OUT/pytest_gpu.txt" 2>&1
   echo "exit=$?" >> "$OUT/pytest_gpu.txt"
 else
