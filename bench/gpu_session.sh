@@ -13,7 +13,8 @@
 #      s/image also with $SCHEDULERS (default dpm; empty for none); LEAN=1 adds --lean (lean VAE decode,
 #      VAE encoder dropped, every configuration); MAXRES_CFG (default sequential,batch2) the CFG modes;
 #      COMPILE_GUARDS=minimal compiles both compiled configurations without per-call module guards;
-#      ONLY=fp16-sdpa-compiled,packed-compiled runs just those configurations
+#      ONLY=fp16-sdpa-compiled,packed-compiled runs just those configurations; DENSE_BELOW=262144 keeps the
+#      packed UNet's layers of at most that many weights dense (fewer dequant launches per step)
 # Everything lands under $OUT (6 files, 2 levels): env.txt, pytest_gpu.txt, bench.log,
 # bench/results.json, bench/report.md, bench/time_vs_pixels.png.  A compact summary goes to stdout.
 # Each step is time-boxed; the bench records OOMs/errors per configuration and rewrites its
@@ -97,6 +98,7 @@ timeout -k 15 $(( LEFT + 20 )) $PY -c "from quantsd.cli import main; main()" ben
     --recipe recipes/paper-final.yaml --steps 50 --guidance 7.5 --height 512 --width 512 --compile \
     --max-res-cap-gb "${CAPS:-8,4}" --max-res-cfg "${MAXRES_CFG:-sequential,batch2}" --schedulers "${SCHEDULERS-dpm}" \
     $([ "${LEAN:-0}" = 1 ] && echo --lean) --compile-guards "${COMPILE_GUARDS:-full}" --only "${ONLY:-}" \
+    --dense-below "${DENSE_BELOW:-0}" \
     --time-budget "$LEFT" -o "$OUT/bench" \
     > "$OUT/bench.log" 2>&1
 echo "bench exit=$?" >> "$OUT/bench.log"

@@ -105,7 +105,7 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
                        offload: str | None = None, tiny_vae: str | os.PathLike | None = None,
                        lean_vae: bool = False, drop_vae_encoder: bool = False, ff_chunk: int | None = None,
                        sync_free_scheduler: bool = True, compile_guards: str = "full",
-                       grouped_dequant: bool = True):
+                       grouped_dequant: bool = True, dense_below: int = 0):
     """Apply generation options to a loaded pipeline (in place; returns it).
 
     ``lean_vae``: the VAE decoder's resnet blocks run SiLU and the residual add in place on
@@ -120,6 +120,9 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     ``compile_guards``: "minimal" compiles with fewer per-call Dynamo checks (:func:`compile_unet`).
     ``grouped_dequant`` (default on; eager, not offloaded): the UNet's packed layers of one block
     are dequantized by one kernel launch (:mod:`quantsd.dequant_groups`; same weights, less host time).
+    ``dense_below`` (default 0: off): the UNet's packed layers of at most that many weights are
+    decoded once and kept dense (:func:`quantsd.nn.densify_small_layers`; same weights, fewer
+    dequant launches per step, a few MiB more resident).
 
     Order matters: the tiny VAE and memory format first, then offload hooks, then torch.compile
     of the UNet (``compile_mode`` "reduce-overhead" = CUDA graphs where shapes are static).
@@ -173,6 +176,10 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
             pipe.enable_model_cpu_offload(device=dev)
         else:
             pipe.enable_sequential_cpu_offload(device=dev)
+    if dense_below:
+        from .nn import densify_small_layers
+
+        densify_small_layers(pipe.unet, dense_below)
     if grouped_dequant and not compile and offload is None:
         from .dequant_groups import group_pipeline
 
@@ -272,6 +279,7 @@ def generate(
     sync_free_scheduler: bool = True,
     compile_guards: str = "full",
     grouped_dequant: bool = True,
+    dense_below: int = 0,
 ):
     """Generate one image; returns (PIL.Image, info dict).
 
@@ -287,7 +295,7 @@ def generate(
     ``sync_free_scheduler`` (default True) lets PNDM/DDIM run without a device sync per step;
     ``compile_guards="minimal"`` (with ``compile``) trades Dynamo's per-call module checks for less
     host time per step; ``grouped_dequant`` (default True) dequantizes the packed layers of a block
-    in one launch in eager mode.
+    in one launch in eager mode; ``dense_below`` keeps the UNet's smallest packed layers dense.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -310,7 +318,7 @@ def generate(
                        vae_slicing=vae_slicing, offload=offload, tiny_vae=tiny_vae, lean_vae=lean_vae,
                        drop_vae_encoder=drop_vae_encoder, ff_chunk=ff_chunk,
                        sync_free_scheduler=sync_free_scheduler, compile_guards=compile_guards,
-                       grouped_dequant=grouped_dequant)
+                       grouped_dequant=grouped_dequant, dense_below=dense_below)
     scale = getattr(pipe, "vae_scale_factor", 8)
     default = int(pipe.unet.config.sample_size) * scale
     height = height or default
@@ -333,7 +341,7 @@ def generate(
             "scheduler": type(pipe.scheduler).__name__, "cfg_cutoff": cfg_cutoff, "compile": compile,
             "channels_last": channels_last, "offload": offload, "ff_chunk": ff_chunk,
             "compile_guards": compile_guards if compile else None,
-            "dequant_groups": _count_groups(pipe), "tiny_vae": None if tiny_vae is None else str(tiny_vae)}
+            "dequant_groups": _count_groups(pipe), "dense_below": dense_below or None, "tiny_vae": None if tiny_vae is None else str(tiny_vae)}
     return out.images[0], info
 
 

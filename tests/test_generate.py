@@ -103,3 +103,21 @@ def test_cli_export_recipe_errors_are_clean(tmp_path):
     assert "does not exist" in r.output and "unet.down_blocks.0" in r.output
     r = CliRunner().invoke(main, ["export", "-m", "tiny", "--recipe", str(RECIPE)])
     assert r.exit_code != 0 and "--output" in r.output
+
+
+def test_generate_dense_below_keeps_the_image(exported):
+    """--dense-below decodes the UNet's smallest packed layers once (the same weights): the image
+    is the one the all-packed pipeline makes, and fewer packed layers remain."""
+    from quantsd.nn import packed_modules
+
+    kw = dict(steps=2, seed=3, weights="packed", device="cpu", height=32, width=32)
+    base, _ = generate(str(exported), "a blue circle", **kw)
+    dense, info = generate(str(exported), "a blue circle", dense_below=10**9, **kw)
+    assert info["dense_below"] == 10**9
+    assert np.array_equal(np.asarray(base), np.asarray(dense))
+    pipe = load_checkpoint(exported, dtype=torch.float32, weights="packed")
+    from quantsd.generate import configure_pipeline
+
+    n = len(packed_modules(pipe.unet))
+    configure_pipeline(pipe, dense_below=10**9)
+    assert n > 0 and len(packed_modules(pipe.unet)) == 0

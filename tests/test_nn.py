@@ -92,3 +92,29 @@ def test_quant_embedding_unaligned_rows_dtype_and_size():
             assert out.shape == (*shape, 64) and out.shape == big(torch.zeros(shape, dtype=torch.long)).shape
     with pytest.raises(ValueError, match="max_norm"):
         QuantEmbedding.from_embedding(nn.Embedding(4, 8, max_norm=1.0), qt)
+
+
+def test_densify_small_layers_keeps_the_weights_and_outputs():
+    """Small packed layers become dense layers with the very weights the packed ones decode (bit for
+    bit), in the same train/eval mode; larger ones stay packed."""
+    from quantsd.nn import QuantConv2d, QuantLinear, densify_small_layers, packed_modules
+    from quantsd.quant import quantize_tensor
+
+    torch.manual_seed(0)
+    lin_small, lin_big, conv = nn.Linear(8, 8), nn.Linear(64, 64), nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    net = nn.Sequential(
+        QuantLinear.from_linear(lin_small, quantize_tensor(lin_small.weight.detach(), 4, "pwlq", "tensor")),
+        QuantLinear.from_linear(lin_big, quantize_tensor(lin_big.weight.detach(), 4, "pwlq", "channel")),
+    ).eval()
+    c = nn.Sequential(QuantConv2d.from_conv(conv, quantize_tensor(conv.weight.detach(), 3, "uniform", "tensor"))).eval()
+    x, y = torch.randn(5, 8), torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        want_w = [m.dequantized_weight() for m in (net[0], net[1], c[0])]
+        want_c = c(y)
+        assert densify_small_layers(net, 64) == 1 and densify_small_layers(c, 4 * 6 * 9) == 1
+        assert type(net[0]) is nn.Linear and isinstance(net[1], QuantLinear) and type(c[0]) is nn.Conv2d
+        assert torch.equal(net[0].weight, want_w[0]) and torch.equal(c[0].weight, want_w[2]) and c[0].bias is None
+        assert not net[0].training and not c[0].training and c[0].padding == (1, 1)
+        assert torch.equal(c(y), want_c)
+        assert torch.equal(net[0](x), torch.nn.functional.linear(x, want_w[0], net[0].bias))
+        assert densify_small_layers(net, 0) == 0 and len(packed_modules(net)) == 1

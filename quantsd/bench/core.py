@@ -174,7 +174,8 @@ def to_packed(pipe, recipe, dtype: torch.dtype = torch.float16):
 
 
 def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=None, checkpoint=None,
-                   sync_free_scheduler: bool = True, compile_guards: str = "full", grouped_dequant: bool = True):
+                   sync_free_scheduler: bool = True, compile_guards: str = "full", grouped_dequant: bool = True,
+                   dense_below: int = 0):
     """A pipeline for one configuration, on ``device`` (built there directly for sd15-arch)."""
     from ..generate import compile_unet, set_attention
     from ..models import load_pipeline
@@ -195,6 +196,10 @@ def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=No
         make_sync_free(pipe.scheduler)
     set_attention(pipe.unet, cfg.attention)
     set_attention(pipe.vae, cfg.attention)
+    if cfg.packed and dense_below:
+        from ..nn import densify_small_layers
+
+        densify_small_layers(pipe.unet, dense_below)
     if cfg.compile:
         pipe.unet = compile_unet(pipe.unet, "reduce-overhead", compile_guards)
     elif cfg.packed and grouped_dequant:   # eager packed: one dequant launch per block (as quantsd generate)
@@ -410,6 +415,7 @@ class Bench:
     compile_guards: str = "full"       # compiled configurations: "minimal" = no per-call module-attribute guards
     only: tuple[str, ...] = ()         # run only these of the default configurations (ignored with ``configs``)
     grouped_dequant: bool = True       # eager packed: one dequant launch per block (quantsd.dequant_groups)
+    dense_below: int = 0               # packed: UNet layers of at most this many weights kept dense (0: off)
     configs: list[BenchConfig] | None = None
     log: Callable[[str], None] = print
     results: dict = field(default_factory=dict)
@@ -419,7 +425,7 @@ class Bench:
 
     def _build(self, cfg: BenchConfig, dev, recipe):
         pipe = build_pipeline(self.model, cfg, dev, recipe, self.checkpoint, compile_guards=self.compile_guards,
-                              grouped_dequant=self.grouped_dequant)
+                              grouped_dequant=self.grouped_dequant, dense_below=self.dense_below)
         if self.lean:
             from ..lean_vae import drop_vae_encoder, lean_vae_decode
 
@@ -509,7 +515,7 @@ class Bench:
                      "batch": 1, "compile": self.compile, "caps_gb": list(self.caps_gb), "lean": self.lean,
                      "max_res_ff_chunk": self.max_res_ff_chunk, "sync_free_scheduler": True,
                      "compile_guards": self.compile_guards, "only": list(self.only),
-                     "grouped_dequant": self.grouped_dequant,
+                     "grouped_dequant": self.grouped_dequant, "dense_below": self.dense_below,
                      "gpu": props.name, "gpu_memory_bytes": props.total_memory, "torch": torch.__version__,
                      "triton": triton.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
             "configs": [],
@@ -661,6 +667,8 @@ def _run_notes(meta: dict) -> str:
         notes.append("only " + ", ".join(meta["only"]))
     if meta.get("grouped_dequant") is False:
         notes.append("eager packed with one dequant launch per layer")
+    if meta.get("dense_below"):
+        notes.append(f"packed UNet layers of <= {meta['dense_below']} weights kept dense")
     if meta.get("max_res_ff_chunk") and meta.get("caps_gb"):
         notes.append(f"max-res probes with feed-forward chunks of {meta['max_res_ff_chunk']} tokens")
     return "".join(f" · {n}" for n in notes)

@@ -44,6 +44,9 @@ from ._base import FORMAT, main, model_option
               help="UNet feed-forwards over at most TOKENS tokens at a time (e.g. 4096): large images in less memory.")
 @click.option("--no-grouped-dequant", "no_grouped", is_flag=True,
               help="Eager packed weights: one dequant launch per layer instead of one per block (for comparison).")
+@click.option("--dense-below", type=click.IntRange(min=0), default=0, metavar="WEIGHTS",
+              help="Packed checkpoints: keep the UNet's layers of at most WEIGHTS weights dense (decoded once: "
+                   "same weights, fewer dequant launches per step; e.g. 262144).")
 @click.option("--offload", type=click.Choice(["model", "sequential"]), default=None,
               help="CPU offload: whole models (model) or layer by layer (sequential); needs CUDA.")
 @click.option("--tiny-vae", type=click.Path(exists=True, file_okay=False), default=None,
@@ -53,7 +56,7 @@ from ._base import FORMAT, main, model_option
 def generate_cmd(model, prompt, negative_prompt, seed, steps, guidance, height, width, weights, device, dtype,
                  compile_, compile_guards, channels_last, scheduler, cfg_cutoff, attention, attention_slicing,
                  vae_tiling, vae_slicing,
-                 lean_vae, drop_vae_encoder, ff_chunk, no_grouped, offload, tiny_vae, out, fmt) -> None:
+                 lean_vae, drop_vae_encoder, ff_chunk, no_grouped, dense_below, offload, tiny_vae, out, fmt) -> None:
     """Generate an image from MODEL (a model source or a quantsd checkpoint)."""
     from ..generate import generate, save_png
     from ..reporting import to_json
@@ -65,7 +68,7 @@ def generate_cmd(model, prompt, negative_prompt, seed, steps, guidance, height, 
                            cfg_cutoff=cfg_cutoff, attention=attention, attention_slicing=attention_slicing,
                            vae_tiling=vae_tiling, vae_slicing=vae_slicing, offload=offload, tiny_vae=tiny_vae,
                            lean_vae=lean_vae, drop_vae_encoder=drop_vae_encoder, ff_chunk=ff_chunk,
-                           grouped_dequant=not no_grouped)
+                           grouped_dequant=not no_grouped, dense_below=dense_below)
     save_png(image, out, info)
     info["output"] = out
     if fmt == "json":
