@@ -655,3 +655,22 @@ def test_group_kernel_stores_vectorize_on_sm90():
                            target=GPUTarget("cuda", 90, 32), options=dict(LAUNCH_OPTIONS))
         stores = set(re.findall(r"st\.global[\.\w]*", k.asm["ptx"]))
         assert stores and all(".v4" in st or ".v2" in st for st in stores), stores
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_layers_on_another_device_than_the_current_one():
+    """Triton launches on the current device; a model on cuda:1 must still get its weights there."""
+    from quantsd.dequant_groups import group_dequant
+
+    torch.cuda.set_device(0)
+    layers = [QuantLinear.from_linear(nn.Linear(40, 24), _case((24, 40), 4, "pwlq", "tensor", "cpu", seed=i))
+              for i in range(3)]
+    net = nn.Sequential(*layers).to("cuda:1").half()
+    refs = [dequantize_weight(m.weight_packed, m.weight_shape, 4, "pwlq", "tensor", m.weight_scale,
+                              m.weight_breakpoint, torch.float16, backend="torch") for m in layers]
+    for _ in range(2):
+        assert all(torch.equal(m.dequantized_weight(), r) for m, r in zip(layers, refs))
+    group_dequant(net)
+    for _ in range(2):
+        assert all(torch.equal(m._forward_weight(), r) for m, r in zip(layers, refs))

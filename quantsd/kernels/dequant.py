@@ -398,6 +398,10 @@ def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpo
            lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Run the kernel for a prepared layer (no validation: the hot path).  ``lut`` is the layer's
     :func:`value_table` when ``plan.table``, else the shared :func:`level_table`."""
+    if packed.is_cuda and packed.device.index != torch._C._cuda_getDevice():
+        # Triton launches on the current device: make it the weights' (a model on cuda:1)
+        with torch.cuda.device(packed.device):
+            return launch(plan, packed, scale, breakpoint, lut, dtype)
     out = torch.empty(plan.shape, dtype=dtype, device=packed.device)
     if plan.numel == 0:
         return out

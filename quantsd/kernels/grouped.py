@@ -80,6 +80,9 @@ class GroupLaunch:
         output is a new caching-allocator block (aligned), so the specialization cannot change."""
         from . import dequant
 
+        if self.device.type == "cuda" and self.device.index != torch._C._cuda_getDevice():
+            with torch.cuda.device(self.device):     # Triton launches on the current device
+                return self.run()
         out = torch.empty(self.numel, dtype=self.dtype, device=self.device)
         if not self.programs:
             return out
