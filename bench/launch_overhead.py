@@ -17,8 +17,10 @@ per layer:
 * ``alloc``: the output allocation alone (``torch.empty``);
 * ``f_linear``: one small ``F.linear`` (the cost of one dense op, for scale).
 
-Then eager UNet steps (batch 2 = CFG, 512², CUDA-event medians of 20 after warm-up, same process):
-dense fp16, packed per layer (also with Triton's own launch path), packed grouped.
+Then eager UNet steps (batch 2 = CFG, 512²), dense fp16, packed per layer (also with Triton's own
+launch path) and packed grouped, interleaved: ``--rounds`` rounds of 5 CUDA-event-timed steps of
+each variant in turn, medians per variant and the median of each round's ratio to fp16 (the H200
+box's eager timings drift by up to 2x within minutes, so variants are compared within a round).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="recipes/paper-final.yaml")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds of eager UNet steps")
     a = ap.parse_args()
     pipe = build_pipeline("sd15-arch", BenchConfig("packed", packed=True), torch.device("cuda"),
                           recipe=load_recipe(a.recipe))
@@ -76,11 +79,10 @@ def main() -> None:
     def step(u):
         return lambda: u(lat, t, encoder_hidden_states=ctx, return_dict=False)
 
+    dense = build_pipeline("sd15-arch", BenchConfig("fp16-sdpa"), torch.device("cuda"))
     with torch.inference_mode():
         res["layer_grouped_us"] = host_us(lambda: [m._forward_weight() for m in layers], n)
-        res["unet_eager_grouped_ms"] = cuda_time_ms(step(unet), 20, 5)["median"]
         ungroup_dequant(unet)
-        res["unet_eager_per_layer_ms"] = cuda_time_ms(step(unet), 20, 5)["median"]
         res["layer_us"] = host_us(lambda: [m._forward_weight() for m in layers], n)
         res["launch_us"] = host_us(lambda: [dequant.launch(m._plan, m.weight_packed, m._lut, None, m._lut, dt)
                                             for m in layers], n)
@@ -88,22 +90,43 @@ def main() -> None:
         x = torch.randn(8, 64, device="cuda", dtype=dt)
         w = torch.randn(64, 64, device="cuda", dtype=dt)
         res["f_linear_us"] = host_us(lambda: F.linear(x, w), 1, reps=2000)
-        # the same launches through Triton's JITFunction.run (the direct launcher switched off)
         was = dequant._direct_enabled
-        dequant._direct_enabled = False
+        dequant._direct_enabled = False   # the same launches through Triton's JITFunction.run
         try:
             res["launch_triton_run_us"] = host_us(
                 lambda: [dequant.launch(m._plan, m.weight_packed, m._lut, None, m._lut, dt) for m in layers], n)
-            res["unet_eager_per_layer_triton_run_ms"] = cuda_time_ms(step(unet), 20, 5)["median"]
         finally:
             dequant._direct_enabled = was
+
+        # eager UNet steps, the variants interleaved round by round: this host's eager timings drift
+        # by up to 2x within minutes, so each round compares the variants within seconds of each other
+        def per_layer_triton_run():
+            dequant._direct_enabled = False
+            try:
+                return cuda_time_ms(step(unet), 5, 1)["median"]
+            finally:
+                dequant._direct_enabled = was
+
+        variants = {"fp16": lambda: cuda_time_ms(step(dense.unet), 5, 1)["median"],
+                    "packed_per_layer": lambda: cuda_time_ms(step(unet), 5, 1)["median"],
+                    "packed_per_layer_triton_run": per_layer_triton_run,
+                    "packed_grouped": None}
+        rounds: dict[str, list] = {k: [] for k in variants}
+        for _ in range(a.rounds):
+            for name, fn in variants.items():
+                if name == "packed_grouped":
+                    group_dequant(unet)
+                    rounds[name].append(cuda_time_ms(step(unet), 5, 1)["median"])
+                    ungroup_dequant(unet)
+                else:
+                    rounds[name].append(fn())
+        med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+        res["unet_eager_ms"] = {k: round(med(v), 2) for k, v in rounds.items()}
+        res["unet_eager_ratio_vs_fp16"] = {k: round(med([x / f for x, f in zip(v, rounds["fp16"])]), 3)
+                                           for k, v in rounds.items() if k != "fp16"}
+        res["unet_eager_rounds_ms"] = {k: [round(x, 2) for x in v] for k, v in rounds.items()}
         res["direct_kernels_cached"] = len(dequant._DIRECT)
         res["direct_enabled"] = dequant._direct_enabled
-    del pipe, unet, layers, groups
-    torch.cuda.empty_cache()
-    dense = build_pipeline("sd15-arch", BenchConfig("fp16-sdpa"), torch.device("cuda"))
-    with torch.inference_mode():
-        res["unet_eager_fp16_ms"] = cuda_time_ms(step(dense.unet), 20, 5)["median"]
     print(json.dumps(res))
     Path(a.out).write_text(json.dumps(res, indent=1))
 
