@@ -101,19 +101,22 @@ def main() -> None:
         # eager UNet steps, the variants interleaved round by round: this host's eager timings drift
         # by up to 2x within minutes, so each round compares the variants within seconds of each other
         def per_layer_triton_run():
+            now = dequant._direct_enabled
             dequant._direct_enabled = False
             try:
                 return cuda_time_ms(step(unet), 5, 1)["median"]
             finally:
-                dequant._direct_enabled = was
+                dequant._direct_enabled = now
 
         variants = {"fp16": lambda: cuda_time_ms(step(dense.unet), 5, 1)["median"],
                     "packed_per_layer": lambda: cuda_time_ms(step(unet), 5, 1)["median"],
                     "packed_per_layer_triton_run": per_layer_triton_run,
                     "packed_grouped": None}
         rounds: dict[str, list] = {k: [] for k in variants}
-        for _ in range(a.rounds):
-            for name, fn in variants.items():
+        names = list(variants)
+        for r in range(a.rounds):   # the order rotates, so no variant always runs first in a round
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                fn = variants[name]
                 if name == "packed_grouped":
                     group_dequant(unet)
                     rounds[name].append(cuda_time_ms(step(unet), 5, 1)["median"])

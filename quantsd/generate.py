@@ -167,6 +167,10 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
+    if dense_below:   # before offload hooks: they must see the dense layers (and their biases)
+        from .nn import densify_small_layers
+
+        densify_small_layers(pipe.unet, dense_below)
     if offload is not None:
         if offload not in OFFLOAD_MODES:
             raise ValueError(f"offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
@@ -176,10 +180,6 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
             pipe.enable_model_cpu_offload(device=dev)
         else:
             pipe.enable_sequential_cpu_offload(device=dev)
-    if dense_below:
-        from .nn import densify_small_layers
-
-        densify_small_layers(pipe.unet, dense_below)
     if grouped_dequant and not compile and offload is None:
         from .dequant_groups import group_pipeline
 

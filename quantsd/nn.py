@@ -398,8 +398,22 @@ def densify_small_layers(module: nn.Module, max_params: int) -> int:
     count, off unless asked for."""
     if max_params <= 0:
         return 0
+    if isinstance(module, QuantModule):
+        raise ValueError("densify_small_layers replaces layers inside a module: pass the model, not the layer")
     todo = [(n, m) for n, m in module.named_modules()
             if isinstance(m, (QuantLinear, QuantConv2d)) and _numel(m.weight_shape) <= max_params]
+    for _, m in todo:   # a grouped launch must not keep decoding a layer that is gone
+        group = m._dq_group
+        if group is not None:
+            group.invalidate()
+            for member in group.members:
+                member._dq_group = None
+    with torch.inference_mode(False), torch.no_grad():   # ordinary tensors, whatever the caller's mode
+        _replace_dense(module, todo)
+    return len(todo)
+
+
+def _replace_dense(module: nn.Module, todo: list) -> None:
     for name, m in todo:
         w = m.dequantized_weight()
         bias = m.bias
@@ -416,7 +430,6 @@ def densify_small_layers(module: nn.Module, max_params: int) -> int:
         holder = module.get_submodule(parent) if parent else module
         dense.train(m.training)
         setattr(holder, child, dense)
-    return len(todo)
 
 
 def _numel(shape) -> int:

@@ -121,3 +121,21 @@ def test_generate_dense_below_keeps_the_image(exported):
     n = len(packed_modules(pipe.unet))
     configure_pipeline(pipe, dense_below=10**9)
     assert n > 0 and len(packed_modules(pipe.unet)) == 0
+
+
+def test_dense_below_comes_before_sequential_offload(exported, monkeypatch):
+    """configure_pipeline densifies before attaching offload hooks, so the hooks manage the dense
+    layers (densifying after them cloned biases the hooks had moved to the meta device)."""
+    from torch import nn
+
+    import quantsd.generate as G
+    from quantsd.nn import QuantModule
+
+    pipe = load_checkpoint(exported, dtype=torch.float32, weights="packed")
+    seen = []
+    monkeypatch.setattr(type(pipe), "enable_sequential_cpu_offload",   # no CUDA here: record what hooks would see
+                        lambda self, *a, **k: seen.append([type(m) for m in self.unet.modules()
+                                                           if isinstance(m, (nn.Linear, nn.Conv2d, QuantModule))]))
+    monkeypatch.setattr(G, "resolve_device", lambda d: torch.device("cuda"))
+    G.configure_pipeline(pipe, device="cuda", dense_below=10**9, offload="sequential")
+    assert seen and seen[0] and all(t in (nn.Linear, nn.Conv2d) for t in seen[0])

@@ -118,3 +118,27 @@ def test_densify_small_layers_keeps_the_weights_and_outputs():
         assert torch.equal(c(y), want_c)
         assert torch.equal(net[0](x), torch.nn.functional.linear(x, want_w[0], net[0].bias))
         assert densify_small_layers(net, 0) == 0 and len(packed_modules(net)) == 1
+
+
+def test_densify_in_inference_mode_and_with_grouped_layers():
+    """Densified weights are ordinary tensors even when made under inference_mode (later casts and
+    forwards outside it work), a layer passed alone is refused, and a layer that was in a grouped
+    launch leaves it (its group no longer decodes it)."""
+    from quantsd.dequant_groups import DequantGroup
+    from quantsd.nn import QuantLinear, densify_small_layers
+    from quantsd.quant import quantize_tensor
+
+    lins = [nn.Linear(8, 8) for _ in range(2)]
+    net = nn.Sequential(*[QuantLinear.from_linear(l, quantize_tensor(l.weight.detach(), 4, "pwlq", "tensor"))
+                          for l in lins])
+    g = DequantGroup([net[0], net[1]])
+    net[0]._dq_group, net[1]._dq_group, net[1]._dq_index = g, g, 1
+    with pytest.raises(ValueError, match="pass the model"):
+        densify_small_layers(net[0], 100)
+    with torch.inference_mode():
+        assert densify_small_layers(net, 100) == 2
+    assert not net[0].weight.is_inference() and not net[0].weight.requires_grad
+    net.half().float()
+    x = torch.randn(3, 8)
+    assert net(x).shape == (3, 8)
+    assert g._flat is None and all(m._dq_group is None for m in g.members)
