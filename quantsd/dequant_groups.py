@@ -79,7 +79,7 @@ class DequantGroup:
 
     @property
     def dense_bytes(self) -> int:
-        return sum(m._plan.numel * m._compute_dtype_ref.element_size() for m in self.members)
+        return sum(_dense_bytes(m) for m in self.members)
 
     def invalidate(self) -> None:
         """Forget the buffer and the launch constants (a member moved, changed dtype, or got new

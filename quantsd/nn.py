@@ -135,7 +135,6 @@ class QuantModule(nn.Module):
         # the kernel's table: a (non-persistent) buffer, so torch.compile + CUDA graphs treat it as a
         # static input like any weight (a plain tensor attribute would be copied on every replay)
         self.register_buffer("_lut", None, persistent=False)
-        self._dq_group, self._dq_index = None, 0   # quantsd.dequant_groups: eager grouped launches
         self._refresh_lut()
 
     def _refresh_lut(self) -> None:
@@ -175,10 +174,8 @@ class QuantModule(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         # new scales/breakpoints: the value table derived from them must follow
         super()._load_from_state_dict(*args, **kwargs)
-        if self._dq_group is not None:   # new codes: a group's buffer holds the old weights
-            self._dq_group.invalidate()
         if getattr(self, "_plan", None) is not None:
-            self._refresh_lut()
+            self._refresh_lut()   # (which also drops a grouped launch's buffer of the old weights)
 
     def _apply(self, fn, recurse=True):
         # Stored quantization parameters follow the device, never a dtype cast; the float32 table

@@ -226,3 +226,24 @@ def test_release_frees_a_minimal_guard_compiled_unet():
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_build_pipeline_applies_the_configuration_options():
+    """build_pipeline goes through configure_pipeline (as quantsd generate does): attention per
+    configuration, sync-free scheduler, --dense-below on packed configurations only."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from quantsd.bench.core import build_pipeline
+    from quantsd.nn import packed_modules
+    from quantsd.recipe import load_recipe
+    from quantsd.schedulers import is_sync_free
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "paper-final.yaml")
+    packed = build_pipeline("tiny", BenchConfig("packed", packed=True), torch.device("cpu"), recipe=recipe)
+    n = len(packed_modules(packed.unet))
+    dense = build_pipeline("tiny", BenchConfig("packed", packed=True), torch.device("cpu"), recipe=recipe,
+                           dense_below=10**9)
+    assert n > 0 and len(packed_modules(dense.unet)) == 0 and is_sync_free(dense.scheduler)
+    classic = build_pipeline("tiny", BenchConfig("fp32-classic", dtype="float32", attention="classic"),
+                             torch.device("cpu"), dense_below=10**9)
+    assert all(isinstance(p, AttnProcessor) for p in classic.unet.attn_processors.values())

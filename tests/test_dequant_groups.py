@@ -257,8 +257,8 @@ def test_generate_groups_packed_layers_by_default(tmp_path):
 
 def test_group_direct_launch_check_ignores_the_padding():
     """The first direct launch of a group kernel is checked against Triton's own launch by the
-    layers' weights only: the padding between layers is never written, so it holds whatever the
-    allocator left there (on the H200 a whole-buffer comparison turned direct launches off)."""
+    layers' weights only: the padding between layers belongs to no weight (when the check was made it
+    was never written, and a whole-buffer comparison turned direct launches off on the H200)."""
     from quantsd.kernels.grouped import ALIGN, GroupLaunch
 
     packed = [torch.zeros(5, dtype=torch.uint8), torch.zeros(6, dtype=torch.uint8)]

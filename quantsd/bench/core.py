@@ -176,10 +176,10 @@ def to_packed(pipe, recipe, dtype: torch.dtype = torch.float16):
 def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=None, checkpoint=None,
                    sync_free_scheduler: bool = True, compile_guards: str = "full", grouped_dequant: bool = True,
                    dense_below: int = 0):
-    """A pipeline for one configuration, on ``device`` (built there directly for sd15-arch)."""
-    from ..generate import compile_unet, set_attention
+    """A pipeline for one configuration, on ``device`` (built there directly for sd15-arch), with the
+    configuration's options applied as ``quantsd generate`` applies them (``configure_pipeline``)."""
+    from ..generate import configure_pipeline
     from ..models import load_pipeline
-    from ..schedulers import make_sync_free
 
     if cfg.packed and checkpoint is not None:
         from ..io import load_checkpoint
@@ -192,21 +192,10 @@ def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=No
         elif cfg.torch_dtype != torch.float32:
             pipe.to(dtype=cfg.torch_dtype)
     pipe.set_progress_bar_config(disable=True)
-    if sync_free_scheduler:   # every configuration alike: PNDM/DDIM without a device sync per step
-        make_sync_free(pipe.scheduler)
-    set_attention(pipe.unet, cfg.attention)
-    set_attention(pipe.vae, cfg.attention)
-    if cfg.packed and dense_below:
-        from ..nn import densify_small_layers
-
-        densify_small_layers(pipe.unet, dense_below)
-    if cfg.compile:
-        pipe.unet = compile_unet(pipe.unet, "reduce-overhead", compile_guards)
-    elif cfg.packed and grouped_dequant:   # eager packed: one dequant launch per block (as quantsd generate)
-        from ..dequant_groups import group_pipeline
-
-        group_pipeline(pipe)
-    return pipe
+    # every configuration alike: PNDM/DDIM without a device sync per step (sync_free_scheduler)
+    return configure_pipeline(pipe, compile=cfg.compile, compile_guards=compile_guards, attention=cfg.attention,
+                              sync_free_scheduler=sync_free_scheduler, grouped_dequant=cfg.packed and grouped_dequant,
+                              dense_below=dense_below if cfg.packed else 0)
 
 
 # --------------------------------------------------------------------------- measurements (CUDA)

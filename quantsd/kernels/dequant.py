@@ -345,10 +345,10 @@ def direct_launch(k, grid: int, device_index: int, *args) -> None:
           None, *args)
 
 
-def direct_ok(device: torch.device) -> bool:
-    """May callers launch cached kernels for ``device`` directly?  Not switched off, no launch hooks,
-    and ``device`` is the current device (Triton compiles and loads for the current device)."""
-    return _direct_enabled and device.index == torch._C._cuda_getDevice() and _no_launch_hooks()
+def direct_ok() -> bool:
+    """May callers launch cached kernels directly?  Not switched off, and no launch hooks.  (Callers
+    launch on the weights' device made current, as Triton compiles and loads for the current one.)"""
+    return _direct_enabled and _no_launch_hooks()
 
 
 def adopt_checked(cache: dict, key, k, launch_into, want: torch.Tensor, same) -> None:
@@ -381,7 +381,8 @@ def _run_direct(k, grid: int, plan: DequantPlan, packed, scale, bp, lut, out, bf
                   plan.pwlq, plan.gmode, BLOCK, bf16, plan.wide, plan.table)
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality of two float16/bfloat16/float32 tensors (NaNs included)."""
     def bits(t):
         return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
@@ -391,7 +392,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _adopt(key, k, grid, plan, packed, scale, bp, lut, want: torch.Tensor, bf16: bool) -> None:
     """Cache ``k`` for ``key`` if a direct launch reproduces Triton's own output (``want``)."""
     adopt_checked(_DIRECT, key, k, lambda got: _run_direct(k, grid, plan, packed, scale, bp, lut, got, bf16),
-                  want, _same_bits)
+                  want, same_bits)
 
 
 def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor],
@@ -409,7 +410,7 @@ def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpo
     bp = scale if breakpoint is None else breakpoint
     o = out.view(torch.int16) if bf16 else out
     grid = -(-plan.numel // BLOCK)
-    direct = _direct_enabled and packed.is_cuda and direct_ok(packed.device)
+    direct = packed.is_cuda and direct_ok()
     if direct:
         key = _direct_key(plan, packed, scale, bp, lut, dtype)
         k = _DIRECT.get(key)

@@ -88,7 +88,7 @@ class GroupLaunch:
             return out
         bf16 = self.dtype == torch.bfloat16
         o = out.view(torch.int16) if bf16 else out
-        direct = self.device.type == "cuda" and dequant.direct_ok(self.device)
+        direct = self.device.type == "cuda" and dequant.direct_ok()
         if direct:
             k = _KERNELS.get(self._key)
             if k is not None:
@@ -109,11 +109,10 @@ class GroupLaunch:
 
     def same_weights(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         """Do flat buffers ``a`` and ``b`` hold the same bits in every layer's weight?  (The padding
-        between layers is never written, so whole buffers differ there.)"""
-        def bits(t):
-            return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+        between layers belongs to no weight: it is not compared.)"""
+        from .dequant import same_bits
 
-        return all(torch.equal(bits(x), bits(y)) for x, y in zip(self.views(a), self.views(b)))
+        return all(same_bits(x, y) for x, y in zip(self.views(a), self.views(b)))
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         """Layer ``i``'s weight in the flat buffer ``run`` returned."""
