@@ -197,9 +197,11 @@ def test_cli_bench_help_and_errors(tmp_path):
         assert r.exit_code != 0 and "CUDA" in r.output
         # the new options parse and validate before the CUDA check: only the missing GPU stops them
         r = CliRunner().invoke(main, ["bench", "-m", "tiny", "--lean", "--schedulers", "dpm,ddim", "--max-res-ff-chunk", "0",
-                                      "--only", "fp16-sdpa",
+                                      "--only", "fp16-sdpa", "--no-grouped-dequant", "--dense-below", "262144",
                                       "-o", str(tmp_path / "b")])
         assert r.exit_code != 0 and "no CUDA device" in r.output and not (tmp_path / "b").exists()
+    r = CliRunner().invoke(main, ["bench", "--dense-below", "-1", "-o", str(tmp_path / "c")])
+    assert r.exit_code != 0 and "--dense-below" in r.output and not (tmp_path / "c").exists()
 
 
 def test_release_frees_a_minimal_guard_compiled_unet():

@@ -139,3 +139,25 @@ def test_dense_below_comes_before_sequential_offload(exported, monkeypatch):
     monkeypatch.setattr(G, "resolve_device", lambda d: torch.device("cuda"))
     G.configure_pipeline(pipe, device="cuda", dense_below=10**9, offload="sequential")
     assert seen and seen[0] and all(t in (nn.Linear, nn.Conv2d) for t in seen[0])
+
+
+def test_cli_generate_dequant_flags(exported, tmp_path):
+    """--no-grouped-dequant and --dense-below run from the CLI (CPU: no kernel groups; the densified
+    UNet gives the all-packed image) and bad values are refused before anything is written."""
+    from PIL import Image
+
+    outs = []
+    for extra in ([], ["--no-grouped-dequant", "--dense-below", "1000000000"]):
+        png = tmp_path / f"img{len(outs)}.png"
+        r = CliRunner().invoke(main, ["generate", "-m", str(exported), "-p", "a cat", "--steps", "1", "--weights",
+                                      "packed", "--device", "cpu", "--height", "32", "--width", "32", "-o", str(png),
+                                      "--format", "json", *extra])
+        assert r.exit_code == 0, r.output
+        info = json.loads(r.output[r.output.index("{"):])
+        assert info["dequant_groups"] == 0
+        outs.append((info, np.asarray(Image.open(png))))
+    assert outs[0][0]["dense_below"] is None and outs[1][0]["dense_below"] == 10**9
+    assert np.array_equal(outs[0][1], outs[1][1])
+    bad = tmp_path / "bad.png"
+    r = CliRunner().invoke(main, ["generate", "-m", str(exported), "-p", "x", "--dense-below", "-3", "-o", str(bad)])
+    assert r.exit_code != 0 and "--dense-below" in r.output and not bad.exists()
