@@ -13,7 +13,9 @@
 #      s/image also with $SCHEDULERS (default dpm; empty for none); LEAN=1 adds --lean (lean VAE decode,
 #      VAE encoder dropped, every configuration); MAXRES_CFG (default sequential,batch2) the CFG modes;
 #      COMPILE_GUARDS=minimal compiles both compiled configurations without per-call module guards;
-#      ONLY=fp16-sdpa-compiled,packed-compiled runs just those configurations; DENSE_BELOW=262144 keeps the
+#      ONLY=fp16-sdpa-compiled,packed-compiled runs just those configurations; FUSED=1 first runs
+#      bench/tune_fused.py (fused dequant-GEMM per weight-bound layer; FUSED_S seconds) and benches with its
+#      tuned launch shapes; PYTEST_FILES / PYTEST_S choose the GPU test files and their time box; DENSE_BELOW=262144 keeps the
 #      packed UNet's layers of at most that many weights dense (fewer dequant launches per step)
 # Everything lands under $OUT (6 files, 2 levels): env.txt, pytest_gpu.txt, bench.log,
 # bench/results.json, bench/report.md, bench/time_vs_pixels.png.  A compact summary goes to stdout.
@@ -42,7 +44,8 @@ log "pytest -m gpu (kernels, CUDA==CPU)"
 if [ "${PYTEST:-1}" = 0 ]; then
   echo "skipped (PYTEST=0)" > "$OUT/pytest_gpu.txt"
 elif $PY -c "import pytest" 2>/dev/null; then
-  timeout -k 10 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_quant_cuda.py tests/test_schedulers.py tests/test_dequant_groups.py tests/test_compile_guards.py \
+  timeout -k 10 "${PYTEST_S:-240}" $PY -m pytest -q -m gpu -p no:cacheprovider \
+      ${PYTEST_FILES:-tests/test_kernels.py tests/test_quant_cuda.py tests/test_schedulers.py tests/test_dequant_groups.py tests/test_compile_guards.py tests/test_fused.py} \
       > "$OUT/pytest_gpu.txt" 2>&1
   echo "exit=$?" >> "$OUT/pytest_gpu.txt"
 else
@@ -75,6 +78,14 @@ fi
 if [ "${LAUNCHOVH:-0}" = 1 ]; then
   log "bench/launch_overhead.py"
   timeout -k 10 150 $PY bench/launch_overhead.py --out "$OUT/launch_overhead.json" 2>&1 | grep -v -i warn | tail -3
+fi
+
+if [ "${FUSED:-0}" = 1 ]; then
+  # fused dequant-GEMM vs dequant + op vs dense per weight-bound layer; its tuned launch shapes feed the bench
+  log "bench/tune_fused.py"
+  timeout -k 10 "${FUSED_S:-200}" $PY bench/tune_fused.py --max-rows 512 --time-budget $(( ${FUSED_S:-200} - 60 )) \
+      --out "$OUT/fused.json" --configs-out "$OUT/fused_configs.json" 2>&1 | grep -v -i warn | tail -32
+  [ -s "$OUT/fused_configs.json" ] && export QUANTSD_FUSED_CONFIGS="$OUT/fused_configs.json"
 fi
 
 if [ "${HOSTOVH:-0}" = 1 ]; then

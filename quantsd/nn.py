@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import fused as _fused
 from .kernels.dequant import op_call
 from .quant.granularity import grouped_view, param_shape
 from .quant.packing import unpack_bits
@@ -104,6 +105,27 @@ def _kernel_weight(layer: "QuantModule", lut: torch.Tensor, dtype: torch.dtype) 
                    lut, dtype)
 
 
+_FUSED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _fused_rows_ok(layer: "QuantModule", x: torch.Tensor, rows: int) -> bool:
+    """Does this call take the fused dequant-GEMM (:mod:`quantsd.kernels.fused`)?  Only while
+    torch.compile traces (the decision is then made once per compiled shape; eager forwards keep the
+    per-layer / grouped dequant, whose launches are cheaper on the host), for a layer whose kernel
+    runs on its device, 16-bit compute, and few rows (weight-bound)."""
+    return (rows <= _fused.MAX_ROWS and layer._lut is not None and layer._fusable and x.dtype == layer._dtype
+            and x.dtype in _FUSED_DTYPES)
+
+
+def _fused_params(layer: "QuantModule"):
+    """(packed, scale, breakpoint, lut) as the fused ops take them (a value-table plan passes its table
+    for the unread scale, as :func:`_kernel_weight` does)."""
+    lut = layer._lut
+    if layer._table:
+        return layer.weight_packed, lut, None, lut
+    return layer.weight_packed, layer.weight_scale, layer.weight_breakpoint, lut
+
+
 class QuantModule(nn.Module):
     """Shared buffers and bookkeeping of the packed layers."""
 
@@ -132,6 +154,8 @@ class QuantModule(nn.Module):
         self._table = self._plan is not None and self._plan.table
         self._dtype = dtype  # == _compute_dtype_ref.dtype; a plain attribute is one cheap guard under compile
         self._kernel_dtype_ok = dtype in _FAST_DTYPES
+        # may the fused dequant-GEMM run this layer (set again by Linear/Conv2d for their own limits)
+        self._fusable = self._plan is not None and not self._plan.wide
         # the kernel's table: a (non-persistent) buffer, so torch.compile + CUDA graphs treat it as a
         # static input like any weight (a plain tensor attribute would be copied on every replay)
         self.register_buffer("_lut", None, persistent=False)
@@ -267,6 +291,8 @@ class QuantLinear(QuantModule):
                    breakpoint=qt.breakpoint, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and _fused_rows_ok(self, x, x.numel() // self.in_features):
+            return _fused.LINEAR_OP(x, *_fused_params(self), self.bias, self._plan_key)
         return F.linear(x, self._forward_weight(), self.bias)
 
     def extra_repr(self) -> str:
@@ -298,8 +324,19 @@ class QuantConv2d(QuantModule):
             self._reversed_padding_repeated_twice = tuple(x for x in reversed(self.padding) for _ in range(2))
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         self._init_quant(shape, bits, method, granularity, packed, scale, breakpoint, dtype, device)
+        # the fused kernel does groups 1 with numeric zero padding
+        self._fusable = self._fusable and self.groups == 1 and padding_mode == "zeros" and \
+            not isinstance(self.padding, str)
         self.bias = None if bias is None else nn.Parameter(bias.to(self.weight_packed.device, dtype),
                                                              requires_grad=False)
+
+    def _output_rows(self, x: torch.Tensor) -> int:
+        """Rows of the convolution as a GEMM: batch x output pixels."""
+        if isinstance(self.padding, str):
+            return 1 << 62
+        oh, ow = (_fused.conv_output_size(x.shape[2 + i], self.kernel_size[i], self.stride[i], self.padding[i],
+                                          self.dilation[i]) for i in range(2))
+        return x.shape[0] * oh * ow
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, qt, device=None) -> "QuantConv2d":
@@ -311,6 +348,9 @@ class QuantConv2d(QuantModule):
                    breakpoint=qt.breakpoint, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.dim() == 4 and _fused_rows_ok(self, x, self._output_rows(x)):
+            return _fused.CONV_OP(x, *_fused_params(self), self.bias, self._plan_key, self.stride, self.padding,
+                                  self.dilation)
         w = self._forward_weight()
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)

@@ -158,7 +158,10 @@ _SCRIPT = textwrap.dedent("""
         assert all(m._dq_group is None for _, m in packed_modules(net))
         assert torch.equal(out, net(x))
 
-        # torch.compile traces the per-layer path (no grouped launches inside the graph)
+        # torch.compile traces the per-layer path (no grouped launches inside the graph; the fused
+        # dequant-GEMM, which rounds differently, off for this exact comparison)
+        from quantsd.kernels import fused
+        fused.set_max_rows(0)
         groups = DG.group_dequant(net)
         comp = torch.compile(net, backend="aot_eager", fullgraph=True)
         got = comp(x)

@@ -193,8 +193,12 @@ def test_quant_layers_forward_use_kernel_and_match():
 
 @pytest.mark.gpu
 @cuda
-def test_torch_compile_fullgraph_no_graph_breaks():
+def test_torch_compile_fullgraph_no_graph_breaks(monkeypatch):
     import torch._dynamo
+
+    from quantsd.kernels import fused
+
+    monkeypatch.setattr(fused, "MAX_ROWS", 0)   # the dequant op (exact); tests/test_fused.py: the fused path
 
     torch._dynamo.reset()
     net = _Net("cuda")
@@ -209,8 +213,12 @@ def test_torch_compile_fullgraph_no_graph_breaks():
 
 @pytest.mark.gpu
 @cuda
-def test_torch_compile_reduce_overhead_cuda_graphs():
+def test_torch_compile_reduce_overhead_cuda_graphs(monkeypatch):
     import torch._dynamo
+
+    from quantsd.kernels import fused
+
+    monkeypatch.setattr(fused, "MAX_ROWS", 0)   # the dequant op (exact); tests/test_fused.py: the fused path
 
     torch._dynamo.reset()
     net = _Net("cuda")
@@ -456,6 +464,8 @@ _INTERP_COMPILE_SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, %r)
     import test_kernels as T
+    from quantsd.kernels import fused
+    fused.set_max_rows(0)   # the per-layer dequant op under compile (exact; tests/test_fused.py: the fused path)
     net = T._Net("cpu")
     assert net.m["lin"]._lut is not None  # the kernel path is active on the CPU under the interpreter
     x = torch.randn(5, 96, dtype=torch.float16)

@@ -138,19 +138,10 @@ if HAS_TRITON:
             tl.store(out_ptr + e, w.to(out_ptr.dtype.element_ty), mask=emask)
 
     @triton.jit
-    def _dequant_kernel(packed_ptr, scale_ptr, bp_ptr, lut_ptr, out_ptr, numel, group,
-                        BITS: tl.constexpr, PWLQ: tl.constexpr, GMODE: tl.constexpr, BLOCK: tl.constexpr,
-                        OUT_BF16: tl.constexpr, WIDE: tl.constexpr, TABLE: tl.constexpr):
-        # GMODE: 0 one scale (tensor), 1 one scale per `group` consecutive weights
-        # TABLE: lut_ptr is the layer's value table (float32[2^BITS], the decoded weight of every
-        # code): the decode is one gather, scale/breakpoint are not read
-        pid = tl.program_id(0)
-        if WIDE:
-            pid = pid.to(tl.int64)
-        e = pid * BLOCK + tl.arange(0, BLOCK)                   # element index
-        emask = e < numel
-        code = _load_codes(packed_ptr, pid, e, emask, numel, BITS, BLOCK)
-
+    def _decode(code, e, emask, scale_ptr, bp_ptr, lut_ptr, group, BITS: tl.constexpr, PWLQ: tl.constexpr,
+                GMODE: tl.constexpr, TABLE: tl.constexpr):
+        """float32 weights of ``code`` (any shape; ``e``: their element indices in the weight, for
+        the scale index): the reference decode, op for op (see the module docstring)."""
         if TABLE:
             w = tl.load(lut_ptr + code)
         else:
@@ -178,13 +169,30 @@ if HAS_TRITON:
                 if L2 > 0:
                     mag = p + (m - p) * t                           # p + (m-p) * (lvl/L2), no FMA
                 else:
-                    mag = (p + m) * 0.5 + tl.zeros([BLOCK], dtype=tl.float32)
+                    mag = (p + m) * 0.5 + tl.zeros_like(t)
                 neg = ((code >> (BITS - 2)) & 1) != 0
                 tail = tl.where(neg, -mag, mag)
                 w = tl.where(tail_region, tail, center)
             else:
                 v = (2.0 * m) * tl.load(lut_ptr + code)             # 2m * (c/L - 0.5)
                 w = tl.where(m == 0.0, 0.0, v)
+        return w
+
+    @triton.jit
+    def _dequant_kernel(packed_ptr, scale_ptr, bp_ptr, lut_ptr, out_ptr, numel, group,
+                        BITS: tl.constexpr, PWLQ: tl.constexpr, GMODE: tl.constexpr, BLOCK: tl.constexpr,
+                        OUT_BF16: tl.constexpr, WIDE: tl.constexpr, TABLE: tl.constexpr):
+        # GMODE: 0 one scale (tensor), 1 one scale per `group` consecutive weights
+        # TABLE: lut_ptr is the layer's value table (float32[2^BITS], the decoded weight of every
+        # code): the decode is one gather, scale/breakpoint are not read
+        pid = tl.program_id(0)
+        if WIDE:
+            pid = pid.to(tl.int64)
+        e = pid * BLOCK + tl.arange(0, BLOCK)                   # element index
+        emask = e < numel
+        code = _load_codes(packed_ptr, pid, e, emask, numel, BITS, BLOCK)
+
+        w = _decode(code, e, emask, scale_ptr, bp_ptr, lut_ptr, group, BITS, PWLQ, GMODE, TABLE)
         _store_weights(out_ptr, e, emask, w, OUT_BF16)
 
     @triton.jit
