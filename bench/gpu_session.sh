@@ -83,7 +83,7 @@ fi
 if [ "${FUSED:-0}" = 1 ]; then
   # fused dequant-GEMM vs dequant + op vs dense per weight-bound layer; its tuned launch shapes feed the bench
   log "bench/tune_fused.py"
-  timeout -k 10 "${FUSED_S:-200}" $PY bench/tune_fused.py --max-rows 512 --time-budget $(( ${FUSED_S:-200} - 60 )) \
+  timeout -k 10 "${FUSED_S:-200}" $PY bench/tune_fused.py --max-rows "${FUSED_MAX_ROWS:-512}" --time-budget $(( ${FUSED_S:-200} - 60 )) \
       --out "$OUT/fused.json" --configs-out "$OUT/fused_configs.json" 2>&1 | grep -v -i warn | tail -32
   [ -s "$OUT/fused_configs.json" ] && export QUANTSD_FUSED_CONFIGS="$OUT/fused_configs.json"
 fi

@@ -99,7 +99,7 @@ def run_op(m, x, w):
 def grid(rows: int):
     """Launch shapes to try: BLOCK_M as the default picks it (one M tile where it can), the rest varied."""
     bm = fused.choose_config(rows, 1280, 11520, 4).block_m
-    for bn, bk, warps in itertools.product((64, 128), (64, 128), (4, 8)):
+    for bn, bk, warps in itertools.product((32, 64, 128), (32, 64), (4,)):
         for split in (1, 2, 4, 8, 16):
             yield fused.FusedConfig(bm, bn, bk, split, warps)
 
@@ -159,7 +159,8 @@ def main() -> None:
                 totals[k] += count * r[{"dense": "dense_ms", "dequant_op": "dequant_op_ms",
                                         "fused_default": "fused_default_ms", "fused_best": "fused_best_ms"}[k]]
             N, K = m._plan.shape[0], m._plan.numel // m._plan.shape[0]
-            tuned.append({"M": rows, "N": N, "K": K, "bits": m.bits, "config": best[1]})
+            tuned.append({"M": rows, "N": N, "K": K, "bits": m.bits, "config": best[1], "fused_ms": best[0],
+                          "unfused_ms": r["dequant_op_ms"]})
             print(f"{key[0]:11s} rows {rows:4d} w {tuple(key[2])} {key[3]}b x{count}: dense {r['dense_ms']:.4f} "
                   f"dequant+op {r['dequant_op_ms']:.4f} fused {r['fused_default_ms']:.4f} best {best[0]:.4f} "
                   f"{best[1]} err {err:.1e}", flush=True)

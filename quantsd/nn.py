@@ -112,9 +112,9 @@ def _fused_rows_ok(layer: "QuantModule", x: torch.Tensor, rows: int) -> bool:
     """Does this call take the fused dequant-GEMM (:mod:`quantsd.kernels.fused`)?  Only while
     torch.compile traces (the decision is then made once per compiled shape; eager forwards keep the
     per-layer / grouped dequant, whose launches are cheaper on the host), for a layer whose kernel
-    runs on its device, 16-bit compute, and few rows (weight-bound)."""
-    return (rows <= _fused.MAX_ROWS and layer._lut is not None and layer._fusable and x.dtype == layer._dtype
-            and x.dtype in _FUSED_DTYPES)
+    runs on its device, 16-bit compute, and a shape :func:`quantsd.kernels.fused.should_fuse` takes."""
+    return (_fused.MAX_ROWS > 0 and layer._lut is not None and layer._fusable and x.dtype == layer._dtype
+            and x.dtype in _FUSED_DTYPES and _fused.should_fuse(layer._plan_key, rows))
 
 
 def _fused_params(layer: "QuantModule"):

@@ -40,9 +40,9 @@ if HAS_TRITON:
 
     from .dequant import _decode
 
-__all__ = ["fused_linear", "fused_conv2d", "max_rows", "set_max_rows", "FusedConfig", "choose_config", "DEFAULT_MAX_ROWS"]
+__all__ = ["fused_linear", "fused_conv2d", "max_rows", "set_max_rows", "should_fuse", "load_tuned", "FusedConfig", "choose_config", "DEFAULT_MAX_ROWS"]
 
-DEFAULT_MAX_ROWS = 256   # inputs of at most this many rows (tokens x batch, pixels x batch) take the fused path
+DEFAULT_MAX_ROWS = 0     # off by default: measured slower than dequantize + cuBLAS/cuDNN so far (BENCHMARKS.md)
 
 
 def max_rows() -> int:
@@ -71,43 +71,62 @@ class FusedConfig(NamedTuple):
     num_warps: int
 
 
-_TUNED: dict = {}   # (M, N, K, bits) -> FusedConfig, filled by bench/tune_fused.py results (load_tuned)
+_TUNED: dict = {}   # (M, N, K, bits) -> (FusedConfig, fuse?), from a bench/tune_fused.py run (load_tuned)
 
 
 def load_tuned(path: str) -> int:
-    """Use the launch shapes a tuning run wrote (JSON list of {"M","N","K","bits","config":[...]});
-    returns how many were loaded."""
+    """Use what a tuning run measured (JSON list of {"M","N","K","bits","config":[5 ints]} with optional
+    "fused_ms" / "unfused_ms"): each listed shape gets its best launch shape, and takes the fused path
+    only where it beat dequantize + cuBLAS/cuDNN; once a table is loaded, shapes not in it are not
+    fused.  Returns how many shapes were loaded."""
     import json
 
     with open(path) as f:
         rows = json.load(f)
     for r in rows:
-        _TUNED[(int(r["M"]), int(r["N"]), int(r["K"]), int(r["bits"]))] = FusedConfig(*map(int, r["config"]))
+        faster = "fused_ms" not in r or r["fused_ms"] < r.get("unfused_ms", float("inf"))
+        _TUNED[(int(r["M"]), int(r["N"]), int(r["K"]), int(r["bits"]))] = (FusedConfig(*map(int, r["config"])),
+                                                                          bool(faster))
     choose_config.cache_clear()
     return len(rows)
+
+
+@torch.compiler.assume_constant_result
+def should_fuse(plan: str, rows: int) -> bool:
+    """Take the fused path for a layer (its :func:`quantsd.kernels.dequant.plan_key`) at ``rows`` GEMM
+    rows?  At most :func:`max_rows` rows, and where a tuning table is loaded, only shapes it measured
+    faster fused.  Evaluated once per compiled shape (a constant to torch.compile: no guards)."""
+    if rows > MAX_ROWS:
+        return False
+    if not _TUNED:
+        return True
+    p = plan_from_key(plan)
+    entry = _TUNED.get((rows, p.shape[0], p.numel // max(p.shape[0], 1), p.bits))
+    return entry is not None and entry[1]
 
 
 @functools.lru_cache(maxsize=None)
 def choose_config(M: int, N: int, K: int, bits: int, sms: int = 132) -> FusedConfig:
     """Launch shape for an (M x K) @ (K x N) product with ``bits``-bit weights.
 
-    Tiles: BLOCK_M covers M in one tile where it can (each weight tile is then decoded once),
-    BLOCK_N = 128 keeps the activation re-reads (once per N tile) below the weight bytes.
+    Tiles are small (64 x 64 x 32 at most, 4 warps): the decode's per-weight temporaries live in
+    registers beside the accumulator, and larger tiles spilled (H200: 128 x 128 tiles ran 10-50x
+    slower than dequantize + cuBLAS).  A measured table (:func:`load_tuned`) overrides this.
     Split-K: enough programs to keep every SM reading (about 2 per SM), but the float32
     partials (split * M * N * 4 bytes, written and read back) stay under half the layer's packed
     weight bytes, and each split runs at least 4 K steps."""
     tuned = _TUNED.get((M, N, K, bits))
     if tuned is not None:
-        return tuned
-    bm = 16 if M <= 16 else 32 if M <= 32 else 64 if M <= 64 else 128
-    bn = 128 if N >= 128 else max(16, 1 << (N - 1).bit_length())
-    bk = 64
+        return tuned[0]
+    bm = 16 if M <= 16 else 32 if M <= 32 else 64
+    bn = 64 if N >= 64 else max(16, 1 << (N - 1).bit_length())
+    bk = 32
     tiles = -(-M // bm) * -(-N // bn)
     want = max(1, -(-2 * sms // tiles))
     by_bytes = max(1, int((N * K * bits / 8) / 2 // (M * N * 4)))
     by_steps = max(1, K // (4 * bk))
     split = max(1, min(want, by_bytes, by_steps))
-    return FusedConfig(bm, bn, bk, split, 8 if bm >= 64 else 4)
+    return FusedConfig(bm, bn, bk, split, 4)
 
 
 if HAS_TRITON:
@@ -131,12 +150,16 @@ if HAS_TRITON:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mmask = rm < M
         nmask = rn < N
+        # index math split into a row part (once) and a column part (per K step), 32-bit, so that the
+        # 2-D temporaries per step are one add each (few registers: no spills)
         if CONV:
-            b = rm // (OH * OW)
             r = rm % (OH * OW)
             ih0 = (r // OW) * SH - PH
             iw0 = (r % OW) * SW - PW
-            xrow = b * sx0
+            xrow = (rm // (OH * OW)) * sx0 + ih0 * sx2 + iw0 * sx3
+        else:
+            xrow = rm * sx0
+        wrow = rn * K                                       # first weight of each output row
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
@@ -144,25 +167,32 @@ if HAS_TRITON:
             rk = k0 + tl.arange(0, BLOCK_K)
             kmask = rk < k_hi
             if CONV:
-                c = rk // (KH * KW)
                 t = rk % (KH * KW)
-                ih = ih0[:, None] + ((t // KW) * DH)[None, :]
-                iw = iw0[:, None] + ((t % KW) * DW)[None, :]
+                dh = (t // KW) * DH
+                dw = (t % KW) * DW
+                xcol = (rk // (KH * KW)) * sx1 + dh * sx2 + dw * sx3
+                ih = ih0[:, None] + dh[None, :]
+                iw = iw0[:, None] + dw[None, :]
                 amask = mmask[:, None] & kmask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a = tl.load(x_ptr + xrow[:, None] + (c * sx1)[None, :] + ih * sx2 + iw * sx3, mask=amask, other=0.0)
             else:
-                a = tl.load(x_ptr + rm[:, None] * sx0 + rk[None, :] * sx1, mask=mmask[:, None] & kmask[None, :],
-                            other=0.0)
+                xcol = rk * sx1
+                amask = mmask[:, None] & kmask[None, :]
+            a = tl.load(x_ptr + (xrow[:, None] + xcol[None, :]), mask=amask, other=0.0)
             # the weight tile (BLOCK_N x BLOCK_K), decoded from the LSB-first bitstream
-            e = rn[:, None] * K + rk[None, :]
+            e = wrow[:, None] + rk[None, :]
             emask = nmask[:, None] & kmask[None, :]
-            bit = e * BITS
             MASK: tl.constexpr = (1 << BITS) - 1
-            lo = tl.load(packed_ptr + (bit >> 3), mask=emask, other=0).to(tl.int32)
-            sh = (bit & 7).to(tl.int32)
             if (BITS == 8) or (BITS == 4) or (BITS == 2):   # never straddles a byte
-                code = (lo >> sh) & MASK
+                if BITS == 8:
+                    code = tl.load(packed_ptr + e, mask=emask, other=0).to(tl.int32)
+                else:
+                    PER: tl.constexpr = 8 // BITS
+                    byte = tl.load(packed_ptr + e // PER, mask=emask, other=0).to(tl.int32)
+                    code = (byte >> ((e % PER) * BITS)) & MASK
             else:
+                bit = e * BITS
+                sh = (bit & 7).to(tl.int32)
+                lo = tl.load(packed_ptr + (bit >> 3), mask=emask, other=0).to(tl.int32)
                 hi = tl.load(packed_ptr + (bit >> 3) + 1, mask=emask & (sh + BITS > 8), other=0).to(tl.int32)
                 code = ((lo | (hi << 8)) >> sh) & MASK
             w = _decode(code, e, emask, scale_ptr, bp_ptr, lut_ptr, group, BITS, PWLQ, GMODE, TABLE)
