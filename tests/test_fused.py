@@ -80,6 +80,20 @@ def _fused_call(q, x, config=None):
     return fused.fused_conv2d(x, q._plan, *p, q.bias, q.stride, q.padding, q.dilation, config)
 
 
+def _assert_decodes_exactly(q) -> None:
+    """Identity input, no bias: every output is one product 1 * w (exact in float32, and already a
+    value of the compute dtype), so the fused product must equal the reference-decoded weight bit for
+    bit: the in-register decode is the reference's (bf16 only on the GPU: the interpreter truncates)."""
+    from quantsd.nn import _fused_params
+
+    n, k = q.weight_shape
+    eye = torch.eye(k, dtype=q.compute_dtype, device=q.weight_packed.device)
+    want = q.dequantized_weight().t()
+    for cfg in (None, fused.FusedConfig(16, 16, 16, 1, 4), fused.FusedConfig(16, 32, 16, 3, 4)):
+        got = fused.fused_linear(eye, q._plan, *_fused_params(q), None, cfg)
+        assert torch.equal(got.view(torch.int16), want.contiguous().view(torch.int16)), cfg
+
+
 def _rel_err(got, ref) -> float:
     return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
@@ -117,6 +131,8 @@ _INTERP_SCRIPT = textwrap.dedent("""
             # deterministic: the same bits twice (split-K partials summed in a fixed order)
             cfg = fused.FusedConfig(16, 16, 16, 3, 4)
             assert torch.equal(T._fused_call(q, x, cfg), T._fused_call(q, x, cfg))
+            if kind == "linear" and dtype == torch.float16:
+                T._assert_decodes_exactly(q)
     print("WORST", {str(k): v for k, v in worst.items()}, "CASES", len(cases))
 """)
 
@@ -250,7 +266,7 @@ def test_fused_kernel_compiles_for_sm90_with_tensor_cores(conv, bf16, table):
     const = {"BITS": 4 if table else 5, "PWLQ": True, "GMODE": 0 if table else 1, "TABLE": table, "CONV": conv,
              "KH": 3 if conv else 1, "KW": 3 if conv else 1, "SH": 1, "SW": 1, "PH": 1 if conv else 0,
              "PW": 1 if conv else 0, "DH": 1, "DW": 1, "HAS_BIAS": True, "DIRECT": False, "BF16": bf16,
-             "DOT_F32": False, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
+             "DOT_F32": False, "ROWBYTES": True, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
     sig.update({k: "constexpr" for k in const})
     k = triton.compile(ASTSource(_fused_kernel, sig, const), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, "enable_fp_fusion": False})
@@ -275,8 +291,10 @@ def test_fused_equals_dequant_then_op_on_cuda(bits, method, gran, dtype):
     from quantsd.nn import QuantLinear
 
     assert method in METHODS
-    cases = [("linear", (2, 96, 40)), ("linear", (154, 200, 72)), ("conv", CONV_GEOMETRIES[0]),
-             ("conv", CONV_GEOMETRIES[1] if gran != "group:8" else CONV_GEOMETRIES[2])]
+    # (group:8 needs rows of a multiple of 8 weights: 8 x 3 x 3 and 8 x 1 x 1 inputs)
+    convs = [CONV_GEOMETRIES[0], CONV_GEOMETRIES[1]] if gran != "group:8" else \
+        [(2, 8, 16, 3, 1, 1, 1, 5, 5), CONV_GEOMETRIES[2]]
+    cases = [("linear", (2, 96, 40)), ("linear", (154, 200, 72))] + [("conv", geo) for geo in convs]
     for kind, geo in cases:
         q, x = _layer_case(kind, bits, method, gran, dtype, geo, "cuda", seed=bits)
         w = q.dequantized_weight()
@@ -288,6 +306,8 @@ def test_fused_equals_dequant_then_op_on_cuda(bits, method, gran, dtype):
             got = _fused_call(q, x, cfg)
             # as close to the exact product as cuBLAS/cuDNN's own result is (plus an output ulp)
             assert _rel_err(got, ref) <= max(2 * _rel_err(op, ref), TOL[dtype]), (kind, geo, gran, dtype, cfg)
+        if kind == "linear":
+            _assert_decodes_exactly(q)
 
 
 @pytest.mark.gpu

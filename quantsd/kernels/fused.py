@@ -139,6 +139,7 @@ if HAS_TRITON:
                       CONV: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                       PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
                       HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr, BF16: tl.constexpr, DOT_F32: tl.constexpr,
+                      ROWBYTES: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # Linear: x is (M, K) with strides sx0, sx1.  Conv: x is (B, C, H, W) with strides sx0..sx3,
         # row m = (b, oh, ow) of the (B, OH, OW) output, column k = (c, kh, kw) as in the weight.
@@ -160,6 +161,8 @@ if HAS_TRITON:
         else:
             xrow = rm * sx0
         wrow = rn * K                                       # first weight of each output row
+        if ROWBYTES:
+            wbyte = rn * (K * BITS // 8)                    # ... and its first byte
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
@@ -182,20 +185,40 @@ if HAS_TRITON:
             e = wrow[:, None] + rk[None, :]
             emask = nmask[:, None] & kmask[None, :]
             MASK: tl.constexpr = (1 << BITS) - 1
-            if (BITS == 8) or (BITS == 4) or (BITS == 2):   # never straddles a byte
+            if ROWBYTES and ((BITS == 8) or (BITS == 4) or (BITS == 2)):
+                # rows start on a byte: contiguous (vectorized) byte loads, codes split in registers
+                PER: tl.constexpr = 8 // BITS
+                jb = tl.arange(0, BLOCK_K // PER)
+                bmask = nmask[:, None] & ((k0 + jb * PER) < k_hi)[None, :]
+                byte = tl.load(packed_ptr + (wbyte[:, None] + (k0 // PER + jb)[None, :]), mask=bmask,
+                               other=0).to(tl.int32)
+                if BITS == 8:
+                    code = byte
+                elif BITS == 4:                                 # low nibble first
+                    code = tl.interleave(byte & MASK, byte >> 4)
+                else:                                           # low bits first
+                    code = tl.interleave(tl.interleave(byte & MASK, (byte >> 4) & MASK),
+                                         tl.interleave((byte >> 2) & MASK, byte >> 6))
+            elif (BITS == 8) or (BITS == 4) or (BITS == 2):   # never straddles a byte
                 if BITS == 8:
                     code = tl.load(packed_ptr + e, mask=emask, other=0).to(tl.int32)
                 else:
-                    PER: tl.constexpr = 8 // BITS
-                    byte = tl.load(packed_ptr + e // PER, mask=emask, other=0).to(tl.int32)
-                    code = (byte >> ((e % PER) * BITS)) & MASK
+                    PER2: tl.constexpr = 8 // BITS
+                    byte = tl.load(packed_ptr + e // PER2, mask=emask, other=0).to(tl.int32)
+                    code = (byte >> ((e % PER2) * BITS)) & MASK
             else:
                 bit = e * BITS
                 sh = (bit & 7).to(tl.int32)
                 lo = tl.load(packed_ptr + (bit >> 3), mask=emask, other=0).to(tl.int32)
                 hi = tl.load(packed_ptr + (bit >> 3) + 1, mask=emask & (sh + BITS > 8), other=0).to(tl.int32)
                 code = ((lo | (hi << 8)) >> sh) & MASK
-            w = _decode(code, e, emask, scale_ptr, bp_ptr, lut_ptr, group, BITS, PWLQ, GMODE, TABLE)
+            if TABLE and BITS <= 4:
+                # a small value table held in registers: selects instead of one gather per weight
+                w = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32) + tl.load(lut_ptr)
+                for j in tl.static_range(1, 1 << BITS):
+                    w = tl.where(code == j, tl.load(lut_ptr + j), w)
+            else:
+                w = _decode(code, e, emask, scale_ptr, bp_ptr, lut_ptr, group, BITS, PWLQ, GMODE, TABLE)
             w = tl.where(emask, w, 0.0)
             # the compute dtype, rounded to nearest even like the dequant kernel's store (on the GPU;
             # the interpreter truncates to bfloat16)
@@ -270,7 +293,8 @@ def _run(x: torch.Tensor, plan: DequantPlan, packed, scale, bp, lut, bias, M: in
     _fused_kernel[grid](
         x, packed, scale, bp, lut, b, target, M, N, K, plan.group, k_per, *strides, H, W, OH, OW,
         BITS=plan.bits, PWLQ=plan.pwlq, GMODE=plan.gmode, TABLE=plan.table, CONV=conv, KH=kh, KW=kw, SH=sh, SW=sw,
-        PH=ph, PW=pw, DH=dh, DW=dw, HAS_BIAS=has_bias, DIRECT=split == 1, BF16=bf16, DOT_F32=bf16 and interpreting(), BLOCK_M=cfg.block_m,
+        PH=ph, PW=pw, DH=dh, DW=dw, HAS_BIAS=has_bias, DIRECT=split == 1, BF16=bf16, DOT_F32=bf16 and interpreting(),
+        ROWBYTES=(K * plan.bits) % 8 == 0, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, enable_fp_fusion=False)
     if split > 1:
         _splitk_reduce[(-(-(M * N) // _REDUCE_BLOCK),)](
