@@ -85,7 +85,9 @@ if [ "${FUSED:-0}" = 1 ]; then
   log "bench/tune_fused.py"
   timeout -k 10 "${FUSED_S:-200}" $PY bench/tune_fused.py --max-rows "${FUSED_MAX_ROWS:-512}" --time-budget $(( ${FUSED_S:-200} - 60 )) \
       --out "$OUT/fused.json" --configs-out "$OUT/fused_configs.json" 2>&1 | grep -v -i warn | tail -32
-  [ -s "$OUT/fused_configs.json" ] && export QUANTSD_FUSED_CONFIGS="$OUT/fused_configs.json"
+  # the bench then fuses the shapes the table measured faster (the path is off by default)
+  [ -s "$OUT/fused_configs.json" ] && export QUANTSD_FUSED_CONFIGS="$OUT/fused_configs.json" \
+      QUANTSD_FUSED_MAX_M="${FUSED_MAX_ROWS:-512}"
 fi
 
 if [ "${HOSTOVH:-0}" = 1 ]; then

@@ -159,7 +159,8 @@ def main() -> None:
                 totals[k] += count * r[{"dense": "dense_ms", "dequant_op": "dequant_op_ms",
                                         "fused_default": "fused_default_ms", "fused_best": "fused_best_ms"}[k]]
             N, K = m._plan.shape[0], m._plan.numel // m._plan.shape[0]
-            tuned.append({"M": rows, "N": N, "K": K, "bits": m.bits, "config": best[1], "fused_ms": best[0],
+            tuned.append({"kind": "linear" if isinstance(m, QuantLinear) else "conv", "plan": m._plan_key,
+                          "M": rows, "N": N, "K": K, "bits": m.bits, "config": best[1], "fused_ms": best[0],
                           "unfused_ms": r["dequant_op_ms"]})
             print(f"{key[0]:11s} rows {rows:4d} w {tuple(key[2])} {key[3]}b x{count}: dense {r['dense_ms']:.4f} "
                   f"dequant+op {r['dequant_op_ms']:.4f} fused {r['fused_default_ms']:.4f} best {best[0]:.4f} "

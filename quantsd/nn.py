@@ -108,13 +108,13 @@ def _kernel_weight(layer: "QuantModule", lut: torch.Tensor, dtype: torch.dtype) 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _fused_rows_ok(layer: "QuantModule", x: torch.Tensor, rows: int) -> bool:
+def _fused_rows_ok(layer: "QuantModule", x: torch.Tensor, rows: int, kind: str) -> bool:
     """Does this call take the fused dequant-GEMM (:mod:`quantsd.kernels.fused`)?  Only while
     torch.compile traces (the decision is then made once per compiled shape; eager forwards keep the
     per-layer / grouped dequant, whose launches are cheaper on the host), for a layer whose kernel
     runs on its device, 16-bit compute, and a shape :func:`quantsd.kernels.fused.should_fuse` takes."""
     return (_fused.MAX_ROWS > 0 and layer._lut is not None and layer._fusable and x.dtype == layer._dtype
-            and x.dtype in _FUSED_DTYPES and _fused.should_fuse(layer._plan_key, rows))
+            and x.dtype in _FUSED_DTYPES and _fused.should_fuse(layer._plan_key, rows, kind))
 
 
 def _fused_params(layer: "QuantModule"):
@@ -291,7 +291,7 @@ class QuantLinear(QuantModule):
                    breakpoint=qt.breakpoint, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and _fused_rows_ok(self, x, x.numel() // self.in_features):
+        if torch.compiler.is_compiling() and _fused_rows_ok(self, x, x.numel() // self.in_features, "linear"):
             return _fused.LINEAR_OP(x, *_fused_params(self), self.bias, self._plan_key)
         return F.linear(x, self._forward_weight(), self.bias)
 
@@ -348,7 +348,7 @@ class QuantConv2d(QuantModule):
                    breakpoint=qt.breakpoint, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.dim() == 4 and _fused_rows_ok(self, x, self._output_rows(x)):
+        if torch.compiler.is_compiling() and x.dim() == 4 and _fused_rows_ok(self, x, self._output_rows(x), "conv"):
             return _fused.CONV_OP(x, *_fused_params(self), self.bias, self._plan_key, self.stride, self.padding,
                                   self.dilation)
         w = self._forward_weight()

@@ -111,7 +111,8 @@ _INTERP_SCRIPT = textwrap.dedent("""
     from quantsd.kernels import fused
     cases = [("linear", 4, "pwlq", "tensor", (37, 50, 72)), ("linear", 8, "pwlq", "tensor", (2, 24, 40)),
              ("linear", 3, "uniform", "channel", (19, 33, 45)), ("linear", 5, "pwlq", "group:8", (16, 16, 64)),
-             ("linear", 2, "pwlq-stochastic", "channel", (7, 20, 30)), ("linear", 7, "stochastic", "tensor", (9, 17, 33))]
+             ("linear", 2, "pwlq-stochastic", "channel", (7, 20, 30)), ("linear", 7, "stochastic", "tensor", (9, 17, 33)),
+             ("linear", 2, "pwlq", "tensor", (5, 24, 40)), ("linear", 4, "uniform", "tensor", (6, 19, 45))]
     cases += [("conv", b, m, g, geo) for (b, m, g), geo in zip(
         [(4, "pwlq", "tensor"), (3, "uniform", "channel"), (8, "pwlq", "tensor"), (5, "pwlq", "group:12"),
          (6, "stochastic", "tensor")], T.CONV_GEOMETRIES)]
@@ -140,25 +141,28 @@ _INTERP_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
 def test_fused_kernel_matches_reference_product_under_interpreter():
     out = _run_interpreted(_INTERP_SCRIPT)
-    assert "CASES 11" in out, out
+    assert "CASES 13" in out, out
 
 
 _COMPILE_SCRIPT = textwrap.dedent("""
-    import torch, test_fused as T
+    import json, tempfile, torch, test_fused as T
     from quantsd.kernels import fused
+    from quantsd.kernels.dequant import plan_key
     fused.set_max_rows(256)   # (off by default)
     graphs = []
     def grab(gm, inputs):
         graphs.append(str(gm.graph))
         return gm.forward
-    def compiled(q, x):
-        torch._dynamo.reset()
+    def compiled(q, x, reset=True):
+        if reset:
+            torch._dynamo.reset()
         graphs.clear()
         with torch.no_grad():
             out = torch.compile(q, backend=grab, fullgraph=True)(x)
-        return out, graphs[-1]
+        return out, (graphs[-1] if graphs else None)
     for kind, geo in (("linear", (6, 40, 96)), ("conv", T.CONV_GEOMETRIES[0])):
         q, x = T._layer_case(kind, 4, "pwlq", "tensor", torch.float16, geo)
+        rows = x.shape[0] if kind == "linear" else q._output_rows(x)
         with torch.no_grad():
             eager = q(x)
         out, graph = compiled(q, x)
@@ -166,17 +170,51 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         assert T._rel_err(out, T._reference(q, x)) <= T.TOL[torch.float16]
         if kind == "conv":   # the fused conv's output is channels-last in memory
             assert out.is_contiguous(memory_format=torch.channels_last)
-        fused.set_max_rows(0)    # switched off: the per-layer dequant op, exactly the eager output
-        out, graph = compiled(q, x)
-        assert "quantsd.dequantize" in graph and "quantsd.fused_" not in graph, graph
+        # a new input shape (Dynamo then compiles with dynamic sizes): still one graph, still correct
+        x3 = torch.cat([x, x[:1]])
+        out3, graph3 = compiled(q, x3, reset=False)
+        assert T._rel_err(out3, T._reference(q, x3)) <= T.TOL[torch.float16]
+        fused.set_max_rows(0)    # switched off without a reset: the graph is re-traced (guard on MAX_ROWS)
+        out, graph = compiled(q, x, reset=False)
+        assert graph is not None and "quantsd.dequantize" in graph and "quantsd.fused_" not in graph, graph
         assert torch.equal(out, eager)
-        fused.set_max_rows(x.shape[0] - 1 if kind == "linear" else 0)   # more rows than the limit: not fused
+        fused.set_max_rows(rows - 1)   # one row more than the limit: not fused
         out, graph = compiled(q, x)
         assert "quantsd.fused_" not in graph
+        fused.set_max_rows(rows)       # exactly the limit: fused
+        out, graph = compiled(q, x)
+        assert "quantsd.fused_" in graph
         fused.set_max_rows(256)
+        # a tuning table: fused only where it measured faster, with its launch shape
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump([{"kind": kind, "plan": q._plan_key, "M": rows, "config": [16, 16, 16, 2, 4],
+                        "fused_ms": 2.0, "unfused_ms": 1.0}], f)
+        fused.load_tuned(f.name)
+        out, graph = compiled(q, x)
+        assert "quantsd.fused_" not in graph            # measured slower
+        fused._TUNED.clear()
+        with open(f.name, "w") as g:
+            json.dump([{"kind": kind, "plan": q._plan_key, "M": rows, "config": [16, 16, 16, 2, 4],
+                        "fused_ms": 1.0, "unfused_ms": 2.0}], g)
+        fused.load_tuned(f.name)
+        out, graph = compiled(q, x)
+        assert "quantsd.fused_" in graph                # measured faster
+        assert T._rel_err(out, T._reference(q, x)) <= T.TOL[torch.float16]
+        out3, graph3 = compiled(q, x3, reset=False)     # a shape the table does not list: not fused
+        assert graph3 is None or "quantsd.fused_" not in graph3
+        fused._TUNED.clear()
         q32, x32 = q.float(), x.float()   # float32 compute is not fused (tensor cores would round it)
         out, graph = compiled(q32, x32)
         assert "quantsd.fused_" not in graph
+        # eager forwards never take the fused path, even when it is on
+        real = fused.LINEAR_OP, fused.CONV_OP
+        def boom(*a, **k):
+            raise AssertionError("fused op called in eager mode")
+        fused.LINEAR_OP = fused.CONV_OP = boom
+        q16 = q.half()
+        with torch.no_grad():
+            assert torch.equal(q16(x), eager)
+        fused.LINEAR_OP, fused.CONV_OP = real
     print("COMPILE PATHS OK")
 """)
 
@@ -184,18 +222,6 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
 def test_compiled_layers_take_the_fused_path_for_few_rows():
     assert "COMPILE PATHS OK" in _run_interpreted(_COMPILE_SCRIPT)
-
-
-def test_eager_forward_never_takes_the_fused_path(monkeypatch):
-    """Eager keeps the (exact) per-layer dequant: the fused op is only for compiled graphs."""
-    q, x = _layer_case("linear", 4, "pwlq", "tensor", torch.float32, (3, 8, 16))
-
-    def boom(*a, **k):
-        raise AssertionError("fused op called in eager mode")
-
-    monkeypatch.setattr(fused, "LINEAR_OP", boom)
-    with torch.no_grad():
-        assert torch.equal(q(x), F.linear(x, q.dequantized_weight(), q.bias))
 
 
 @pytest.mark.parametrize("M,N,K,bits", [(2, 1280, 320, 8), (128, 1280, 11520, 4), (154, 320, 768, 8),
@@ -218,27 +244,38 @@ def test_tuned_table_sets_launch_shapes_and_which_shapes_fuse(tmp_path, monkeypa
 
     from quantsd.kernels.dequant import plan_key, prepare
 
-    p = tmp_path / "tuned.json"
-    p.write_text(json.dumps([
-        {"M": 128, "N": 640, "K": 5760, "bits": 4, "config": [64, 64, 32, 4, 4], "fused_ms": 0.01, "unfused_ms": 0.02},
-        {"M": 154, "N": 320, "K": 768, "bits": 8, "config": [64, 32, 32, 1, 4], "fused_ms": 0.03, "unfused_ms": 0.02}]))
-    monkeypatch.setattr(fused, "MAX_ROWS", 256)
     conv = plan_key(prepare((640, 640, 3, 3), 4, "pwlq", "tensor"))
     lin = plan_key(prepare((320, 768), 8, "pwlq", "tensor"))
+    p = tmp_path / "tuned.json"
+    p.write_text(json.dumps([
+        {"kind": "conv", "plan": conv, "M": 128, "config": [64, 64, 32, 4, 4], "fused_ms": 0.01, "unfused_ms": 0.02},
+        {"kind": "linear", "plan": lin, "M": 154, "config": [64, 32, 32, 1, 4], "fused_ms": 0.03,
+         "unfused_ms": 0.02}]))
+    monkeypatch.setattr(fused, "MAX_ROWS", 256)
     try:
-        assert fused.should_fuse(conv, 128) and fused.should_fuse(lin, 154)   # no table: by rows alone
-        assert not fused.should_fuse(conv, 257)
+        assert fused.should_fuse(conv, 128, "conv") and fused.should_fuse(lin, 154, "linear")   # no table: rows
+        assert not fused.should_fuse(conv, 257, "conv")
         assert fused.load_tuned(str(p)) == 2
-        assert fused.choose_config(128, 640, 5760, 4, 132) == fused.FusedConfig(64, 64, 32, 4, 4)
-        assert fused.choose_config(128, 640, 5760, 8, 132) != fused.FusedConfig(64, 64, 32, 4, 4)
-        assert fused.should_fuse(conv, 128)             # measured faster fused
-        assert not fused.should_fuse(lin, 154)          # measured slower fused
-        assert not fused.should_fuse(conv, 64)          # not measured once a table is loaded
+        assert fused.tuned_config(conv, 128, "conv") == fused.FusedConfig(64, 64, 32, 4, 4)
+        assert fused.tuned_config(conv, 128, "linear") is None          # keyed by kind too
+        assert fused.should_fuse(conv, 128, "conv")             # measured faster fused
+        assert not fused.should_fuse(lin, 154, "linear")        # measured slower fused
+        assert not fused.should_fuse(conv, 64, "conv")          # not measured once a table is loaded
         monkeypatch.setattr(fused, "MAX_ROWS", 0)
-        assert not fused.should_fuse(conv, 128)         # switched off
+        assert not fused.should_fuse(conv, 128, "conv")         # switched off
     finally:
         fused._TUNED.clear()
-        fused.choose_config.cache_clear()
+
+
+def test_fused_refuses_inputs_beyond_32_bit_offsets():
+    pytest.importorskip("triton")
+    from quantsd.kernels.dequant import prepare
+
+    plan = prepare((8, 16), 4, "pwlq", "tensor")
+    x = torch.empty(2 ** 27, 16, dtype=torch.float16, device="meta")
+    lut = torch.zeros(16)
+    with pytest.raises(ValueError, match="32-bit"):
+        fused.fused_linear(x, plan, torch.zeros(plan.nbytes, dtype=torch.uint8), lut, None, lut, None)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="ptxas of the Triton wheel: Linux only")

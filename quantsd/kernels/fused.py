@@ -40,7 +40,7 @@ if HAS_TRITON:
 
     from .dequant import _decode
 
-__all__ = ["fused_linear", "fused_conv2d", "max_rows", "set_max_rows", "should_fuse", "load_tuned", "FusedConfig", "choose_config", "DEFAULT_MAX_ROWS"]
+__all__ = ["fused_linear", "fused_conv2d", "max_rows", "set_max_rows", "should_fuse", "load_tuned", "tuned_config", "FusedConfig", "choose_config", "DEFAULT_MAX_ROWS"]
 
 DEFAULT_MAX_ROWS = 0     # off by default: measured slower than dequantize + cuBLAS/cuDNN so far (BENCHMARKS.md)
 
@@ -71,38 +71,43 @@ class FusedConfig(NamedTuple):
     num_warps: int
 
 
-_TUNED: dict = {}   # (M, N, K, bits) -> (FusedConfig, fuse?), from a bench/tune_fused.py run (load_tuned)
+_TUNED: dict = {}   # (kind, plan key, rows) -> (FusedConfig, fuse?), from bench/tune_fused.py (load_tuned)
 
 
 def load_tuned(path: str) -> int:
-    """Use what a tuning run measured (JSON list of {"M","N","K","bits","config":[5 ints]} with optional
-    "fused_ms" / "unfused_ms"): each listed shape gets its best launch shape, and takes the fused path
-    only where it beat dequantize + cuBLAS/cuDNN; once a table is loaded, shapes not in it are not
-    fused.  Returns how many shapes were loaded."""
+    """Use what a tuning run measured (JSON list of {"kind": "linear"|"conv", "plan": plan key, "M": rows,
+    "config": [5 ints]} with optional "fused_ms" / "unfused_ms"): each listed layer shape gets its best
+    launch shape and takes the fused path only where it beat dequantize + cuBLAS/cuDNN; once a table
+    is loaded, shapes not in it are not fused.  Returns how many shapes were loaded.  Load it before
+    compiling (compiled graphs keep the decisions they were traced with: ``torch._dynamo.reset()``)."""
     import json
 
     with open(path) as f:
         rows = json.load(f)
     for r in rows:
         faster = "fused_ms" not in r or r["fused_ms"] < r.get("unfused_ms", float("inf"))
-        _TUNED[(int(r["M"]), int(r["N"]), int(r["K"]), int(r["bits"]))] = (FusedConfig(*map(int, r["config"])),
-                                                                          bool(faster))
-    choose_config.cache_clear()
+        _TUNED[(str(r["kind"]), str(r["plan"]), int(r["M"]))] = (FusedConfig(*map(int, r["config"])), bool(faster))
     return len(rows)
 
 
-@torch.compiler.assume_constant_result
-def should_fuse(plan: str, rows: int) -> bool:
-    """Take the fused path for a layer (its :func:`quantsd.kernels.dequant.plan_key`) at ``rows`` GEMM
-    rows?  At most :func:`max_rows` rows, and where a tuning table is loaded, only shapes it measured
-    faster fused.  Evaluated once per compiled shape (a constant to torch.compile: no guards)."""
+def should_fuse(plan: str, rows: int, kind: str) -> bool:
+    """Take the fused path for a ``kind`` ("linear" / "conv") layer with plan key ``plan``
+    (:func:`quantsd.kernels.dequant.plan_key`) at ``rows`` GEMM rows?  At most :func:`max_rows`
+    rows, and where a tuning table is loaded, only shapes it measured faster fused.  Runs while
+    torch.compile traces: the graph guards on ``MAX_ROWS`` and on the row count (a dynamic row count
+    is specialized to its value only when a table is consulted)."""
     if rows > MAX_ROWS:
         return False
     if not _TUNED:
         return True
-    p = plan_from_key(plan)
-    entry = _TUNED.get((rows, p.shape[0], p.numel // max(p.shape[0], 1), p.bits))
+    entry = _TUNED.get((kind, plan, int(rows)))
     return entry is not None and entry[1]
+
+
+def tuned_config(plan: str, rows: int, kind: str) -> Optional[FusedConfig]:
+    """The measured launch shape of a layer shape, if a loaded table has one."""
+    entry = _TUNED.get((kind, plan, int(rows)))
+    return None if entry is None else entry[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,13 +116,11 @@ def choose_config(M: int, N: int, K: int, bits: int, sms: int = 132) -> FusedCon
 
     Tiles are small (64 x 64 x 32 at most, 4 warps): the decode's per-weight temporaries live in
     registers beside the accumulator, and larger tiles spilled (H200: 128 x 128 tiles ran 10-50x
-    slower than dequantize + cuBLAS).  A measured table (:func:`load_tuned`) overrides this.
+    slower than dequantize + cuBLAS).  A measured table (:func:`load_tuned`, :func:`tuned_config`)
+    overrides this for the shapes it lists.
     Split-K: enough programs to keep every SM reading (about 2 per SM), but the float32
     partials (split * M * N * 4 bytes, written and read back) stay under half the layer's packed
     weight bytes, and each split runs at least 4 K steps."""
-    tuned = _TUNED.get((M, N, K, bits))
-    if tuned is not None:
-        return tuned[0]
     bm = 16 if M <= 16 else 32 if M <= 32 else 64
     bn = 64 if N >= 64 else max(16, 1 << (N - 1).bit_length())
     bk = 32
@@ -279,6 +282,9 @@ def _run(x: torch.Tensor, plan: DequantPlan, packed, scale, bp, lut, bias, M: in
     if M == 0 or N == 0:
         return out
     cfg = config or choose_config(M, N, K, plan.bits, _sms(x.device))
+    if M * N * cfg.split >= 2 ** 31 or -(-M // cfg.block_m) > 65535:
+        raise ValueError(f"{M} rows x {N} outputs are too many for the fused kernel (32-bit partial offsets, "
+                         "grid limits): use dequantize + F.linear/F.conv2d")
     k_per = -(-K // cfg.split)
     k_per = -(-k_per // cfg.block_k) * cfg.block_k
     split = -(-K // k_per)
@@ -309,6 +315,9 @@ def _check(x: torch.Tensor, plan: DequantPlan, packed: torch.Tensor) -> None:
         raise ValueError(f"packed codes must be {plan.nbytes} uint8 bytes, got {packed.numel()} {packed.dtype}")
     if plan.wide:
         raise ValueError("the fused kernel indexes weights with 32-bit math: layer too large")
+    if x.numel() >= 2 ** 31:
+        raise ValueError("the fused kernel indexes inputs with 32-bit math: input too large "
+                         "(the fused path is meant for few rows; use dequantize + F.linear/F.conv2d)")
 
 
 def fused_linear(x: torch.Tensor, plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor,
@@ -364,7 +373,8 @@ def _register_ops():
     @torch.library.custom_op("quantsd::fused_linear", mutates_args=())
     def _lin(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor],
              lut: torch.Tensor, bias: Optional[torch.Tensor], plan: str) -> torch.Tensor:
-        return fused_linear(x, plan_from_key(plan), packed, scale, breakpoint, lut, bias)
+        cfg = tuned_config(plan, x.numel() // max(x.shape[-1], 1), "linear") if _TUNED else None
+        return fused_linear(x, plan_from_key(plan), packed, scale, breakpoint, lut, bias, cfg)
 
     @_lin.register_fake
     def _(x, packed, scale, breakpoint, lut, bias, plan):
@@ -374,8 +384,14 @@ def _register_ops():
     def _conv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor],
               lut: torch.Tensor, bias: Optional[torch.Tensor], plan: str, stride: list[int], padding: list[int],
               dilation: list[int]) -> torch.Tensor:
-        return fused_conv2d(x, plan_from_key(plan), packed, scale, breakpoint, lut, bias, stride, padding,
-                            dilation).contiguous(memory_format=torch.channels_last)
+        p = plan_from_key(plan)
+        cfg = None
+        if _TUNED:
+            oh, ow = (conv_output_size(x.shape[2 + i], p.shape[2 + i], stride[i], padding[i], dilation[i])
+                      for i in range(2))
+            cfg = tuned_config(plan, x.shape[0] * oh * ow, "conv")
+        return fused_conv2d(x, p, packed, scale, breakpoint, lut, bias, stride, padding, dilation,
+                            cfg).contiguous(memory_format=torch.channels_last)
 
     @_conv.register_fake
     def _(x, packed, scale, breakpoint, lut, bias, plan, stride, padding, dilation):
