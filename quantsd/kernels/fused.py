@@ -115,9 +115,9 @@ def choose_config(M: int, N: int, K: int, bits: int, sms: int = 132) -> FusedCon
     """Launch shape for an (M x K) @ (K x N) product with ``bits``-bit weights.
 
     Tiles are small (64 x 64 x 32 at most, 4 warps): the decode's per-weight temporaries live in
-    registers beside the accumulator, and larger tiles spilled (H200: 128 x 128 tiles ran 10-50x
-    slower than dequantize + cuBLAS).  A measured table (:func:`load_tuned`, :func:`tuned_config`)
-    overrides this for the shapes it lists.
+    registers beside the accumulator; larger tiles need up to 255 registers per thread and some spill
+    (ptxas, sm_90a), and 128 x 128 tiles ran 3-56x slower than dequantize + cuBLAS on an H200.
+    A measured table (:func:`load_tuned`, :func:`tuned_config`) overrides this for the shapes it lists.
     Split-K: enough programs to keep every SM reading (about 2 per SM), but the float32
     partials (split * M * N * 4 bytes, written and read back) stay under half the layer's packed
     weight bytes, and each split runs at least 4 K steps."""
