@@ -138,6 +138,9 @@ def test_markdown_names_lean_runs():
     assert "feed-forward chunks" not in markdown_report(res)
     res["meta"].update(compile=True, compile_guards="minimal")
     assert "compiled with minimal guards" in markdown_report(res)
+    assert "fused dequant-GEMM" not in markdown_report(res)
+    res["meta"].update(fused_max_rows=256, fused_tuned_shapes=3)
+    assert "fused dequant-GEMM for layers of <= 256 rows, 3 tuned shapes" in markdown_report(res)
 
 
 def test_markdown_partial_results():

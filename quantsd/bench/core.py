@@ -505,6 +505,7 @@ class Bench:
                      "max_res_ff_chunk": self.max_res_ff_chunk, "sync_free_scheduler": True,
                      "compile_guards": self.compile_guards, "only": list(self.only),
                      "grouped_dequant": self.grouped_dequant, "dense_below": self.dense_below,
+                     **_fused_meta(),
                      "gpu": props.name, "gpu_memory_bytes": props.total_memory, "torch": torch.__version__,
                      "triton": triton.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
             "configs": [],
@@ -658,9 +659,20 @@ def _run_notes(meta: dict) -> str:
         notes.append("eager packed with one dequant launch per layer")
     if meta.get("dense_below"):
         notes.append(f"packed UNet layers of <= {meta['dense_below']} weights kept dense")
+    if meta.get("compile") and (meta.get("fused_max_rows") or 0) > 0:
+        tuned = f", {meta['fused_tuned_shapes']} tuned shapes" if meta.get("fused_tuned_shapes") else ""
+        notes.append(f"fused dequant-GEMM for layers of <= {meta['fused_max_rows']} rows{tuned}")
     if meta.get("max_res_ff_chunk") and meta.get("caps_gb"):
         notes.append(f"max-res probes with feed-forward chunks of {meta['max_res_ff_chunk']} tokens")
     return "".join(f" · {n}" for n in notes)
+
+
+def _fused_meta() -> dict:
+    """The fused dequant-GEMM settings a run had (environment: QUANTSD_FUSED_MAX_M / _CONFIGS)."""
+    from ..kernels import fused
+
+    return {"fused_max_rows": max(fused.max_rows(), 0),
+            "fused_tuned_shapes": sum(1 for _, use in fused._TUNED.values() if use)}
 
 
 def markdown_report(results: dict) -> str:
