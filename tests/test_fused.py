@@ -267,6 +267,18 @@ def test_tuned_table_sets_launch_shapes_and_which_shapes_fuse(tmp_path, monkeypa
         fused._TUNED.clear()
 
 
+@pytest.mark.parametrize("content", ["not json", '[{"kind": "conv"}]', '[{"kind": "conv", "plan": "x", "M": 2, '
+                                     '"config": [12, 64, 32, 1, 4]}]', None])
+def test_bad_tuning_table_is_refused_clearly(tmp_path, content):
+    pytest.importorskip("triton")
+    p = tmp_path / "t.json"
+    if content is not None:
+        p.write_text(content)
+    with pytest.raises(ValueError, match="tuning table .*tune_fused.py"):
+        fused.load_tuned(str(p))
+    assert not fused._TUNED          # nothing half-loaded
+
+
 def test_fused_refuses_inputs_beyond_32_bit_offsets():
     pytest.importorskip("triton")
     from quantsd.kernels.dequant import prepare

@@ -82,12 +82,21 @@ def load_tuned(path: str) -> int:
     compiling (compiled graphs keep the decisions they were traced with: ``torch._dynamo.reset()``)."""
     import json
 
-    with open(path) as f:
-        rows = json.load(f)
-    for r in rows:
-        faster = "fused_ms" not in r or r["fused_ms"] < r.get("unfused_ms", float("inf"))
-        _TUNED[(str(r["kind"]), str(r["plan"]), int(r["M"]))] = (FusedConfig(*map(int, r["config"])), bool(faster))
-    return len(rows)
+    try:
+        with open(path) as f:
+            rows = json.load(f)
+        table = {}
+        for r in rows:
+            faster = "fused_ms" not in r or r["fused_ms"] < r.get("unfused_ms", float("inf"))
+            cfg = FusedConfig(*map(int, r["config"]))
+            if min(cfg) < 1 or any(b & (b - 1) or b < 16 for b in cfg[:3]):
+                raise ValueError(f"bad launch shape {list(cfg)}")
+            table[(str(r["kind"]), str(r["plan"]), int(r["M"]))] = (cfg, bool(faster))
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"cannot use the fused-GEMM tuning table {path!r} ({type(e).__name__}: {e}); write one "
+                         "with bench/tune_fused.py --configs-out, or unset QUANTSD_FUSED_CONFIGS") from e
+    _TUNED.update(table)     # all or nothing
+    return len(table)
 
 
 def should_fuse(plan: str, rows: int, kind: str) -> bool:
