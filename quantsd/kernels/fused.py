@@ -58,7 +58,16 @@ def set_max_rows(rows: int) -> None:
     MAX_ROWS = int(rows)
 
 
-MAX_ROWS = int(os.environ.get("QUANTSD_FUSED_MAX_M", DEFAULT_MAX_ROWS)) if HAS_TRITON else -1
+def _env_rows() -> int:
+    raw = os.environ.get("QUANTSD_FUSED_MAX_M", str(DEFAULT_MAX_ROWS))
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"QUANTSD_FUSED_MAX_M must be a whole number of rows (0 = fused path off), got {raw!r}") \
+            from None
+
+
+MAX_ROWS = _env_rows() if HAS_TRITON else -1
 
 
 class FusedConfig(NamedTuple):
