@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline, cuda_time_ms, weight_bytes  # noqa: E402
+from quantsd.bench.core import (BenchConfig, _unet_inputs, build_pipeline, cuda_graph_ms, cuda_time_ms,  # noqa: E402
+                                weight_bytes)
 from quantsd.nn import packed_modules  # noqa: E402
 from quantsd.recipe import load_recipe  # noqa: E402
 
@@ -37,15 +38,7 @@ def _events_ms(fn, iters: int = 10, warmup: int = 3) -> float:
 
 def _graph_ms(fn) -> float:
     """GPU time of ``fn`` captured in one CUDA graph (no launch overhead)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return _events_ms(g.replay)
+    return cuda_graph_ms(fn)
 
 
 def dequant_alone(unet, compare_path: str | None) -> dict:

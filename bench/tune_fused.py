@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline  # noqa: E402
+from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline, cuda_graph_ms  # noqa: E402
 from quantsd.kernels import fused  # noqa: E402
 from quantsd.nn import QuantConv2d, QuantLinear, _fused_params, packed_modules  # noqa: E402
 from quantsd.recipe import load_recipe  # noqa: E402
@@ -36,24 +36,7 @@ from quantsd.recipe import load_recipe  # noqa: E402
 
 def graph_ms(fn, reps: int = 20) -> float:
     """Median GPU milliseconds of one ``fn`` call, from CUDA-graph replays of ``reps`` calls."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    times = []
-    for _ in range(7):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / reps)
-    return sorted(times)[len(times) // 2]
+    return cuda_graph_ms(fn, reps, iters=7)
 
 
 def capture(unet, max_rows: int, inputs) -> "OrderedDict":

@@ -224,6 +224,21 @@ def cuda_time_ms(fn, iters: int = 20, warmup: int = 3) -> dict:
     return _pctl(times)
 
 
+def cuda_graph_ms(fn, reps: int = 1, iters: int = 10, warmup: int = 3) -> float:
+    """Median GPU milliseconds of one ``fn`` call without launch overhead: ``reps`` calls captured in
+    one CUDA graph (after a warm-up call on a side stream), the replay timed by :func:`cuda_time_ms`."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return cuda_time_ms(g.replay, iters, warmup)["median"] / reps
+
+
 def unet_step_ms(pipe, side: int, iters: int = 20, warmup: int = 3, batch: int = 2) -> dict:
     """Median UNet forward time (ms) at ``side``² (latents side/8), CFG batch 2, CUDA events."""
     dev, dt = pipe.unet.device, pipe.unet.dtype

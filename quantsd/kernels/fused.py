@@ -32,13 +32,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .dequant import HAS_TRITON, DequantPlan, interpreting, plan_from_key
+from .dequant import HAS_TRITON, DequantPlan, interpreting, plan_from_key, plan_key
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .dequant import _decode
+    from .dequant import _decode, _store_weights
 
 __all__ = ["fused_linear", "fused_conv2d", "max_rows", "set_max_rows", "should_fuse", "load_tuned", "tuned_config", "FusedConfig", "choose_config", "DEFAULT_MAX_ROWS"]
 
@@ -252,18 +252,9 @@ if HAS_TRITON:
         if DIRECT:
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-            _store_cast(out_ptr + rm[:, None] * N + rn[None, :], acc, omask, BF16)
+            _store_weights(out_ptr, rm[:, None] * N + rn[None, :], omask, acc, BF16)
         else:
             tl.store(out_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :], acc, mask=omask)
-
-    @triton.jit
-    def _store_cast(ptrs, v, mask, BF16: tl.constexpr):
-        if BF16:
-            u = v.to(tl.uint32, bitcast=True)
-            r = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-            tl.store(ptrs, r.to(tl.uint16).to(tl.int16, bitcast=True), mask=mask)
-        else:
-            tl.store(ptrs, v.to(tl.float16), mask=mask)
 
     @triton.jit
     def _splitk_reduce(part_ptr, bias_ptr, out_ptr, MN, N, splits, HAS_BIAS: tl.constexpr,
@@ -276,7 +267,7 @@ if HAS_TRITON:
             acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-        _store_cast(out_ptr + offs, acc, mask, BF16)
+        _store_weights(out_ptr, offs, mask, acc, BF16)
 
 
 def _sms(device: torch.device) -> int:
@@ -290,7 +281,8 @@ _REDUCE_BLOCK = 1024
 
 def _run(x: torch.Tensor, plan: DequantPlan, packed, scale, bp, lut, bias, M: int, N: int, K: int,
          strides, geometry, conv_consts, config: Optional[FusedConfig]) -> torch.Tensor:
-    """Launch the fused kernel (and the split-K reduction); returns the (M, N) output."""
+    """Launch the fused kernel (and the split-K reduction); returns the (M, N) output.  Launch shape:
+    ``config``, else a loaded table's for this layer shape, else :func:`choose_config`."""
     if x.is_cuda and x.device.index != torch._C._cuda_getDevice():
         with torch.cuda.device(x.device):
             return _run(x, plan, packed, scale, bp, lut, bias, M, N, K, strides, geometry, conv_consts, config)
@@ -299,7 +291,11 @@ def _run(x: torch.Tensor, plan: DequantPlan, packed, scale, bp, lut, bias, M: in
     out = torch.empty((M, N), dtype=dtype, device=x.device)
     if M == 0 or N == 0:
         return out
-    cfg = config or choose_config(M, N, K, plan.bits, _sms(x.device))
+    cfg = config
+    if cfg is None and _TUNED:
+        cfg = tuned_config(plan_key(plan), M, "linear" if conv_consts is None else "conv")
+    if cfg is None:
+        cfg = choose_config(M, N, K, plan.bits, _sms(x.device))
     if M * N * cfg.split >= 2 ** 31 or -(-M // cfg.block_m) > 65535:
         raise ValueError(f"{M} rows x {N} outputs are too many for the fused kernel (32-bit partial offsets, "
                          "grid limits): use dequantize + F.linear/F.conv2d")
@@ -391,8 +387,7 @@ def _register_ops():
     @torch.library.custom_op("quantsd::fused_linear", mutates_args=())
     def _lin(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor],
              lut: torch.Tensor, bias: Optional[torch.Tensor], plan: str) -> torch.Tensor:
-        cfg = tuned_config(plan, x.numel() // max(x.shape[-1], 1), "linear") if _TUNED else None
-        return fused_linear(x, plan_from_key(plan), packed, scale, breakpoint, lut, bias, cfg)
+        return fused_linear(x, plan_from_key(plan), packed, scale, breakpoint, lut, bias)
 
     @_lin.register_fake
     def _(x, packed, scale, breakpoint, lut, bias, plan):
@@ -402,14 +397,8 @@ def _register_ops():
     def _conv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor],
               lut: torch.Tensor, bias: Optional[torch.Tensor], plan: str, stride: list[int], padding: list[int],
               dilation: list[int]) -> torch.Tensor:
-        p = plan_from_key(plan)
-        cfg = None
-        if _TUNED:
-            oh, ow = (conv_output_size(x.shape[2 + i], p.shape[2 + i], stride[i], padding[i], dilation[i])
-                      for i in range(2))
-            cfg = tuned_config(plan, x.shape[0] * oh * ow, "conv")
-        return fused_conv2d(x, p, packed, scale, breakpoint, lut, bias, stride, padding, dilation,
-                            cfg).contiguous(memory_format=torch.channels_last)
+        return fused_conv2d(x, plan_from_key(plan), packed, scale, breakpoint, lut, bias, stride, padding,
+                            dilation).contiguous(memory_format=torch.channels_last)
 
     @_conv.register_fake
     def _(x, packed, scale, breakpoint, lut, bias, plan, stride, padding, dilation):
