@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline, cuda_graph_ms  # noqa: E402
 from quantsd.kernels import fused  # noqa: E402
-from quantsd.nn import QuantConv2d, QuantLinear, _fused_params, packed_modules  # noqa: E402
+from quantsd.nn import QuantConv2d, QuantLinear, kernel_args, packed_modules  # noqa: E402
 from quantsd.recipe import load_recipe  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def capture(unet, max_rows: int, inputs) -> "OrderedDict":
 
 
 def run_fused(m, x, cfg=None):
-    params = _fused_params(m)
+    params = kernel_args(m)
     if isinstance(m, QuantLinear):
         return fused.fused_linear(x, m._plan, *params, m.bias, cfg)
     return fused.fused_conv2d(x, m._plan, *params, m.bias, m.stride, m.padding, m.dilation, cfg)

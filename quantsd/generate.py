@@ -105,7 +105,7 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
                        offload: str | None = None, tiny_vae: str | os.PathLike | None = None,
                        lean_vae: bool = False, drop_vae_encoder: bool = False, ff_chunk: int | None = None,
                        sync_free_scheduler: bool = True, compile_guards: str = "full",
-                       grouped_dequant: bool = True, dense_below: int = 0):
+                       grouped_dequant: bool = True, dense_below: int = 0, prefetch_weights: bool = False):
     """Apply generation options to a loaded pipeline (in place; returns it).
 
     ``lean_vae``: the VAE decoder's resnet blocks run SiLU and the residual add in place on
@@ -123,11 +123,15 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     ``dense_below`` (default 0: off): the UNet's packed layers of at most that many weights are
     decoded once and kept dense (:func:`quantsd.nn.densify_small_layers`; same weights, fewer
     dequant launches per step, a few MiB more resident).
+    ``prefetch_weights`` (with ``compile``): the compiled UNet decodes its packed weights ahead, on a
+    second CUDA stream, while earlier layers compute (:mod:`quantsd.prefetch`; same weights).
 
     Order matters: the tiny VAE and memory format first, then offload hooks, then torch.compile
     of the UNet (``compile_mode`` "reduce-overhead" = CUDA graphs where shapes are static).
     """
     _check_compile_guards(compile_guards)   # before anything changes
+    if prefetch_weights and not compile:
+        raise ValueError("weight prefetch acts in compiled forwards: add compile=True (--compile)")
     dev = resolve_device(device) if device is not None else pipe.unet.device
     if tiny_vae is not None:
         from diffusers import AutoencoderTiny
@@ -185,6 +189,10 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
 
         group_pipeline(pipe)
     if compile:
+        if prefetch_weights:
+            from .prefetch import enable_weight_prefetch
+
+            enable_weight_prefetch(pipe.unet)
         pipe.unet = compile_unet(pipe.unet, compile_mode, compile_guards)
     return pipe
 
@@ -280,6 +288,7 @@ def generate(
     compile_guards: str = "full",
     grouped_dequant: bool = True,
     dense_below: int = 0,
+    prefetch_weights: bool = False,
 ):
     """Generate one image; returns (PIL.Image, info dict).
 
@@ -295,7 +304,8 @@ def generate(
     ``sync_free_scheduler`` (default True) lets PNDM/DDIM run without a device sync per step;
     ``compile_guards="minimal"`` (with ``compile``) trades Dynamo's per-call module checks for less
     host time per step; ``grouped_dequant`` (default True) dequantizes the packed layers of a block
-    in one launch in eager mode; ``dense_below`` keeps the UNet's smallest packed layers dense.
+    in one launch in eager mode; ``dense_below`` keeps the UNet's smallest packed layers dense;
+    ``prefetch_weights`` (with ``compile``) decodes packed weights ahead on a second CUDA stream.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -318,7 +328,7 @@ def generate(
                        vae_slicing=vae_slicing, offload=offload, tiny_vae=tiny_vae, lean_vae=lean_vae,
                        drop_vae_encoder=drop_vae_encoder, ff_chunk=ff_chunk,
                        sync_free_scheduler=sync_free_scheduler, compile_guards=compile_guards,
-                       grouped_dequant=grouped_dequant, dense_below=dense_below)
+                       grouped_dequant=grouped_dequant, dense_below=dense_below, prefetch_weights=prefetch_weights)
     scale = getattr(pipe, "vae_scale_factor", 8)
     default = int(pipe.unet.config.sample_size) * scale
     height = height or default
@@ -341,7 +351,8 @@ def generate(
             "scheduler": type(pipe.scheduler).__name__, "cfg_cutoff": cfg_cutoff, "compile": compile,
             "channels_last": channels_last, "offload": offload, "ff_chunk": ff_chunk,
             "compile_guards": compile_guards if compile else None,
-            "dequant_groups": _count_groups(pipe), "dense_below": dense_below or None, "tiny_vae": None if tiny_vae is None else str(tiny_vae)}
+            "dequant_groups": _count_groups(pipe), "dense_below": dense_below or None,
+            "prefetch_weights": prefetch_weights, "tiny_vae": None if tiny_vae is None else str(tiny_vae)}
     return out.images[0], info
 
 

@@ -93,6 +93,18 @@ def _triton_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype in SUPPORTED_DTYPES and available(device)
 
 
+_PREFETCH_OP = None   # quantsd.prefetch's custom op, set when that module is imported (before any layer uses it)
+
+
+def kernel_args(layer: "QuantModule") -> tuple:
+    """(packed, scale, breakpoint, lut) as the dequant kernel takes them for this layer (a value-table
+    plan passes its table for the unread scale and no breakpoint, as :func:`_kernel_weight` does)."""
+    lut = layer._lut
+    if layer._table:
+        return layer.weight_packed, lut, None, lut
+    return layer.weight_packed, layer.weight_scale, layer.weight_breakpoint, lut
+
+
 def _kernel_weight(layer: "QuantModule", lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A packed layer's dense weight by one Triton launch (CUDA, or the interpreter), no validation.
     A module-level function, not a method: torch.compile then guards it once, not once per layer."""
@@ -117,21 +129,13 @@ def _fused_rows_ok(layer: "QuantModule", x: torch.Tensor, rows: int, kind: str) 
             and x.dtype in _FUSED_DTYPES and _fused.should_fuse(layer._plan_key, rows, kind))
 
 
-def _fused_params(layer: "QuantModule"):
-    """(packed, scale, breakpoint, lut) as the fused ops take them (a value-table plan passes its table
-    for the unread scale, as :func:`_kernel_weight` does)."""
-    lut = layer._lut
-    if layer._table:
-        return layer.weight_packed, lut, None, lut
-    return layer.weight_packed, layer.weight_scale, layer.weight_breakpoint, lut
-
-
 class QuantModule(nn.Module):
     """Shared buffers and bookkeeping of the packed layers."""
 
     _STORED = ("weight_scale", "weight_breakpoint")
     _dq_group = None    # quantsd.dequant_groups.DequantGroup of this layer (eager grouped launches), if any
     _dq_index = 0
+    _prefetch_slot = None   # (prefetcher id, layer index) under quantsd.prefetch (compiled forwards), if any
 
     def _init_quant(self, shape, bits, method, granularity, packed, scale, breakpoint, dtype, device):
         self.weight_shape = tuple(int(s) for s in shape)
@@ -291,9 +295,16 @@ class QuantLinear(QuantModule):
                    breakpoint=qt.breakpoint, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and _fused_rows_ok(self, x, x.numel() // self.in_features, "linear"):
-            return _fused.LINEAR_OP(x, *_fused_params(self), self.bias, self._plan_key)
+        if torch.compiler.is_compiling():
+            if self._prefetch_slot is not None:
+                return _PREFETCH_OP(x, *self._prefetch_slot)
+            if _fused_rows_ok(self, x, x.numel() // self.in_features, "linear"):
+                return _fused.LINEAR_OP(x, *kernel_args(self), self.bias, self._plan_key)
         return F.linear(x, self._forward_weight(), self.bias)
+
+    def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """This layer's op with a given dense weight (the weight prefetcher's, :mod:`quantsd.prefetch`)."""
+        return F.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
@@ -348,14 +359,22 @@ class QuantConv2d(QuantModule):
                    breakpoint=qt.breakpoint, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and x.dim() == 4 and _fused_rows_ok(self, x, self._output_rows(x), "conv"):
-            return _fused.CONV_OP(x, *_fused_params(self), self.bias, self._plan_key, self.stride, self.padding,
-                                  self.dilation)
-        w = self._forward_weight()
+        if torch.compiler.is_compiling():
+            if self._prefetch_slot is not None:
+                return _PREFETCH_OP(x, *self._prefetch_slot)
+            if x.dim() == 4 and _fused_rows_ok(self, x, self._output_rows(x), "conv"):
+                return _fused.CONV_OP(x, *kernel_args(self), self.bias, self._plan_key, self.stride, self.padding,
+                                      self.dilation)
+        return self.compute(x, self._forward_weight())
+
+    def compute(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None | bool = True) -> torch.Tensor:
+        """This layer's convolution with a given dense weight (the weight prefetcher's,
+        :mod:`quantsd.prefetch`); ``bias`` True: the layer's own."""
+        bias = self.bias if bias is True else bias
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

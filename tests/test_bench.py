@@ -73,7 +73,8 @@ def test_weight_bytes_counts_params_and_buffers_once():
 
 def test_default_configs():
     names = [c.name for c in default_configs(recipe=True, compile=True)]
-    assert names == ["fp16-sdpa", "packed", "fp32-classic", "fp16-sdpa-compiled", "packed-compiled"]
+    assert names == ["fp16-sdpa", "packed", "fp32-classic", "fp16-sdpa-compiled", "packed-compiled",
+                     "packed-compiled-prefetch"]
     assert [c.name for c in default_configs(False, False)] == ["fp16-sdpa", "fp32-classic"]
     fp32 = default_configs(False, False)[1]
     assert fp32.attention == "classic" and fp32.torch_dtype == torch.float32

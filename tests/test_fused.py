@@ -72,9 +72,9 @@ def _reference(q, x) -> torch.Tensor:
 
 
 def _fused_call(q, x, config=None):
-    from quantsd.nn import QuantLinear, _fused_params
+    from quantsd.nn import QuantLinear, kernel_args
 
-    p = _fused_params(q)
+    p = kernel_args(q)
     if isinstance(q, QuantLinear):
         return fused.fused_linear(x, q._plan, *p, q.bias, config)
     return fused.fused_conv2d(x, q._plan, *p, q.bias, q.stride, q.padding, q.dilation, config)
@@ -84,13 +84,13 @@ def _assert_decodes_exactly(q) -> None:
     """Identity input, no bias: every output is one product 1 * w (exact in float32, and already a
     value of the compute dtype), so the fused product must equal the reference-decoded weight bit for
     bit: the in-register decode is the reference's (bf16 only on the GPU: the interpreter truncates)."""
-    from quantsd.nn import _fused_params
+    from quantsd.nn import kernel_args
 
     n, k = q.weight_shape
     eye = torch.eye(k, dtype=q.compute_dtype, device=q.weight_packed.device)
     want = q.dequantized_weight().t()
     for cfg in (None, fused.FusedConfig(16, 16, 16, 1, 4), fused.FusedConfig(16, 32, 16, 3, 4)):
-        got = fused.fused_linear(eye, q._plan, *_fused_params(q), None, cfg)
+        got = fused.fused_linear(eye, q._plan, *kernel_args(q), None, cfg)
         assert torch.equal(got.view(torch.int16), want.contiguous().view(torch.int16)), cfg
 
 

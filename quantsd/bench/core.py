@@ -106,6 +106,7 @@ class BenchConfig:
     compile: bool = False            # torch.compile(unet, mode="reduce-overhead")
     sweep: tuple[int, ...] = (256, 512, 768, 1024)
     max_res: bool = False            # run the VRAM-cap search for this config
+    prefetch: bool = False           # compiled packed: decode weights ahead on a side stream (quantsd.prefetch)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -134,6 +135,7 @@ def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
         cfgs.append(BenchConfig("fp16-sdpa-compiled", compile=True, sweep=()))
         if recipe:
             cfgs.append(BenchConfig("packed-compiled", packed=True, compile=True, sweep=()))
+            cfgs.append(BenchConfig("packed-compiled-prefetch", packed=True, compile=True, prefetch=True, sweep=()))
     return cfgs
 
 
@@ -195,7 +197,7 @@ def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=No
     # every configuration alike: PNDM/DDIM without a device sync per step (sync_free_scheduler)
     return configure_pipeline(pipe, compile=cfg.compile, compile_guards=compile_guards, attention=cfg.attention,
                               sync_free_scheduler=sync_free_scheduler, grouped_dequant=cfg.packed and grouped_dequant,
-                              dense_below=dense_below if cfg.packed else 0)
+                              dense_below=dense_below if cfg.packed else 0, prefetch_weights=cfg.prefetch)
 
 
 # --------------------------------------------------------------------------- measurements (CUDA)

@@ -28,7 +28,7 @@ def _caps(ctx, param, value):
 @click.option("--compile", "compile_", is_flag=True, help="Also bench torch.compile (reduce-overhead) variants.")
 @click.option("--only", default="", metavar="NAMES",
               help="Run only these configurations (comma-separated: fp16-sdpa, packed, fp32-classic, "
-                   "fp16-sdpa-compiled, packed-compiled); the default is all of them.")
+                   "fp16-sdpa-compiled, packed-compiled, packed-compiled-prefetch); the default is all of them.")
 @click.option("--compile-guards", type=click.Choice(["full", "minimal"]), default="full", show_default=True,
               help="Compiled configurations: 'minimal' skips Dynamo's per-call module-attribute checks.")
 @click.option("--max-res-cap-gb", "caps", default="8,4", show_default=True, callback=_caps,

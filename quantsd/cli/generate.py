@@ -47,6 +47,9 @@ from ._base import FORMAT, main, model_option
 @click.option("--dense-below", type=click.IntRange(min=0), default=0, metavar="WEIGHTS",
               help="Packed checkpoints: keep the UNet's layers of at most WEIGHTS weights dense (decoded once: "
                    "same weights, fewer dequant launches per step; e.g. 262144).")
+@click.option("--prefetch-weights", is_flag=True,
+              help="With --compile: decode packed weights ahead on a second CUDA stream while earlier layers "
+                   "compute (same weights; hides most of the dequant time).")
 @click.option("--offload", type=click.Choice(["model", "sequential"]), default=None,
               help="CPU offload: whole models (model) or layer by layer (sequential); needs CUDA.")
 @click.option("--tiny-vae", type=click.Path(exists=True, file_okay=False), default=None,
@@ -56,7 +59,8 @@ from ._base import FORMAT, main, model_option
 def generate_cmd(model, prompt, negative_prompt, seed, steps, guidance, height, width, weights, device, dtype,
                  compile_, compile_guards, channels_last, scheduler, cfg_cutoff, attention, attention_slicing,
                  vae_tiling, vae_slicing,
-                 lean_vae, drop_vae_encoder, ff_chunk, no_grouped, dense_below, offload, tiny_vae, out, fmt) -> None:
+                 lean_vae, drop_vae_encoder, ff_chunk, no_grouped, dense_below, prefetch_weights, offload, tiny_vae, out,
+                 fmt) -> None:
     """Generate an image from MODEL (a model source or a quantsd checkpoint)."""
     from ..generate import generate, save_png
     from ..reporting import to_json
@@ -68,7 +72,8 @@ def generate_cmd(model, prompt, negative_prompt, seed, steps, guidance, height, 
                            cfg_cutoff=cfg_cutoff, attention=attention, attention_slicing=attention_slicing,
                            vae_tiling=vae_tiling, vae_slicing=vae_slicing, offload=offload, tiny_vae=tiny_vae,
                            lean_vae=lean_vae, drop_vae_encoder=drop_vae_encoder, ff_chunk=ff_chunk,
-                           grouped_dequant=not no_grouped, dense_below=dense_below)
+                           grouped_dequant=not no_grouped, dense_below=dense_below,
+                           prefetch_weights=prefetch_weights)
     save_png(image, out, info)
     info["output"] = out
     if fmt == "json":

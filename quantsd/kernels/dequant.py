@@ -412,8 +412,18 @@ def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpo
         with torch.cuda.device(packed.device):
             return launch(plan, packed, scale, breakpoint, lut, dtype)
     out = torch.empty(plan.shape, dtype=dtype, device=packed.device)
+    launch_into(plan, packed, scale, breakpoint, lut, out)
+    return out
+
+
+def launch_into(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor],
+                lut: torch.Tensor, out: torch.Tensor) -> None:
+    """:func:`launch` writing into ``out`` (contiguous, ``plan.shape``, a kernel dtype, on the current
+    device), e.g. a slot of a preallocated buffer (:mod:`quantsd.prefetch`); launches on the current
+    stream."""
     if plan.numel == 0:
-        return out
+        return
+    dtype = out.dtype
     bf16 = dtype == torch.bfloat16
     bp = scale if breakpoint is None else breakpoint
     o = out.view(torch.int16) if bf16 else out
@@ -424,14 +434,13 @@ def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpo
         k = _DIRECT.get(key)
         if k is not None:
             _run_direct(k, grid, plan, packed, scale, bp, lut, o, bf16)
-            return out
+            return
     k = _dequant_kernel[(grid,)](
         packed, scale, bp, lut, o, plan.numel, plan.group,
         BITS=plan.bits, PWLQ=plan.pwlq, GMODE=plan.gmode, BLOCK=BLOCK, OUT_BF16=bf16, WIDE=plan.wide,
         TABLE=plan.table, **LAUNCH_OPTIONS)
     if direct and k is not None and hasattr(k, "run") and not torch.cuda.is_current_stream_capturing():
         _adopt(key, k, grid, plan, packed, scale, bp, lut, o, bf16)   # (the check would sync a capture)
-    return out
 
 
 def dequantize(packed: torch.Tensor, shape: Sequence[int], bits: int, method: str, granularity: str,

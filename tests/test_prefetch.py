@@ -1,0 +1,221 @@
+"""quantsd.prefetch: decode-ahead of packed weights in compiled forwards (ring plan, order, fallbacks)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from quantsd.nn import QuantConv2d, QuantLinear
+from quantsd.prefetch import (ALIGN, PREFETCH_OP, disable_weight_prefetch, enable_weight_prefetch, plan_ring,
+                              prefetcher_of)
+from quantsd.quant import quantize_tensor
+
+
+def _issue_points(plan, n):
+    at = {p: -1 for p in plan.initial}
+    for q, ps in enumerate(plan.issue_at):
+        for p in ps:
+            assert p not in at, "a position is issued twice"
+            at[p] = q
+    return at
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_ring_plan_never_overwrites_a_weight_before_its_layer_ran(seed):
+    rng = random.Random(seed)
+    sizes = [rng.choice([0, 1, 100, 256, 300, 4096, 10_000, 70_000]) for _ in range(rng.randint(1, 60))]
+    ring = rng.choice([4096, 20_000, 65_536, 200_000])
+    plan = plan_ring(sizes, ring)
+    at = _issue_points(plan, len(sizes))
+    span = lambda p: (plan.offsets[p], plan.offsets[p] + -(-sizes[p] // ALIGN) * ALIGN)  # noqa: E731
+    for p, off in enumerate(plan.offsets):
+        if off is None:   # too large for the ring (or empty): decoded in place, never issued
+            assert sizes[p] == 0 or -(-sizes[p] // ALIGN) * ALIGN > ring
+            assert p not in at
+            continue
+        a, b = span(p)
+        assert a % ALIGN == 0 and 0 <= a and b <= ring
+        assert at[p] < p                                   # decoded before its layer runs
+        for r in range(p + 1, len(sizes)):                 # a later weight sharing bytes with p ...
+            if plan.offsets[r] is None:
+                continue
+            c, d = span(r)
+            if c < b and a < d:
+                assert at[r] >= p                          # ... is decoded only after p's layer ran
+
+
+def test_ring_plan_holding_everything_decodes_all_at_the_start():
+    plan = plan_ring([1000, 2000, 3000], 1 << 20)
+    assert plan.initial == [0, 1, 2] and all(not x for x in plan.issue_at)
+    tight = plan_ring([1000, 1000, 1000], 1024)            # one slot: each decode waits for the previous layer
+    assert tight.offsets == [0, 0, 0] and tight.initial == [0] and tight.issue_at == [[1], [2], []]
+
+
+def _chain(dtype=torch.float32, device="cpu"):
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"),
+             nn.Conv2d(8, 4, 1)]
+    lins = [nn.Linear(64, 96), nn.Linear(96, 64, bias=False), nn.Linear(64, 64)]
+    qconv = [QuantConv2d.from_conv(c, quantize_tensor(c.weight.detach(), b, m, g)) for c, (b, m, g) in
+             zip(convs, [(4, "pwlq", "tensor"), (3, "uniform", "channel"), (8, "pwlq", "tensor")])]
+    qlin = [QuantLinear.from_linear(l, quantize_tensor(l.weight.detach(), b, m, g)) for l, (b, m, g) in
+            zip(lins, [(4, "uniform", "tensor"), (2, "pwlq", "channel"), (6, "stochastic", "tensor")])]
+
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList(qconv)
+            self.lins = nn.ModuleList(qlin)
+
+        def forward(self, x):
+            for c in self.convs:
+                x = torch.relu(c(x))
+            x = x.flatten(1)
+            for l in self.lins:
+                x = torch.tanh(l(x))
+            return x
+
+    return Chain().to(device, dtype).eval()
+
+
+def test_compiled_prefetch_equals_eager_and_reuses_a_small_ring():
+    model = _chain()
+    x = torch.randn(2, 4, 4, 4)
+    with torch.inference_mode():
+        want = model(x)
+    pf = enable_weight_prefetch(model, ring_bytes=32768)  # smaller than all weights together: slots are reused
+    assert [m._prefetch_slot[1] for m in pf.layers] == list(range(6))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    try:
+        with torch.inference_mode():
+            outs = [compiled(x) for _ in range(3)]
+    finally:
+        torch._dynamo.reset()
+    assert all(torch.equal(o, want) for o in outs)
+    assert pf.order == list(range(6))                        # recorded by the first compiled forward
+    assert pf.stats["forwards"] == 2 and pf.stats["ahead"] == 12  # then two planned forwards, all 6 layers ahead
+    assert any(pf._plan.issue_at) and pf._ring is None          # slots reused within a forward; ring dropped after
+
+
+def test_another_order_falls_back_then_is_recorded_again():
+    model = _chain()
+    pf = enable_weight_prefetch(model, ring_bytes=4096)
+    x = torch.randn(2, 64)
+
+    def forward(order):
+        h = x
+        for i in order:
+            layer = pf.layers[i]
+            inp = h if layer.in_features == h.shape[-1] else torch.ones(2, layer.in_features)
+            got = PREFETCH_OP(inp, pf.id, i)
+            assert torch.equal(got, layer.compute(inp, layer.dequantized_weight()))
+            h = got
+        return h
+
+    forward([3, 4, 5])
+    forward([3, 4, 5])                       # planned
+    assert pf.order == [3, 4, 5] and pf.stats["forwards"] == 1
+    forward([3, 5, 4])                       # differs at position 1: the rest in place
+    assert not pf._active and pf.order == [3, 4, 5]
+    forward([3, 5, 4])                       # differs again: recorded anew from its start
+    forward([3, 5, 4])
+    assert pf.order == [3, 5, 4] and pf.stats["order_changes"] == 1 and pf._active is False
+
+
+def test_disable_and_errors():
+    model = _chain()
+    pf = enable_weight_prefetch(model)
+    assert prefetcher_of(model) is pf and pf.ring_bytes >= 64 << 20
+    disable_weight_prefetch(model)
+    assert prefetcher_of(model) is None and all(m._prefetch_slot is None for m in pf.layers)
+    with pytest.raises(RuntimeError, match="compile the model again"):
+        PREFETCH_OP(torch.randn(2, 64), pf.id, 3)
+    with pytest.raises(ValueError, match="model, not one layer"):
+        enable_weight_prefetch(pf.layers[0])
+    with pytest.raises(ValueError, match="no packed"):
+        enable_weight_prefetch(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="ring_bytes"):
+        enable_weight_prefetch(model, ring_bytes=0)
+
+
+def test_configure_pipeline_refuses_prefetch_without_compile(tiny_pipe):
+    from quantsd.generate import configure_pipeline
+
+    with pytest.raises(ValueError, match="--compile"):
+        configure_pipeline(tiny_pipe, prefetch_weights=True)
+
+
+# --------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+def test_cuda_graph_of_prefetched_layers_is_bit_exact_over_many_replays():
+    """Side-stream decodes into a reused ring, captured in one CUDA graph: every replay with new
+    inputs gives exactly the per-layer dequant + op outputs (a hazard would show as a mismatch)."""
+    model = _chain(torch.float16, "cuda")
+    pf = enable_weight_prefetch(model, ring_bytes=16384)   # the linears reuse the convs' bytes
+    layers = pf.layers
+    x = torch.randn(2, 4, 4, 4, device="cuda", dtype=torch.float16)
+
+    def run(fn, x):
+        h = x
+        for i in range(3):
+            h = torch.relu(fn(i, h))
+        h = h.flatten(1)
+        for i in range(3, 6):
+            h = torch.tanh(fn(i, h))
+        return h
+
+    def reference(x):
+        return run(lambda i, h: layers[i].compute(h, layers[i].dequantized_weight()), x)
+
+    def prefetched(x):
+        return run(lambda i, h: PREFETCH_OP(h, pf.id, i), x)
+
+    with torch.inference_mode():
+        prefetched(x)            # records the order
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            prefetched(x)        # a planned forward outside the capture
+        torch.cuda.current_stream().wait_stream(s)
+        static_x = x.clone()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_y = prefetched(static_x)
+        for k in range(20):
+            static_x.copy_(torch.randn_like(x))
+            g.replay()
+            assert torch.equal(static_y, reference(static_x)), k
+    assert pf.stats["ahead"] == 12 and any(pf._plan.issue_at)
+
+
+@pytest.mark.gpu
+def test_compiled_cuda_graph_tiny_unet_with_prefetch_matches_without():
+    from quantsd.bench.core import to_packed
+    from quantsd.models import load_pipeline
+    from quantsd.recipe import load_recipe
+
+    from .conftest import REPO
+
+    pipe, _ = to_packed(load_pipeline("tiny"), load_recipe(REPO / "recipes" / "paper-final.yaml"))
+    unet = pipe.unet.to("cuda").eval()
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(2, 4, 16, 16, generator=g).to("cuda", torch.float16)
+    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to("cuda", torch.float16)
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            plain = torch.compile(unet, mode="reduce-overhead")
+            want = [plain(lat, 10, encoder_hidden_states=ctx).sample.clone() for _ in range(3)][-1]
+            torch._dynamo.reset()
+            pf = enable_weight_prefetch(unet, ring_bytes=1 << 16)
+            fast = torch.compile(unet, mode="reduce-overhead")
+            got = [fast(lat, 10, encoder_hidden_states=ctx).sample.clone() for _ in range(4)]
+    finally:
+        torch._dynamo.reset()
+        disable_weight_prefetch(unet)
+    assert pf.stats["forwards"] >= 1 and pf.stats["ahead"] > 0
+    for o in got:
+        torch.testing.assert_close(o, want, rtol=2e-2, atol=2e-2)
