@@ -44,21 +44,30 @@ from . import nn as _nn
 from .nn import QuantConv2d, QuantLinear, kernel_args
 
 __all__ = ["RingPlan", "plan_ring", "WeightPrefetcher", "enable_weight_prefetch", "disable_weight_prefetch",
-           "prefetcher_of", "ALIGN", "DEFAULT_MIN_RING_BYTES"]
+           "prefetcher_of", "ALIGN", "DEFAULT_MIN_REGION_BYTES"]
 
 ALIGN = 256                         # bytes: every slot starts on a 256-byte boundary
-DEFAULT_MIN_RING_BYTES = 64 << 20
+DEFAULT_MIN_REGION_BYTES = 64 << 20
 
 
 class RingPlan(NamedTuple):
     """Where each position of a forward's layer order decodes its weight, and when.
 
-    ``offsets[p]``: the slot's first byte in the ring (None: larger than the ring, decoded in place
-    when the layer runs).  ``initial``: positions decoded when the forward starts (their slots were
-    not used earlier in the forward).  ``issue_at[q]``: positions decoded right after position q's
-    layer has been enqueued (the last earlier user of their bytes)."""
+    The ring is cut into ``regions`` equal regions; consecutive positions are packed into *chunks*
+    of at most one region, chunk c in region ``c % regions``.  A chunk is decoded as a whole (one
+    wait on the compute stream, its layers' decodes, one event), so a forward has two cross-stream
+    dependencies per chunk instead of two per layer.
+
+    ``offsets[p]``: position p's first byte in the ring (None: larger than a region, or empty;
+    decoded in place when the layer runs).  ``chunks[c]``: the positions of chunk c.
+    ``wait_at[p]``: the chunk whose decode position p waits for (its first ring position), else None.
+    ``initial``: chunks decoded when the forward starts (one per region).  ``issue_at[q]``: chunks
+    decoded right after position q's layer has been enqueued (the last position of the chunk that
+    used the same region before)."""
 
     offsets: list
+    chunks: list
+    wait_at: list
     initial: list
     issue_at: list
 
@@ -67,37 +76,36 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def plan_ring(sizes: Sequence[int], ring_bytes: int) -> RingPlan:
-    """Slots of a ring of ``ring_bytes`` for weights of ``sizes`` bytes used in that order.
-
-    Slots are handed out one after the other and wrap to the start when the next one does not fit
-    before the end; position p may be decoded once every earlier position whose slot overlaps its
-    own has been used (the latest of those is where it is issued), which is always before p."""
+def plan_ring(sizes: Sequence[int], ring_bytes: int, regions: int = 2) -> RingPlan:
+    """Chunks and slots in a ring of ``ring_bytes`` (``regions`` regions) for weights of ``sizes``
+    bytes used in that order.  Chunk c (c >= regions) is issued after the last layer of chunk
+    c - regions, the previous user of its region, which is always before its own first layer; so
+    a decode never overwrites a weight whose layer has not been enqueued yet."""
+    if regions < 1:
+        raise ValueError(f"regions must be >= 1, got {regions}")
+    region = ring_bytes // regions // ALIGN * ALIGN
     offsets: list = []
-    cursor = 0
+    chunks: list = []
+    wait_at: list = []
+    fill = region + 1    # bytes used in the current chunk (start with "full": the first layer opens one)
     for s in sizes:
         s = _aligned(int(s))
-        if s > ring_bytes or s == 0:
+        if s == 0 or s > region:
             offsets.append(None)
+            wait_at.append(None)
             continue
-        if cursor + s > ring_bytes:
-            cursor = 0
-        offsets.append(cursor)
-        cursor += s
+        if fill + s > region:
+            chunks.append([])
+            fill = 0
+        c = len(chunks) - 1
+        offsets.append((c % regions) * region + fill)
+        wait_at.append(c if not chunks[c] else None)
+        chunks[c].append(len(offsets) - 1)
+        fill += s
     issue_at: list = [[] for _ in sizes]
-    initial: list = []
-    for p, off in enumerate(offsets):
-        if off is None:
-            continue
-        end = off + _aligned(int(sizes[p]))
-        last = -1
-        for q in range(p - 1, -1, -1):
-            o = offsets[q]
-            if o is not None and o < end and off < o + _aligned(int(sizes[q])):
-                last = q
-                break
-        (initial if last < 0 else issue_at[last]).append(p)
-    return RingPlan(offsets, initial, issue_at)
+    for c in range(regions, len(chunks)):
+        issue_at[chunks[c - regions][-1]].append(c)
+    return RingPlan(offsets, chunks, wait_at, list(range(min(regions, len(chunks)))), issue_at)
 
 
 # --------------------------------------------------------------------------- registry + custom op
@@ -147,13 +155,16 @@ class WeightPrefetcher:
 
     ``stats``: forwards run with a plan, layers decoded ahead / in place, order changes seen."""
 
-    def __init__(self, layers: Sequence[nn.Module], ring_bytes: Optional[int] = None):
+    def __init__(self, layers: Sequence[nn.Module], ring_bytes: Optional[int] = None, regions: int = 2):
         self.layers = list(layers)
         if not self.layers:
             raise ValueError("no packed Linear/Conv2d layers to prefetch")
+        if int(regions) < 1:
+            raise ValueError(f"regions must be >= 1, got {regions}")
+        self.regions = int(regions)
         largest = max(_nbytes(m) for m in self.layers)
-        self.ring_bytes = int(ring_bytes) if ring_bytes is not None else max(DEFAULT_MIN_RING_BYTES,
-                                                                          _aligned(2 * largest))
+        self.ring_bytes = int(ring_bytes) if ring_bytes is not None else \
+            self.regions * max(DEFAULT_MIN_REGION_BYTES, _aligned(largest))
         if self.ring_bytes <= 0:
             raise ValueError(f"ring_bytes must be positive, got {ring_bytes}")
         self.id = next(_IDS)
@@ -167,7 +178,7 @@ class WeightPrefetcher:
         self._active = False                 # a forward with a plan is running
         self._ring: Optional[torch.Tensor] = None
         self._issued: list = []
-        self._ready: list = []               # CUDA events, one per position
+        self._ready: list = []               # CUDA events, one per chunk
         self._side: Optional[torch.cuda.Stream] = None
         self.stats = {"forwards": 0, "ahead": 0, "in_place": 0, "order_changes": 0}
 
@@ -220,10 +231,10 @@ class WeightPrefetcher:
             return False
         sig = (device, tuple(m._dtype for m in self.layers))
         if sig != self._plan_sig:
-            self._plan = plan_ring([_nbytes(self.layers[i]) for i in self.order], self.ring_bytes)
+            self._plan = plan_ring([_nbytes(self.layers[i]) for i in self.order], self.ring_bytes, self.regions)
             self._plan_sig = sig
             if device.type == "cuda":
-                self._ready = [torch.cuda.Event() for _ in self.order]
+                self._ready = [torch.cuda.Event() for _ in self._plan.chunks]
         if device.type == "cuda" and (self._side is None or self._side.device != device):
             self._side = torch.cuda.Stream(device=device)
         self._ring = torch.empty(self.ring_bytes, dtype=torch.uint8, device=device)
@@ -233,21 +244,24 @@ class WeightPrefetcher:
         self._issue(self._plan.initial, device)
         return True
 
-    def _issue(self, positions: list, device: torch.device) -> None:
-        """Decode ``positions`` into their slots: on the side stream after everything enqueued so far
-        on the compute stream (CUDA), else right here."""
-        if not positions or not self._active:
+    def _issue(self, chunks: list, device: torch.device) -> None:
+        """Decode the layers of ``chunks`` into their slots: on the side stream after everything
+        enqueued so far on the compute stream (CUDA), one event per chunk; else right here."""
+        if not chunks or not self._active:
             return
+        plan = self._plan
         if device.type == "cuda":
             main = torch.cuda.current_stream(device)
             self._side.wait_stream(main)
             with torch.cuda.stream(self._side):
-                for p in positions:
-                    self._decode(p)
-                    self._ready[p].record(self._side)
+                for c in chunks:
+                    for p in plan.chunks[c]:
+                        self._decode(p)
+                    self._ready[c].record(self._side)
         else:
-            for p in positions:
-                self._decode(p)
+            for c in chunks:
+                for p in plan.chunks[c]:
+                    self._decode(p)
 
     def _slot(self, p: int, layer) -> torch.Tensor:
         off = self._plan.offsets[p]
@@ -269,8 +283,9 @@ class WeightPrefetcher:
             self.stats["in_place"] += 1
             return layer.dequantized_weight()
         self.stats["ahead"] += 1
-        if self._ring.is_cuda:
-            torch.cuda.current_stream(self._ring.device).wait_event(self._ready[pos])
+        c = self._plan.wait_at[pos]
+        if c is not None and self._ring.is_cuda:
+            torch.cuda.current_stream(self._ring.device).wait_event(self._ready[c])
         return self._slot(pos, layer)
 
     def _join(self) -> None:
@@ -294,16 +309,17 @@ def _eligible(m: nn.Module) -> bool:
     return isinstance(m, (QuantLinear, QuantConv2d))
 
 
-def enable_weight_prefetch(model: nn.Module, ring_bytes: Optional[int] = None) -> WeightPrefetcher:
+def enable_weight_prefetch(model: nn.Module, ring_bytes: Optional[int] = None, regions: int = 2) -> WeightPrefetcher:
     """Attach a :class:`WeightPrefetcher` to ``model``'s packed Linear/Conv2d layers; it acts in
     compiled forwards (``torch.compile``), compile afterwards.  ``ring_bytes``: the per-forward
-    buffer of decoded weights (default: twice the largest layer's dense weight, at least 64 MiB;
-    SD1.5 fp16: 118 MB instead of one transient weight at a time, while the UNet runs)."""
+    buffer of decoded weights, cut into ``regions`` regions (default: ``regions`` times the largest
+    layer's dense weight, at least 64 MiB each; SD1.5 fp16: 128 MiB, alive while the UNet runs,
+    where the per-layer path held one transient weight at a time)."""
     if isinstance(model, (QuantLinear, QuantConv2d)):
         raise ValueError("enable_weight_prefetch takes the model, not one layer")
     disable_weight_prefetch(model)
     layers = [m for _, m in model.named_modules() if _eligible(m)]
-    pf = WeightPrefetcher(layers, ring_bytes)
+    pf = WeightPrefetcher(layers, ring_bytes, regions)
     for i, m in enumerate(layers):
         m._prefetch_slot = (pf.id, i)
     model._quantsd_prefetcher = pf

@@ -14,12 +14,13 @@ from quantsd.prefetch import (ALIGN, PREFETCH_OP, disable_weight_prefetch, enabl
 from quantsd.quant import quantize_tensor
 
 
-def _issue_points(plan, n):
-    at = {p: -1 for p in plan.initial}
-    for q, ps in enumerate(plan.issue_at):
-        for p in ps:
-            assert p not in at, "a position is issued twice"
-            at[p] = q
+def _chunk_issue_points(plan):
+    at = {c: -1 for c in plan.initial}
+    for q, cs in enumerate(plan.issue_at):
+        for c in cs:
+            assert c not in at, "a chunk is issued twice"
+            at[c] = q
+    assert sorted(at) == list(range(len(plan.chunks)))      # every chunk exactly once
     return at
 
 
@@ -27,31 +28,35 @@ def _issue_points(plan, n):
 def test_ring_plan_never_overwrites_a_weight_before_its_layer_ran(seed):
     rng = random.Random(seed)
     sizes = [rng.choice([0, 1, 100, 256, 300, 4096, 10_000, 70_000]) for _ in range(rng.randint(1, 60))]
-    ring = rng.choice([4096, 20_000, 65_536, 200_000])
-    plan = plan_ring(sizes, ring)
-    at = _issue_points(plan, len(sizes))
-    span = lambda p: (plan.offsets[p], plan.offsets[p] + -(-sizes[p] // ALIGN) * ALIGN)  # noqa: E731
+    ring, regions = rng.choice([4096, 20_000, 65_536, 200_000]), rng.choice([1, 2, 3])
+    plan = plan_ring(sizes, ring, regions)
+    at = _chunk_issue_points(plan)
+    chunk_of = {p: c for c, ps in enumerate(plan.chunks) for p in ps}
+    region = ring // regions // ALIGN * ALIGN
+    size = lambda p: -(-sizes[p] // ALIGN) * ALIGN  # noqa: E731
+    for c, ps in enumerate(plan.chunks):
+        assert ps == sorted(ps) and at[c] < ps[0]                   # decoded before its first layer runs
+        assert sum(size(p) for p in ps) <= region
+        assert [p for p in ps if plan.wait_at[p] is not None] == [ps[0]] and plan.wait_at[ps[0]] == c
     for p, off in enumerate(plan.offsets):
-        if off is None:   # too large for the ring (or empty): decoded in place, never issued
-            assert sizes[p] == 0 or -(-sizes[p] // ALIGN) * ALIGN > ring
-            assert p not in at
+        if off is None:   # too large for a region (or empty): decoded in place, in no chunk
+            assert (sizes[p] == 0 or size(p) > region) and p not in chunk_of and plan.wait_at[p] is None
             continue
-        a, b = span(p)
-        assert a % ALIGN == 0 and 0 <= a and b <= ring
-        assert at[p] < p                                   # decoded before its layer runs
+        assert off % ALIGN == 0 and 0 <= off and off + size(p) <= ring
         for r in range(p + 1, len(sizes)):                 # a later weight sharing bytes with p ...
-            if plan.offsets[r] is None:
-                continue
-            c, d = span(r)
-            if c < b and a < d:
-                assert at[r] >= p                          # ... is decoded only after p's layer ran
+            o = plan.offsets[r]
+            if o is not None and o < off + size(p) and off < o + size(r):
+                assert at[chunk_of[r]] >= p                # ... is decoded only after p's layer ran
 
 
-def test_ring_plan_holding_everything_decodes_all_at_the_start():
+def test_ring_plan_examples():
     plan = plan_ring([1000, 2000, 3000], 1 << 20)
-    assert plan.initial == [0, 1, 2] and all(not x for x in plan.issue_at)
-    tight = plan_ring([1000, 1000, 1000], 1024)            # one slot: each decode waits for the previous layer
-    assert tight.offsets == [0, 0, 0] and tight.initial == [0] and tight.issue_at == [[1], [2], []]
+    assert plan.chunks == [[0, 1, 2]] and plan.initial == [0] and not any(plan.issue_at)
+    assert plan.wait_at == [0, None, None]
+    tight = plan_ring([1000, 1000, 1000], 2048, regions=2)   # one layer per region: chunk 2 reuses region 0
+    assert tight.offsets == [0, 1024, 0] and tight.initial == [0, 1] and tight.issue_at == [[2], [], []]
+    with pytest.raises(ValueError, match="regions"):
+        plan_ring([1], 1024, regions=0)
 
 
 def _chain(dtype=torch.float32, device="cpu"):
@@ -86,7 +91,7 @@ def test_compiled_prefetch_equals_eager_and_reuses_a_small_ring():
     x = torch.randn(2, 4, 4, 4)
     with torch.inference_mode():
         want = model(x)
-    pf = enable_weight_prefetch(model, ring_bytes=32768)  # smaller than all weights together: slots are reused
+    pf = enable_weight_prefetch(model, ring_bytes=65536)  # smaller than all weights together: region 0 reused
     assert [m._prefetch_slot[1] for m in pf.layers] == list(range(6))
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     try:
@@ -97,7 +102,7 @@ def test_compiled_prefetch_equals_eager_and_reuses_a_small_ring():
     assert all(torch.equal(o, want) for o in outs)
     assert pf.order == list(range(6))                        # recorded by the first compiled forward
     assert pf.stats["forwards"] == 2 and pf.stats["ahead"] == 12  # then two planned forwards, all 6 layers ahead
-    assert any(pf._plan.issue_at) and pf._ring is None          # slots reused within a forward; ring dropped after
+    assert pf._plan.issue_at[3] == [2] and pf._ring is None     # region 0 reused within a forward; ring dropped after
 
 
 def test_another_order_falls_back_then_is_recorded_again():
@@ -154,7 +159,7 @@ def test_cuda_graph_of_prefetched_layers_is_bit_exact_over_many_replays():
     """Side-stream decodes into a reused ring, captured in one CUDA graph: every replay with new
     inputs gives exactly the per-layer dequant + op outputs (a hazard would show as a mismatch)."""
     model = _chain(torch.float16, "cuda")
-    pf = enable_weight_prefetch(model, ring_bytes=16384)   # the linears reuse the convs' bytes
+    pf = enable_weight_prefetch(model, ring_bytes=32768)   # the last linear reuses the convs' region
     layers = pf.layers
     x = torch.randn(2, 4, 4, 4, device="cuda", dtype=torch.float16)
 
@@ -197,8 +202,9 @@ def test_compiled_cuda_graph_tiny_unet_with_prefetch_matches_without():
     from quantsd.models import load_pipeline
     from quantsd.recipe import load_recipe
 
-    from .conftest import REPO
+    from pathlib import Path
 
+    REPO = Path(__file__).resolve().parents[1]
     pipe, _ = to_packed(load_pipeline("tiny"), load_recipe(REPO / "recipes" / "paper-final.yaml"))
     unet = pipe.unet.to("cuda").eval()
     g = torch.Generator().manual_seed(0)
