@@ -6,8 +6,9 @@ Each variant compiles the packed paper-final sd15-arch UNet with Inductor (defau
 kernel is visible to the profiler), then measures (1) the step's GPU time as one captured CUDA graph
 replay (batch 2, 512²) and (2) the kernels per step by family (torch.profiler), to tell where
 prefetch's time goes: cross-stream waits, layout copies, lost fusions.
-``prefetchN``: :func:`quantsd.prefetch.enable_weight_prefetch` with N regions; ``plain-nolayout``:
-no prefetch, Inductor's conv layout optimization off (what prefetch's opaque convs get).
+``prefetchN``: :func:`quantsd.prefetch.enable_weight_prefetch` with N regions (k x k conv weights
+decoded channels-last); ``prefetchN-nchw``: the same with NCHW conv weights; ``plain-nolayout``: no
+prefetch, Inductor's conv layout optimization off (what prefetch's opaque convs get).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from quantsd.recipe import load_recipe  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="recipes/paper-final.yaml")
-    ap.add_argument("--variants", default="plain,prefetch2,prefetch4,plain-nolayout")
+    ap.add_argument("--variants", default="plain,prefetch2,prefetch4,prefetch2-nchw")
     ap.add_argument("--profile", default="plain,prefetch2", help="variants to also profile kernel by kernel")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
@@ -49,7 +50,8 @@ def main() -> None:
         disable_weight_prefetch(unet)
         icfg.layout_optimization = name != "plain-nolayout"
         if name.startswith("prefetch"):
-            enable_weight_prefetch(unet, regions=int(name[len("prefetch"):]))
+            regions, _, layout = name[len("prefetch"):].partition("-")
+            enable_weight_prefetch(unet, regions=int(regions), channels_last_convs=False if layout == "nchw" else None)
         compiled = torch.compile(unet)
         pipe.unet = compiled
 

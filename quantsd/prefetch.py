@@ -15,12 +15,15 @@ takes 1.08x the dense step, against 1.15x one after the other.
 How: each prefetched layer, inside torch.compile, is one custom op ``quantsd::prefetched_layer``
 (layer input in, layer output out: the decode-ahead bookkeeping and the layer's own
 ``F.linear``/``F.conv2d`` with the decoded weight).  The first compiled forward records the order
-in which the layers run; from the second on, a :class:`RingPlan` gives every layer of that order a
-slot of a ring buffer (allocated per forward, ``ring_bytes``) and the point from which its slot is
-free: right after the GEMM of the last earlier layer that shared those bytes.  There the decode is
-enqueued on the side stream (after an event on the compute stream), and the layer waits for its
-decode's event before its GEMM.  Under CUDA graphs (``mode="reduce-overhead"``) this fork/join is
-captured once and replayed with no host work.
+in which the layers run; from the second on, a :class:`RingPlan` packs that order into chunks of
+consecutive layers, each chunk in one region of a ring buffer (allocated per forward,
+``ring_bytes``, ``regions`` regions; double buffering with the default two).  A chunk's decodes are
+enqueued on the side stream right after the last layer of the chunk that used its region before
+(after an event on the compute stream), and its first layer waits for the chunk's event before its
+GEMM.  Under CUDA graphs (``mode="reduce-overhead"``) this fork/join is captured once and replayed
+with no host work.  Chunks, not single layers, because each cross-stream dependency costs time in
+a graph replay: one wait and one event per layer (282 in SD1.5) made the step slower than no
+prefetch at all (H200: 11.3 vs 8.2 ms).
 
 Safety: a decode only ever overwrites bytes whose readers (GEMMs) were enqueued on the compute
 stream before the event it waits for; every enqueued decode is waited for by its layer in the same
@@ -130,10 +133,13 @@ def _register_op():
 
     @_op.register_fake
     def _(x, prefetcher, index):
-        _, layer = _lookup(prefetcher, index)
+        pf, layer = _lookup(prefetcher, index)
         if isinstance(layer, QuantLinear):
             return x.new_empty((*x.shape[:-1], layer.out_features))
-        return layer.compute(x, x.new_empty(layer.weight_shape), None)   # the real op's shape and strides
+        w = x.new_empty(layer.weight_shape)
+        if pf.channels_last(layer, x.device):
+            w = w.contiguous(memory_format=torch.channels_last)
+        return layer.compute(x, w, None)   # the real op's shape and strides
 
     return _op
 
@@ -155,8 +161,10 @@ class WeightPrefetcher:
 
     ``stats``: forwards run with a plan, layers decoded ahead / in place, order changes seen."""
 
-    def __init__(self, layers: Sequence[nn.Module], ring_bytes: Optional[int] = None, regions: int = 2):
+    def __init__(self, layers: Sequence[nn.Module], ring_bytes: Optional[int] = None, regions: int = 2,
+                 channels_last_convs: Optional[bool] = None):
         self.layers = list(layers)
+        self.channels_last_convs = channels_last_convs
         if not self.layers:
             raise ValueError("no packed Linear/Conv2d layers to prefetch")
         if int(regions) < 1:
@@ -263,9 +271,24 @@ class WeightPrefetcher:
                 for p in plan.chunks[c]:
                     self._decode(p)
 
+    def channels_last(self, layer, device: torch.device) -> bool:
+        """Is ``layer``'s weight decoded channels-last on ``device``?  Convolutions with a kernel
+        larger than 1x1 on CUDA (``channels_last`` None) or wherever asked (True).  Why: with the
+        convolutions inside an opaque op, Inductor no longer switches the graph to channels-last as
+        it does for a dense UNet; a channels-last weight makes cuDNN run (and output) channels-last,
+        so the activations stay in the layout the dense compiled graph uses, and no weight is
+        converted on the compute stream."""
+        if not isinstance(layer, QuantConv2d) or layer.kernel_size == (1, 1):
+            return False
+        return device.type == "cuda" if self.channels_last_convs is None else self.channels_last_convs
+
     def _slot(self, p: int, layer) -> torch.Tensor:
         off = self._plan.offsets[p]
-        return self._ring[off:off + _nbytes(layer)].view(layer._dtype).view(layer.weight_shape)
+        flat = self._ring[off:off + _nbytes(layer)].view(layer._dtype)
+        if self.channels_last(layer, flat.device):
+            o, i, kh, kw = layer.weight_shape
+            return flat.view(o, kh, kw, i).permute(0, 3, 1, 2)
+        return flat.view(layer.weight_shape)
 
     def _decode(self, p: int) -> None:
         layer = self.layers[self.order[p]]
@@ -309,17 +332,19 @@ def _eligible(m: nn.Module) -> bool:
     return isinstance(m, (QuantLinear, QuantConv2d))
 
 
-def enable_weight_prefetch(model: nn.Module, ring_bytes: Optional[int] = None, regions: int = 2) -> WeightPrefetcher:
+def enable_weight_prefetch(model: nn.Module, ring_bytes: Optional[int] = None, regions: int = 2,
+                           channels_last_convs: Optional[bool] = None) -> WeightPrefetcher:
     """Attach a :class:`WeightPrefetcher` to ``model``'s packed Linear/Conv2d layers; it acts in
     compiled forwards (``torch.compile``), compile afterwards.  ``ring_bytes``: the per-forward
     buffer of decoded weights, cut into ``regions`` regions (default: ``regions`` times the largest
     layer's dense weight, at least 64 MiB each; SD1.5 fp16: 128 MiB, alive while the UNet runs,
-    where the per-layer path held one transient weight at a time)."""
+    where the per-layer path held one transient weight at a time).  ``channels_last_convs``: decode
+    k x k convolution weights channels-last (default: on CUDA; see :meth:`WeightPrefetcher.channels_last`)."""
     if isinstance(model, (QuantLinear, QuantConv2d)):
         raise ValueError("enable_weight_prefetch takes the model, not one layer")
     disable_weight_prefetch(model)
     layers = [m for _, m in model.named_modules() if _eligible(m)]
-    pf = WeightPrefetcher(layers, ring_bytes, regions)
+    pf = WeightPrefetcher(layers, ring_bytes, regions, channels_last_convs)
     for i, m in enumerate(layers):
         m._prefetch_slot = (pf.id, i)
     model._quantsd_prefetcher = pf

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,8 @@ from quantsd.nn import QuantConv2d, QuantLinear
 from quantsd.prefetch import (ALIGN, PREFETCH_OP, disable_weight_prefetch, enable_weight_prefetch, plan_ring,
                               prefetcher_of)
 from quantsd.quant import quantize_tensor
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _chunk_issue_points(plan):
@@ -155,11 +162,13 @@ def test_configure_pipeline_refuses_prefetch_without_compile(tiny_pipe):
 
 # --------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
-def test_cuda_graph_of_prefetched_layers_is_bit_exact_over_many_replays():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_graph_of_prefetched_layers_is_bit_exact_over_many_replays(channels_last):
     """Side-stream decodes into a reused ring, captured in one CUDA graph: every replay with new
     inputs gives exactly the per-layer dequant + op outputs (a hazard would show as a mismatch)."""
     model = _chain(torch.float16, "cuda")
-    pf = enable_weight_prefetch(model, ring_bytes=32768)   # the last linear reuses the convs' region
+    pf = enable_weight_prefetch(model, ring_bytes=32768,   # the last linear reuses the convs' region
+                                channels_last_convs=channels_last)
     layers = pf.layers
     x = torch.randn(2, 4, 4, 4, device="cuda", dtype=torch.float16)
 
@@ -172,8 +181,12 @@ def test_cuda_graph_of_prefetched_layers_is_bit_exact_over_many_replays():
             h = torch.tanh(fn(i, h))
         return h
 
+    def weight(i):
+        w = layers[i].dequantized_weight()
+        return w.contiguous(memory_format=torch.channels_last) if pf.channels_last(layers[i], w.device) else w
+
     def reference(x):
-        return run(lambda i, h: layers[i].compute(h, layers[i].dequantized_weight()), x)
+        return run(lambda i, h: layers[i].compute(h, weight(i)), x)
 
     def prefetched(x):
         return run(lambda i, h: PREFETCH_OP(h, pf.id, i), x)
@@ -202,9 +215,6 @@ def test_compiled_cuda_graph_tiny_unet_with_prefetch_matches_without():
     from quantsd.models import load_pipeline
     from quantsd.recipe import load_recipe
 
-    from pathlib import Path
-
-    REPO = Path(__file__).resolve().parents[1]
     pipe, _ = to_packed(load_pipeline("tiny"), load_recipe(REPO / "recipes" / "paper-final.yaml"))
     unet = pipe.unet.to("cuda").eval()
     g = torch.Generator().manual_seed(0)
@@ -225,3 +235,59 @@ def test_compiled_cuda_graph_tiny_unet_with_prefetch_matches_without():
     assert pf.stats["forwards"] >= 1 and pf.stats["ahead"] > 0
     for o in got:
         torch.testing.assert_close(o, want, rtol=2e-2, atol=2e-2)
+
+
+def test_channels_last_conv_slots_keep_outputs():
+    model = _chain()
+    x = torch.randn(2, 4, 4, 4)
+    with torch.inference_mode():
+        want = model(x)
+    pf = enable_weight_prefetch(model, ring_bytes=65536, channels_last_convs=True)
+    assert [pf.channels_last(m, x.device) for m in pf.layers] == [True, True, False, False, False, False]
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    try:
+        with torch.inference_mode():
+            outs = [compiled(x) for _ in range(3)]
+            w = pf._slot(0, pf.layers[0]) if pf._ring is not None else None
+    finally:
+        torch._dynamo.reset()
+    assert w is None                              # (the ring lives only while a forward runs)
+    for o in outs:
+        torch.testing.assert_close(o, want, rtol=1e-5, atol=1e-6)
+
+
+_CL_SCRIPT = textwrap.dedent("""
+    import torch
+    from quantsd.kernels.dequant import launch_into, prepare, value_table, level_table
+    from quantsd.nn import dequantize_weight
+    from quantsd.quant import quantize_tensor
+    n = 0
+    for bits in (2, 3, 4, 8):
+        for method, gran in (("pwlq", "tensor"), ("uniform", "channel"), ("pwlq", "channel")):
+            for shape in ((5, 3, 3, 3), (4, 7, 1, 3), (3, 2, 5, 5)):
+                for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                    w = torch.randn(shape)
+                    qt = quantize_tensor(w, bits, method, gran)
+                    packed = qt.pack()
+                    plan = prepare(shape, bits, method, gran)
+                    bp = qt.breakpoint
+                    lut = value_table(bits, method, qt.scale, bp) if plan.table else level_table(bits, method, "cpu")
+                    args = (packed, lut, None, lut) if plan.table else (packed, qt.scale, bp, lut)
+                    out = torch.empty(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                    launch_into(plan, *args, out)
+                    ref = dequantize_weight(packed, shape, bits, method, gran, qt.scale, bp, dtype, backend="torch")
+                    assert out.is_contiguous(memory_format=torch.channels_last)
+                    assert torch.equal(out.float(), ref.float()), (bits, method, gran, shape, dtype)
+                    n += 1
+    print("CASES", n)
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
+def test_channels_last_decode_is_bit_exact_under_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", _CL_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "CASES 108" in r.stdout, r.stdout

@@ -196,6 +196,23 @@ if HAS_TRITON:
         _store_weights(out_ptr, e, emask, w, OUT_BF16)
 
     @triton.jit
+    def _dequant_cl_kernel(packed_ptr, scale_ptr, bp_ptr, lut_ptr, out_ptr, numel, group, cin, ksize,
+                           BITS: tl.constexpr, PWLQ: tl.constexpr, GMODE: tl.constexpr, BLOCK: tl.constexpr,
+                           OUT_BF16: tl.constexpr, WIDE: tl.constexpr, TABLE: tl.constexpr):
+        # _dequant_kernel for a conv weight (O, I, KH, KW) written channels-last, i.e. in
+        # (O, KH, KW, I) memory order: the stored (NCHW-order) element e = (o*I + i)*K + s (K = KH*KW)
+        # goes to o*I*K + s*I + i.  Same codes, same decode, same bits; only the store moves.
+        pid = tl.program_id(0)
+        if WIDE:
+            pid = pid.to(tl.int64)
+        e = pid * BLOCK + tl.arange(0, BLOCK)
+        emask = e < numel
+        code = _load_codes(packed_ptr, pid, e, emask, numel, BITS, BLOCK)
+        w = _decode(code, e, emask, scale_ptr, bp_ptr, lut_ptr, group, BITS, PWLQ, GMODE, TABLE)
+        r = e % (cin * ksize)
+        _store_weights(out_ptr, e - r + (r % ksize) * cin + r // ksize, emask, w, OUT_BF16)
+
+    @triton.jit
     def _group_table_kernel(packed_base, lut_base, out_ptr, desc_ptr, prog_layer_ptr,
                             BITS: tl.constexpr, BLOCK: tl.constexpr, OUT_BF16: tl.constexpr,
                             ALIGN: tl.constexpr):
@@ -418,16 +435,26 @@ def launch(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpo
 
 def launch_into(plan: DequantPlan, packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor],
                 lut: torch.Tensor, out: torch.Tensor) -> None:
-    """:func:`launch` writing into ``out`` (contiguous, ``plan.shape``, a kernel dtype, on the current
-    device), e.g. a slot of a preallocated buffer (:mod:`quantsd.prefetch`); launches on the current
-    stream."""
+    """:func:`launch` writing into ``out`` (``plan.shape``, a kernel dtype, on the current device;
+    contiguous, or a 4-d conv weight in channels-last memory format), e.g. a slot of a preallocated
+    buffer (:mod:`quantsd.prefetch`); launches on the current stream."""
     if plan.numel == 0:
         return
     dtype = out.dtype
     bf16 = dtype == torch.bfloat16
     bp = scale if breakpoint is None else breakpoint
-    o = out.view(torch.int16) if bf16 else out
     grid = -(-plan.numel // BLOCK)
+    if not out.is_contiguous():
+        if out.dim() != 4 or not out.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError("dequant output must be contiguous or a channels-last 4-d tensor")
+        o = out.permute(0, 2, 3, 1)   # (O, KH, KW, I): contiguous, the same memory
+        o = o.view(torch.int16) if bf16 else o
+        _dequant_cl_kernel[(grid,)](
+            packed, scale, bp, lut, o, plan.numel, plan.group, out.shape[1], out.shape[2] * out.shape[3],
+            BITS=plan.bits, PWLQ=plan.pwlq, GMODE=plan.gmode, BLOCK=BLOCK, OUT_BF16=bf16, WIDE=plan.wide,
+            TABLE=plan.table, **LAUNCH_OPTIONS)
+        return
+    o = out.view(torch.int16) if bf16 else out
     direct = packed.is_cuda and direct_ok()
     if direct:
         key = _direct_key(plan, packed, scale, bp, lut, dtype)
