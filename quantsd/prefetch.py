@@ -136,10 +136,10 @@ def _register_op():
         pf, layer = _lookup(prefetcher, index)
         if isinstance(layer, QuantLinear):
             return x.new_empty((*x.shape[:-1], layer.out_features))
-        w = x.new_empty(layer.weight_shape)
-        if pf.channels_last(layer, x.device):
-            w = w.contiguous(memory_format=torch.channels_last)
-        return layer.compute(x, w, None)   # the real op's shape and strides
+        y = layer.compute(x, x.new_empty(layer.weight_shape), None)   # the real op's shape
+        if pf.channels_last_output(layer, x.device):   # the real op's layout, stated (meta may not infer it)
+            return y.contiguous(memory_format=torch.channels_last)
+        return y
 
     return _op
 
@@ -197,11 +197,14 @@ class WeightPrefetcher:
         pos = self._advance(index, x.device)
         if pos is None:
             self.stats["in_place"] += 1
-            return layer.compute(x, layer.dequantized_weight())
-        y = layer.compute(x, self._take(pos, layer))
-        self._issue(self._plan.issue_at[pos], x.device)
-        if pos == len(self.order) - 1:
-            self._end()
+            y = layer.compute(x, layer.dequantized_weight())
+        else:
+            y = layer.compute(x, self._take(pos, layer))
+            self._issue(self._plan.issue_at[pos], x.device)
+            if pos == len(self.order) - 1:
+                self._end()
+        if self.channels_last_output(layer, x.device):   # the layout the fake impl states, whichever path ran
+            y = y.contiguous(memory_format=torch.channels_last)
         return y
 
     def _advance(self, index: int, device: torch.device) -> Optional[int]:
@@ -278,9 +281,15 @@ class WeightPrefetcher:
         it does for a dense UNet; a channels-last weight makes cuDNN run (and output) channels-last,
         so the activations stay in the layout the dense compiled graph uses, and no weight is
         converted on the compute stream."""
-        if not isinstance(layer, QuantConv2d) or layer.kernel_size == (1, 1):
+        return self.channels_last_output(layer, device) and layer.kernel_size != (1, 1)
+
+    def channels_last_output(self, layer, device: torch.device) -> bool:
+        """Is ``layer``'s output channels-last on ``device``?  Every convolution's, in channels-last
+        mode: stated by the op's fake impl and enforced by the op, so the compiled graph's layouts
+        never depend on what a backend's convolution picks (meta and cuDNN/oneDNN can disagree)."""
+        if not isinstance(layer, QuantConv2d):
             return False
-        return device.type == "cuda" if self.channels_last_convs is None else self.channels_last_convs
+        return device.type == "cuda" if self.channels_last_convs is None else bool(self.channels_last_convs)
 
     def _slot(self, p: int, layer) -> torch.Tensor:
         off = self._plan.offsets[p]

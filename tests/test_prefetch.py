@@ -291,3 +291,26 @@ def test_channels_last_decode_is_bit_exact_under_interpreter():
     r = subprocess.run([sys.executable, "-c", _CL_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "CASES 108" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inductor_accepts_the_ops_layouts(channels_last):
+    """Inductor checks every custom op's output against its fake impl's sizes and strides: the op
+    states (and enforces) channels-last outputs for convolutions in channels-last mode, whatever the
+    backend's convolution would pick."""
+    import torch._inductor.config as icfg
+
+    model = _chain()
+    x = torch.randn(2, 4, 4, 4)
+    with torch.inference_mode():
+        want = model(x)
+    pf = enable_weight_prefetch(model, ring_bytes=65536, channels_last_convs=channels_last)
+    compiled = torch.compile(model, fullgraph=True)
+    try:   # (a cached graph would skip the fake impl)
+        with torch.inference_mode(), icfg.patch(force_disable_caches=True):
+            outs = [compiled(x) for _ in range(3)]
+    finally:
+        torch._dynamo.reset()
+    assert pf.stats["forwards"] == 2 and pf.stats["ahead"] == 12
+    for o in outs:
+        torch.testing.assert_close(o, want, rtol=1e-5, atol=1e-6)
