@@ -314,3 +314,14 @@ def test_inductor_accepts_the_ops_layouts(channels_last):
     assert pf.stats["forwards"] == 2 and pf.stats["ahead"] == 12
     for o in outs:
         torch.testing.assert_close(o, want, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_cli_refuses_prefetch_without_compile(tmp_path):
+    from click.testing import CliRunner
+
+    from quantsd.cli import main
+
+    r = CliRunner().invoke(main, ["generate", "-m", "tiny", "-p", "a cat", "--steps", "1", "--prefetch-weights",
+                                  "-o", str(tmp_path / "a.png")])
+    assert r.exit_code != 0 and "--compile" in r.output, r.output
+    assert not (tmp_path / "a.png").exists()
