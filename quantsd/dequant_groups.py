@@ -16,25 +16,40 @@ still needs it), so groups are capped at ``max_bytes`` of dense weights.  Every 
 checks which weights it takes, so any call order is correct: a member called twice before its
 group is used up, or a group evicted early, simply launches again.  Each launch writes a fresh
 buffer (never one a previous weight still reads), so nothing is overwritten under autograd or
-on other streams.  torch.compile traces the per-layer path (the check is skipped while
-compiling), where Inductor and CUDA graphs remove the launch overhead anyway.
+on other streams.
+
+Under torch.compile a grouped member traces ``torch.ops.quantsd.dequant_group`` (the group's
+flat buffer) and takes its slice by a view, so Inductor still sees an ordinary matmul/convolution
+on a dense weight.  Every member traces the same call; :data:`DEDUP_PASS`, an Inductor post-grad
+pass that grouping installs (``torch._inductor.config.post_grad_custom_pre_pass``), keeps the
+first call of each group and points the others at it: one launch per group in the compiled graph
+(and in its CUDA graph) instead of one per layer.  Why: the per-layer kernels of a compiled SD1.5
+step (282) are small, and each pays a kernel's fixed cost; a group launch keeps the GPU busy.
+Without Inductor (another backend) the calls stay separate: correct, each decodes its group.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import weakref
 from collections import deque
 
 import torch
 from torch import nn
 
+from . import nn as _nn
+from .kernels.grouped import ALIGN
 from .nn import QuantConv2d, QuantLinear, QuantModule
 
-__all__ = ["DequantGroup", "group_dequant", "group_pipeline", "ungroup_dequant", "DEFAULT_MAX_BYTES"]
+__all__ = ["DequantGroup", "group_dequant", "group_pipeline", "ungroup_dequant", "DEFAULT_MAX_BYTES", "DEDUP_PASS",
+           "install_dedup_pass"]
 
 DEFAULT_MAX_BYTES = 32 << 20
 _LIVE: deque = deque()      # weak references to the groups whose buffer is held, oldest first
 _MAX_LIVE = 2
+_REGISTRY: "weakref.WeakValueDictionary[int, DequantGroup]" = weakref.WeakValueDictionary()  # key -> group
+_KEYS = itertools.count(1)
 
 
 def _eligible(m: nn.Module) -> bool:
@@ -58,10 +73,19 @@ class DequantGroup:
         if len(members) < 2:
             raise ValueError("a group has two or more layers")
         self.members = members
+        self.offsets, off = [], 0      # the flat buffer's layout, as GroupLaunch lays it out
+        for m in members:
+            self.offsets.append(off)
+            m._dq_view = (off, m._plan.numel)
+            off += -(-m._plan.numel // ALIGN) * ALIGN
+        self.numel = off
         self._reset()
         self.launches = 0               # how many times the group was rebuilt (for tests/benchmarks)
 
     def _reset(self) -> None:
+        # the compiled graphs' handle (torch.ops.quantsd.dequant_group's ``group``): a copy gets its own
+        self.key = next(_KEYS)
+        _REGISTRY[self.key] = self
         self._launch = None
         self._signature = None
         self._flat: torch.Tensor | None = None   # the group's buffer while members still need it
@@ -70,11 +94,12 @@ class DequantGroup:
         self._remaining = 0
 
     def __getstate__(self) -> dict:
-        return {"members": self.members, "launches": self.launches}
+        return {"members": self.members, "launches": self.launches, "offsets": self.offsets, "numel": self.numel}
 
-    def __setstate__(self, state: dict) -> None:
+    def __setstate__(self, state: dict) -> None:   # members may be half-built here (deepcopy): don't read them
         self.members = state["members"]
         self.launches = state["launches"]
+        self.offsets, self.numel = state["offsets"], state["numel"]
         self._reset()
 
     @property
@@ -114,8 +139,9 @@ class DequantGroup:
         old = self._signature
         return old is not None and len(old) == len(sig) and all(a is b for a, b in zip(old, sig))
 
-    def _materialize(self) -> bool:
-        self._release()                    # the old buffer goes before the new one is allocated
+    def _ready(self) -> bool:
+        """Are the launch constants current (rebuilt if a member's tensors changed)?  False where the
+        members can't share one launch (mixed dtypes or bits, a member off the kernel path)."""
         sig = self._current_signature()
         if sig is None:
             return False
@@ -128,6 +154,24 @@ class DequantGroup:
             self._launch = GroupLaunch([m.weight_packed for m in ms], [m._lut for m in ms],
                                        [m.weight_shape for m in ms], ms[0].bits, ms[0]._dtype)
             self._signature = sig
+        return True
+
+    def flat(self, dtype: torch.dtype) -> torch.Tensor:
+        """A fresh flat buffer of every member's dense weight in ``dtype`` (member i at
+        ``offsets[i]``): the compiled graphs' op.  One launch where the members share one; else each
+        member's own decode, copied in (same bits, slower)."""
+        if self._ready() and self._launch.dtype == dtype:
+            return self._launch.run()
+        dev = self.members[0].weight_packed.device
+        out = torch.zeros(self.numel, dtype=dtype, device=dev)
+        for m, o in zip(self.members, self.offsets):
+            out.narrow(0, o, m._plan.numel).copy_(m.dequantized_weight(dtype).reshape(-1))
+        return out
+
+    def _materialize(self) -> bool:
+        self._release()                    # the old buffer goes before the new one is allocated
+        if not self._ready():
+            return False
         self._flat = self._launch.run()
         self.launches += 1
         self._generation += 1
@@ -202,6 +246,7 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES) -> list
             visit(c)
 
     visit(module)
+    install_dedup_pass()   # compiled graphs: one launch per group (see the module docstring)
     groups: list[DequantGroup] = []
     for root in roots:
         by_kind: dict[tuple, list[QuantModule]] = {}
@@ -214,6 +259,9 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES) -> list
             g = DequantGroup(members)
             for i, m in enumerate(members):
                 m._dq_group, m._dq_index = g, i
+            # the launch constants now, outside any CUDA-graph pool: built lazily inside a compiled
+            # graph's first (warm-up) run they would be allocations the graph does not own
+            g._ready()
             groups.append(g)
     return groups
 
@@ -226,11 +274,101 @@ def ungroup_dequant(module: nn.Module) -> None:
             m._dq_group = None
 
 
-def group_pipeline(pipe, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
+def group_pipeline(pipe, max_bytes: int | None = None) -> int:
     """:func:`group_dequant` on a diffusers pipeline's UNet; returns how many groups were made (0
-    where no layer runs the Triton kernel, e.g. on the CPU).
+    where no layer runs the Triton kernel, e.g. on the CPU).  ``max_bytes`` None: the environment's
+    ``QUANTSD_GROUP_MAX_MIB`` (MiB, for experiments), else :data:`DEFAULT_MAX_BYTES`.
 
     Only the UNet: it runs once per step, the text encoder and the VAE once per image (a few ms of
     launches), and the VAE decode is a generation's memory peak, which a group's buffer would raise."""
+    if max_bytes is None:
+        env = os.environ.get("QUANTSD_GROUP_MAX_MIB", "").strip()
+        try:
+            max_bytes = int(float(env) * (1 << 20)) if env else DEFAULT_MAX_BYTES
+        except ValueError:
+            raise ValueError(f"QUANTSD_GROUP_MAX_MIB must be a number of MiB, got {env!r}") from None
     unet = getattr(pipe, "unet", None)
     return len(group_dequant(unet, max_bytes)) if isinstance(unet, nn.Module) else 0
+
+
+# --------------------------------------------------------------------------- compiled graphs
+def _lookup(key: int) -> DequantGroup:
+    group = _REGISTRY.get(key)
+    if group is None:
+        raise RuntimeError(f"dequant group {key} no longer exists (its model was freed or regrouped after "
+                           "compiling): compile the model again")
+    return group
+
+
+def _register_op():
+    @torch.library.custom_op("quantsd::dequant_group", mutates_args=())
+    def _op(anchor: torch.Tensor, group: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Group ``group``'s flat buffer of dense weights.  ``anchor`` (the calling member's codes)
+        places the op on its device; the codes it decodes are the group's members'."""
+        return _lookup(group).flat(dtype)
+
+    @_op.register_fake
+    def _(anchor, group, numel, dtype):
+        return anchor.new_empty(numel, dtype=dtype)
+
+    return _op
+
+
+GROUP_OP = _register_op()   # at import: registering inside a traced region would break the graph
+_nn._GROUP_OP = GROUP_OP
+
+
+def _dedup_group_calls(graph: torch.fx.Graph) -> int:
+    """Keep the first ``quantsd::dequant_group`` call of each (group, numel, dtype) in ``graph`` and
+    point the later ones at it; returns how many were removed.  Valid anywhere in a graph: the
+    first call comes before the others, and its output depends on nothing but the group."""
+    target = torch.ops.quantsd.dequant_group.default
+    first: dict = {}
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not target:
+            continue
+        args = dict(zip(("anchor", "group", "numel", "dtype"), node.args), **node.kwargs)
+        key = (args["group"], args["numel"], args["dtype"])
+        kept = first.setdefault(key, node)
+        if kept is not node:
+            node.replace_all_uses_with(kept)
+            graph.erase_node(node)
+            removed += 1
+    return removed
+
+
+try:
+    from torch._inductor.custom_graph_pass import CustomGraphPass as _PassBase
+except ImportError:   # pragma: no cover - older torch: a plain callable (FX graph cache then bypassed)
+    _PassBase = object
+
+
+class _DedupGroupDequant(_PassBase):
+    """Inductor post-grad pass: :func:`_dedup_group_calls`, then whatever pass was installed before."""
+
+    def __init__(self, then=None):
+        self.then = then
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        _dedup_group_calls(graph)
+        if self.then is not None:
+            self.then(graph)
+
+    def uuid(self):
+        then = None if self.then is None else getattr(self.then, "uuid", lambda: repr(self.then))()
+        return ("quantsd.dedup_group_dequant.v1", then)
+
+
+DEDUP_PASS = _DedupGroupDequant()
+
+
+def install_dedup_pass() -> None:
+    """Make every later Inductor compile in this process run :data:`DEDUP_PASS` (idempotent; a pass
+    already installed by someone else keeps running after ours).  Grouping calls this."""
+    import torch._inductor.config as inductor_config
+
+    current = inductor_config.post_grad_custom_pre_pass
+    if current is DEDUP_PASS or isinstance(current, _DedupGroupDequant):
+        return
+    inductor_config.post_grad_custom_pre_pass = DEDUP_PASS if current is None else _DedupGroupDequant(current)

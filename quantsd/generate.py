@@ -118,8 +118,9 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     ``sync_free_scheduler`` (default on): PNDM and DDIM read timestep values from a host copy
     instead of the GPU (:mod:`quantsd.schedulers`; same bits, no device sync per step).
     ``compile_guards``: "minimal" compiles with fewer per-call Dynamo checks (:func:`compile_unet`).
-    ``grouped_dequant`` (default on; eager, not offloaded): the UNet's packed layers of one block
-    are dequantized by one kernel launch (:mod:`quantsd.dequant_groups`; same weights, less host time).
+    ``grouped_dequant`` (default on; not offloaded): the UNet's packed layers of one block are
+    dequantized by one kernel launch, eager and compiled (:mod:`quantsd.dequant_groups`; same
+    weights; less host time eager, fewer and larger kernels in a compiled graph).
     ``dense_below`` (default 0: off): the UNet's packed layers of at most that many weights are
     decoded once and kept dense (:func:`quantsd.nn.densify_small_layers`; same weights, fewer
     dequant launches per step, a few MiB more resident).
@@ -184,7 +185,7 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
             pipe.enable_model_cpu_offload(device=dev)
         else:
             pipe.enable_sequential_cpu_offload(device=dev)
-    if grouped_dequant and not compile and offload is None:
+    if grouped_dequant and offload is None:
         from .dequant_groups import group_pipeline
 
         group_pipeline(pipe)

@@ -94,6 +94,7 @@ def _triton_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 _PREFETCH_OP = None   # quantsd.prefetch's custom op, set when that module is imported (before any layer uses it)
+_GROUP_OP = None      # quantsd.dequant_groups' custom op, set when that module is imported (before any group exists)
 
 
 def kernel_args(layer: "QuantModule") -> tuple:
@@ -133,8 +134,9 @@ class QuantModule(nn.Module):
     """Shared buffers and bookkeeping of the packed layers."""
 
     _STORED = ("weight_scale", "weight_breakpoint")
-    _dq_group = None    # quantsd.dequant_groups.DequantGroup of this layer (eager grouped launches), if any
+    _dq_group = None    # quantsd.dequant_groups.DequantGroup of this layer (grouped launches), if any
     _dq_index = 0
+    _dq_view = (0, 0)   # (offset, numel) of this layer's weight in its group's flat buffer
     _prefetch_slot = None   # (prefetcher id, layer index) under quantsd.prefetch (compiled forwards), if any
 
     def _init_quant(self, shape, bits, method, granularity, packed, scale, breakpoint, dtype, device):
@@ -238,12 +240,17 @@ class QuantModule(nn.Module):
         ``_plan.table`` for that reason: reading the plan would guard its type and length too)."""
         lut = self._lut
         if lut is not None and self._kernel_dtype_ok:
-            if not torch.compiler.is_compiling():   # eager: a grouped launch (quantsd.dequant_groups)
-                group = self._dq_group
-                if group is not None:
-                    w = group.weight(self._dq_index)
-                    if w is not None:
-                        return w
+            group = self._dq_group
+            if group is not None:   # a grouped launch (quantsd.dequant_groups)
+                if torch.compiler.is_compiling():
+                    # one op per member, all alike: the graph pass quantsd.dequant_groups.DEDUP_PASS keeps
+                    # the first and every member takes its slice of that one buffer
+                    offset, numel = self._dq_view
+                    flat = _GROUP_OP(self.weight_packed, group.key, group.numel, self._dtype)
+                    return flat.narrow(0, offset, numel).view(self.weight_shape)
+                w = group.weight(self._dq_index)
+                if w is not None:
+                    return w
             return _kernel_weight(self, lut, self._dtype)
         return self.dequantized_weight()
 

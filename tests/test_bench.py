@@ -11,8 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from quantsd.bench import (BenchConfig, binary_search_max, default_configs, markdown_report, summary_rows, to_packed,
-                           weight_bytes, write_reports)
+from quantsd.bench import (BenchConfig, binary_search_max, default_configs, markdown_report, optional_configs,
+                           summary_rows, to_packed, weight_bytes, write_reports)
 from quantsd.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,8 +73,10 @@ def test_weight_bytes_counts_params_and_buffers_once():
 
 def test_default_configs():
     names = [c.name for c in default_configs(recipe=True, compile=True)]
-    assert names == ["fp16-sdpa", "packed", "fp32-classic", "fp16-sdpa-compiled", "packed-compiled",
-                     "packed-compiled-prefetch"]
+    assert names == ["fp16-sdpa", "packed", "fp32-classic", "fp16-sdpa-compiled", "packed-compiled"]
+    assert [(c.name, c.grouped, c.prefetch) for c in optional_configs(True, True)] == [
+        ("packed-compiled-per-layer", False, False), ("packed-compiled-prefetch", True, True)]
+    assert optional_configs(True, False) == [] and optional_configs(False, True) == []
     assert [c.name for c in default_configs(False, False)] == ["fp16-sdpa", "fp32-classic"]
     fp32 = default_configs(False, False)[1]
     assert fp32.attention == "classic" and fp32.torch_dtype == torch.float32
@@ -126,6 +128,13 @@ def test_select_configs_keeps_run_order_and_names_the_valid_ones():
     assert [c.name for c in got] == ["fp16-sdpa-compiled", "packed-compiled"]
     with pytest.raises(ValueError, match="packed-compiled"):     # the message lists what exists
         select_configs(default_configs(recipe=True, compile=False), ["packed-compiled"])
+    # optional configurations run only when named, after the default ones
+    opt = optional_configs(recipe=True, compile=True)
+    assert select_configs(cfgs, (), opt) == cfgs
+    got = select_configs(cfgs, ["packed-compiled-per-layer", "packed-compiled"], opt)
+    assert [(c.name, c.grouped) for c in got] == [("packed-compiled", True), ("packed-compiled-per-layer", False)]
+    with pytest.raises(ValueError, match="packed-compiled-prefetch"):
+        select_configs(cfgs, ["packed-compiled-prefetchh"], opt)
 
 
 def test_markdown_names_lean_runs():

@@ -543,7 +543,10 @@ _GUARD_COUNT_SCRIPT = textwrap.dedent("""
                              for l in dense]).half()
     assert packed[0]._lut is not None
     x = torch.randn(3, 32, dtype=torch.float16)
-    print("GUARDS", count(dense, x), count(packed, x))
+    n_packed = count(packed, x)
+    from quantsd.dequant_groups import group_dequant
+    assert len(group_dequant(packed)) == 1
+    print("GUARDS", count(dense, x), n_packed, count(packed, x))
 """)
 
 
@@ -551,7 +554,8 @@ _GUARD_COUNT_SCRIPT = textwrap.dedent("""
 def test_compiled_packed_layer_adds_few_dynamo_guards():
     """Host time of a compiled step grows with the guards Dynamo re-checks on every call; a packed
     layer once cost ~42 guards more than an nn.Linear (3.3 ms per SD1.5 UNet call on an H200).
-    Keep it small: the plan as one string, a plain dtype, codes + table as the only tensors."""
+    Keep it small: the plan as one string, a plain dtype, codes + table as the only tensors (and a
+    grouped member: a few more for its group)."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
@@ -559,9 +563,11 @@ def test_compiled_packed_layer_adds_few_dynamo_guards():
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("GUARDS")][-1]
-    dense, packed = map(int, line.split()[1:])
+    dense, packed, grouped = map(int, line.split()[1:])
     assert dense > 20  # the log was captured
-    assert (packed - dense) / 4 <= 20, (dense, packed)
+    # ~20 a layer, one of them the grouped-dequant check (quantsd.dequant_groups)
+    assert (packed - dense) / 4 <= 21, (dense, packed)
+    assert (grouped - packed) / 4 <= 4, (packed, grouped)   # a grouped member: its group's key and size
 
 
 @pytest.mark.gpu

@@ -33,7 +33,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["BenchConfig", "cuda_time_ms", "default_configs", "select_configs", "binary_search_max", "weight_bytes",
+__all__ = ["BenchConfig", "cuda_time_ms", "default_configs", "optional_configs", "select_configs", "binary_search_max",
+           "weight_bytes",
            "to_packed", "Bench",
            "write_reports", "markdown_report", "plot_time_vs_pixels", "sdpa_report"]
 
@@ -107,22 +108,26 @@ class BenchConfig:
     sweep: tuple[int, ...] = (256, 512, 768, 1024)
     max_res: bool = False            # run the VRAM-cap search for this config
     prefetch: bool = False           # compiled packed: decode weights ahead on a side stream (quantsd.prefetch)
+    grouped: bool = True             # packed: one dequant launch per group of layers (quantsd.dequant_groups)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
 
 
-def select_configs(configs: list[BenchConfig], names: Sequence[str] | None) -> list[BenchConfig]:
-    """``configs`` restricted to ``names`` (None: all), in run order; unknown names are an error
-    that lists the valid ones."""
+def select_configs(configs: list[BenchConfig], names: Sequence[str] | None,
+                   optional: Sequence[BenchConfig] = ()) -> list[BenchConfig]:
+    """``configs`` restricted to ``names`` (None: all of ``configs``), in run order; ``optional``
+    configurations (:func:`optional_configs`) run only when named, after the others.  Unknown names
+    are an error that lists the valid ones."""
     if not names:
         return configs
-    known = [c.name for c in configs]
+    pool = list(configs) + list(optional)
+    known = [c.name for c in pool]
     bad = [n for n in names if n not in known]
     if bad:
         raise ValueError(f"unknown configuration(s) {bad}; this run has {', '.join(known)}")
-    return [c for c in configs if c.name in names]
+    return [c for c in pool if c.name in names]
 
 
 def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
@@ -135,8 +140,17 @@ def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
         cfgs.append(BenchConfig("fp16-sdpa-compiled", compile=True, sweep=()))
         if recipe:
             cfgs.append(BenchConfig("packed-compiled", packed=True, compile=True, sweep=()))
-            cfgs.append(BenchConfig("packed-compiled-prefetch", packed=True, compile=True, prefetch=True, sweep=()))
     return cfgs
+
+
+def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
+    """Variants of the packed compiled configuration that run only when named (``--only``): one
+    dequant launch per layer instead of per group (what grouping buys), and weight prefetch
+    (:mod:`quantsd.prefetch`, measured slower so far)."""
+    if not (recipe and compile):
+        return []
+    return [BenchConfig("packed-compiled-per-layer", packed=True, compile=True, grouped=False, sweep=()),
+            BenchConfig("packed-compiled-prefetch", packed=True, compile=True, prefetch=True, sweep=())]
 
 
 # --------------------------------------------------------------------------- model building
@@ -196,7 +210,8 @@ def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=No
     pipe.set_progress_bar_config(disable=True)
     # every configuration alike: PNDM/DDIM without a device sync per step (sync_free_scheduler)
     return configure_pipeline(pipe, compile=cfg.compile, compile_guards=compile_guards, attention=cfg.attention,
-                              sync_free_scheduler=sync_free_scheduler, grouped_dequant=cfg.packed and grouped_dequant,
+                              sync_free_scheduler=sync_free_scheduler,
+                              grouped_dequant=cfg.packed and cfg.grouped and grouped_dequant,
                               dense_below=dense_below if cfg.packed else 0, prefetch_weights=cfg.prefetch)
 
 
@@ -420,7 +435,7 @@ class Bench:
     max_res_ff_chunk: int | None = 4096  # max-res probes: UNet feed-forwards over <= this many tokens (None: off)
     compile_guards: str = "full"       # compiled configurations: "minimal" = no per-call module-attribute guards
     only: tuple[str, ...] = ()         # run only these of the default configurations (ignored with ``configs``)
-    grouped_dequant: bool = True       # eager packed: one dequant launch per block (quantsd.dequant_groups)
+    grouped_dequant: bool = True       # packed: one dequant launch per block (quantsd.dequant_groups)
     dense_below: int = 0               # packed: UNet layers of at most this many weights kept dense (0: off)
     configs: list[BenchConfig] | None = None
     log: Callable[[str], None] = print
@@ -511,7 +526,8 @@ class Bench:
         self._deadline = None if self.time_budget_s is None else time.monotonic() + self.time_budget_s
         recipe = load_recipe(self.recipe) if self.recipe is not None else None
         has_q = recipe is not None or self.checkpoint is not None
-        configs = self.configs or select_configs(default_configs(has_q, self.compile), self.only)
+        configs = self.configs or select_configs(default_configs(has_q, self.compile), self.only,
+                                                 optional_configs(has_q, self.compile))
         props = torch.cuda.get_device_properties(dev)
         import triton
 

@@ -28,7 +28,8 @@ def _caps(ctx, param, value):
 @click.option("--compile", "compile_", is_flag=True, help="Also bench torch.compile (reduce-overhead) variants.")
 @click.option("--only", default="", metavar="NAMES",
               help="Run only these configurations (comma-separated: fp16-sdpa, packed, fp32-classic, "
-                   "fp16-sdpa-compiled, packed-compiled, packed-compiled-prefetch); the default is all of them.")
+                   "fp16-sdpa-compiled, packed-compiled; and, only when named, packed-compiled-per-layer, "
+                   "packed-compiled-prefetch); the default is all but the last two.")
 @click.option("--compile-guards", type=click.Choice(["full", "minimal"]), default="full", show_default=True,
               help="Compiled configurations: 'minimal' skips Dynamo's per-call module-attribute checks.")
 @click.option("--max-res-cap-gb", "caps", default="8,4", show_default=True, callback=_caps,
@@ -44,7 +45,7 @@ def _caps(ctx, param, value):
 @click.option("--lean", is_flag=True,
               help="Every configuration with the lean VAE decode and without the VAE encoder (text-to-image memory).")
 @click.option("--no-grouped-dequant", "no_grouped", is_flag=True,
-              help="Eager packed configuration with one dequant launch per layer (default: one per block).")
+              help="Packed configurations with one dequant launch per layer (default: one per block).")
 @click.option("--dense-below", type=click.IntRange(min=0), default=0, metavar="WEIGHTS",
               help="Packed configurations: keep the UNet's layers of at most WEIGHTS weights dense (0: off).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
@@ -71,11 +72,12 @@ def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile
     if bad:
         raise click.BadParameter(f"unknown scheduler(s) {bad}; valid: {', '.join(x for x in SCHEDULERS if x != 'default')}",
                                  param_hint="--schedulers")
-    from ..bench.core import default_configs, select_configs
+    from ..bench.core import default_configs, optional_configs, select_configs
 
     only_names = tuple(x.strip() for x in only.split(",") if x.strip())
     try:
-        select_configs(default_configs(bool(recipe or checkpoint), compile_), only_names)
+        has_q = bool(recipe or checkpoint)
+        select_configs(default_configs(has_q, compile_), only_names, optional_configs(has_q, compile_))
     except ValueError as e:
         hint = " (compiled configurations need --compile)" if any(n.endswith("-compiled") for n in only_names) else ""
         raise click.BadParameter(f"{e}{hint}", param_hint="--only") from None

@@ -43,7 +43,7 @@ from ._base import FORMAT, main, model_option
 @click.option("--ff-chunk", type=click.IntRange(min=1), default=None, metavar="TOKENS",
               help="UNet feed-forwards over at most TOKENS tokens at a time (e.g. 4096): large images in less memory.")
 @click.option("--no-grouped-dequant", "no_grouped", is_flag=True,
-              help="Eager packed weights: one dequant launch per layer instead of one per block (for comparison).")
+              help="Packed weights: one dequant launch per layer instead of one per block (for comparison).")
 @click.option("--dense-below", type=click.IntRange(min=0), default=0, metavar="WEIGHTS",
               help="Packed checkpoints: keep the UNet's layers of at most WEIGHTS weights dense (decoded once: "
                    "same weights, fewer dequant launches per step; e.g. 262144).")
