@@ -1,4 +1,4 @@
-"""Grouped dequant for eager forwards: one kernel launch per block of packed layers, not per layer.
+"""Grouped dequant: one kernel launch per block of packed layers, not per layer (eager and compiled).
 
     from quantsd.dequant_groups import group_dequant
     group_dequant(pipe.unet)          # after the model is on the GPU in its compute dtype
@@ -246,7 +246,6 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES) -> list
             visit(c)
 
     visit(module)
-    install_dedup_pass()   # compiled graphs: one launch per group (see the module docstring)
     groups: list[DequantGroup] = []
     for root in roots:
         by_kind: dict[tuple, list[QuantModule]] = {}
@@ -263,6 +262,8 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES) -> list
             # graph's first (warm-up) run they would be allocations the graph does not own
             g._ready()
             groups.append(g)
+    if groups:
+        install_dedup_pass()   # compiled graphs: one launch per group (see the module docstring)
     return groups
 
 

@@ -376,7 +376,7 @@ def test_group_pipeline_reads_the_size_cap_from_the_environment(monkeypatch):
         DG.group_pipeline(pipe)
 
 
-def test_dedup_pass_keeps_one_call_per_group_and_chains_an_earlier_pass(monkeypatch):
+def test_dedup_pass_keeps_one_call_per_group_and_chains_an_earlier_pass():
     """The Inductor pass on a hand-built graph: later calls of a group point at its first call;
     another group's call stays; a pass installed before ours still runs, after it."""
     import torch._inductor.config as icfg
@@ -392,10 +392,11 @@ def test_dedup_pass_keeps_one_call_per_group_and_chains_an_earlier_pass(monkeypa
     outs = [g.call_function(torch.ops.aten.narrow.default, (c, 0, 0, 4)) for c in calls]
     g.output(tuple(outs))
     seen = []
-    monkeypatch.setattr(icfg, "post_grad_custom_pre_pass", lambda graph: seen.append(graph))
-    DG.install_dedup_pass()
-    DG.install_dedup_pass()          # idempotent: not wrapped twice
-    p = icfg.post_grad_custom_pre_pass
+    # (icfg.patch, not monkeypatch: undoing a monkeypatch deletes a config entry, hiding it for good)
+    with icfg.patch(post_grad_custom_pre_pass=lambda graph: seen.append(graph)):
+        DG.install_dedup_pass()
+        DG.install_dedup_pass()          # idempotent: not wrapped twice
+        p = icfg.post_grad_custom_pre_pass
     assert isinstance(p, DG._DedupGroupDequant) and not isinstance(p.then, DG._DedupGroupDequant)
     p(g)
     left = [n for n in g.nodes if n.target is op]
