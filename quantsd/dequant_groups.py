@@ -125,7 +125,7 @@ class DequantGroup:
             if lut is None or lut.dtype != torch.float32 or not m._kernel_dtype_ok:
                 return None
             if m._table_source != m._params_signature():   # scales edited since the table was made
-                m._refresh_lut()
+                m._refresh_lut(prepare_group=False)
                 lut = buffers["_lut"]
             packed = buffers["weight_packed"]
             if device is None:
@@ -155,6 +155,15 @@ class DequantGroup:
                                        [m.weight_shape for m in ms], ms[0].bits, ms[0]._dtype)
             self._signature = sig
         return True
+
+    def prepare(self) -> bool:
+        """Build the launch constants now if the members allow it (all moved, one dtype): called when
+        a member moves or gets new tables, so that a compiled graph's first run (whose allocations
+        must all be its own) finds them built.  True when ready."""
+        try:
+            return self._ready()
+        except RuntimeError:    # no Triton here: the members fall back to their own decode
+            return False
 
     def flat(self, dtype: torch.dtype) -> torch.Tensor:
         """A fresh flat buffer of every member's dense weight in ``dtype`` (member i at
@@ -303,14 +312,15 @@ def _lookup(key: int) -> DequantGroup:
 
 def _register_op():
     @torch.library.custom_op("quantsd::dequant_group", mutates_args=())
-    def _op(anchor: torch.Tensor, group: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """Group ``group``'s flat buffer of dense weights.  ``anchor`` (the calling member's codes)
-        places the op on its device; the codes it decodes are the group's members'."""
+    def _op(anchors: list[torch.Tensor], group: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Group ``group``'s flat buffer of dense weights.  ``anchors``: the members' codes and tables
+        (each member traces its own; :func:`_dedup_group_calls` merges them into one call), inputs
+        so that torch.compile and CUDA graphs track them; the kernel reads the group's members."""
         return _lookup(group).flat(dtype)
 
     @_op.register_fake
-    def _(anchor, group, numel, dtype):
-        return anchor.new_empty(numel, dtype=dtype)
+    def _(anchors, group, numel, dtype):
+        return anchors[0].new_empty(numel, dtype=dtype)
 
     return _op
 
@@ -320,22 +330,32 @@ _nn._GROUP_OP = GROUP_OP
 
 
 def _dedup_group_calls(graph: torch.fx.Graph) -> int:
-    """Keep the first ``quantsd::dequant_group`` call of each (group, numel, dtype) in ``graph`` and
-    point the later ones at it; returns how many were removed.  Valid anywhere in a graph: the
-    first call comes before the others, and its output depends on nothing but the group."""
+    """One ``quantsd::dequant_group`` call per (group, numel, dtype) in ``graph``: the first call
+    takes every later call's tensor inputs (deduplicated) and the later calls' users read its
+    output; returns how many calls were removed.  A later call whose inputs are not all defined
+    before the first call (never the case for module buffers, which are graph inputs) stays as is."""
     target = torch.ops.quantsd.dequant_group.default
+    order = {node: i for i, node in enumerate(graph.nodes)}
     first: dict = {}
     removed = 0
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not target:
             continue
-        args = dict(zip(("anchor", "group", "numel", "dtype"), node.args), **node.kwargs)
+        args = dict(zip(("anchors", "group", "numel", "dtype"), node.args), **node.kwargs)
         key = (args["group"], args["numel"], args["dtype"])
         kept = first.setdefault(key, node)
-        if kept is not node:
-            node.replace_all_uses_with(kept)
-            graph.erase_node(node)
-            removed += 1
+        if kept is node:
+            continue
+        anchors = list(args["anchors"])
+        if any(isinstance(a, torch.fx.Node) and order[a] > order[kept] for a in anchors):
+            continue
+        kept_args = dict(zip(("anchors", "group", "numel", "dtype"), kept.args), **kept.kwargs)
+        merged = list(kept_args["anchors"])
+        merged += [a for a in anchors if a not in merged]
+        kept.args, kept.kwargs = (merged, kept_args["group"], kept_args["numel"], kept_args["dtype"]), {}
+        node.replace_all_uses_with(kept)
+        graph.erase_node(node)
+        removed += 1
     return removed
 
 

@@ -167,12 +167,19 @@ class QuantModule(nn.Module):
         self.register_buffer("_lut", None, persistent=False)
         self._refresh_lut()
 
-    def _refresh_lut(self) -> None:
+    def _refresh_lut(self, prepare_group: bool = True) -> None:
         """The kernel's table on this layer's device (None where the kernel can't run): the layer's
         own value table (every code's decoded weight) for per-tensor parameters, else the level
-        table shared by all layers of this bit width and method."""
-        if self._dq_group is not None:   # a grouped launch must not keep the old table's address
-            self._dq_group.invalidate()
+        table shared by all layers of this bit width and method.  A grouped layer's group then
+        rebuilds its launch constants (``prepare_group``), here rather than inside a compiled graph."""
+        group = self._dq_group
+        if group is not None:   # a grouped launch must not keep the old table's address
+            group.invalidate()
+        self._make_lut()
+        if group is not None and prepare_group:
+            group.prepare()
+
+    def _make_lut(self) -> None:
         self._lut = None
         self._table_source = None
         dev = self.weight_packed.device
@@ -225,6 +232,8 @@ class QuantModule(nn.Module):
             self._kernel_dtype_ok = self._dtype in _FAST_DTYPES
         if getattr(self, "_plan", None) is not None and (lut is None or lut.device != self.weight_packed.device):
             self._refresh_lut()
+        if self._dq_group is not None:   # once its last member has moved, the group rebuilds its constants
+            self._dq_group.prepare()
         return self
 
     @property
@@ -246,7 +255,9 @@ class QuantModule(nn.Module):
                     # one op per member, all alike: the graph pass quantsd.dequant_groups.DEDUP_PASS keeps
                     # the first and every member takes its slice of that one buffer
                     offset, numel = self._dq_view
-                    flat = _GROUP_OP(self.weight_packed, group.key, group.numel, self._dtype)
+                    # the layer's own codes and table go in as inputs, so CUDA graphs check their
+                    # addresses as they do for a per-layer op (the pass merges every member's into one call)
+                    flat = _GROUP_OP([self.weight_packed, lut], group.key, group.numel, self._dtype)
                     return flat.narrow(0, offset, numel).view(self.weight_shape)
                 w = group.weight(self._dq_index)
                 if w is not None:

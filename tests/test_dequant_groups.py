@@ -186,6 +186,19 @@ _SCRIPT = textwrap.dedent("""
         calls.clear()
         assert torch.equal(comp(x), per_layer["inductor"])
         assert sorted(map(id, calls)) == sorted(map(id, groups)), (len(calls), len(groups))
+        # new codes loaded into a member of a compiled, grouped net: the group's launch constants are
+        # rebuilt by the load itself (not inside a compiled graph), and the compiled net computes
+        # with the new weights
+        g0 = net.blocks[1].q._dq_group
+        assert g0._launch is not None and g0._same_signature(g0._current_signature())
+        lin = nn.Linear(8, 8)
+        q8 = quantize_tensor(lin.weight.detach(), 8, "pwlq", "tensor")
+        net.blocks[1].q.load_state_dict({"weight_packed": q8.pack(), "weight_scale": q8.scale,
+                                         "weight_breakpoint": q8.breakpoint, "bias": lin.bias.detach().half()})
+        assert g0._launch is not None and g0._same_signature(g0._current_signature())
+        want = net(x)
+        assert torch.equal(comp(x), want) or torch.allclose(comp(x), want, rtol=1e-3, atol=1e-3)
+        assert not torch.equal(want, per_layer["inductor"])
         # regrouping makes new groups under new keys; a key nobody holds is an error, not other weights
         assert not {g.key for g in groups} & {g.key for g in DG.group_dequant(net, max_bytes=4096)}
         try:
@@ -377,8 +390,9 @@ def test_group_pipeline_reads_the_size_cap_from_the_environment(monkeypatch):
 
 
 def test_dedup_pass_keeps_one_call_per_group_and_chains_an_earlier_pass():
-    """The Inductor pass on a hand-built graph: later calls of a group point at its first call;
-    another group's call stays; a pass installed before ours still runs, after it."""
+    """The Inductor pass on a hand-built graph: later calls of a group point at its first call,
+    which takes their inputs too; another group's call stays; a pass installed before ours still
+    runs, after it."""
     import torch._inductor.config as icfg
     from torch import fx
 
@@ -387,8 +401,8 @@ def test_dedup_pass_keeps_one_call_per_group_and_chains_an_earlier_pass():
     op = torch.ops.quantsd.dequant_group.default
     g = fx.Graph()
     a, b = g.placeholder("a"), g.placeholder("b")
-    calls = [g.call_function(op, (a, 7, 256, torch.float16)), g.call_function(op, (b, 7, 256, torch.float16)),
-             g.call_function(op, (b, 8, 256, torch.float16)), g.call_function(op, (a, 7, 256, torch.float32))]
+    calls = [g.call_function(op, ([a], 7, 256, torch.float16)), g.call_function(op, ([b, a], 7, 256, torch.float16)),
+             g.call_function(op, ([b], 8, 256, torch.float16)), g.call_function(op, ([a], 7, 256, torch.float32))]
     outs = [g.call_function(torch.ops.aten.narrow.default, (c, 0, 0, 4)) for c in calls]
     g.output(tuple(outs))
     seen = []
@@ -402,4 +416,6 @@ def test_dedup_pass_keeps_one_call_per_group_and_chains_an_earlier_pass():
     left = [n for n in g.nodes if n.target is op]
     assert left == [calls[0], calls[2], calls[3]] and seen == [g]
     assert outs[1].args[0] is calls[0]      # the second call of group 7 now reads the first's buffer
+    assert calls[0].args[0] == [a, b]       # ...and the kept call takes both calls' inputs, once each
+    assert calls[2].args[0] == [b] and calls[3].args[0] == [a]
     assert p.uuid()[0].startswith("quantsd.dedup_group_dequant")
