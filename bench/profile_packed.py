@@ -11,6 +11,8 @@
 3. With ``--compiled``: the same for ``torch.compile(unet)`` (Inductor, no CUDA graphs, so every
    kernel is visible), dense and packed: which kernels the compiled packed step adds besides the
    dequant (e.g. weight layout conversions Inductor inserts after the opaque custom op).
+4. The step's decode as a grouped compiled step runs it (one launch per dequant group), one CUDA
+   graph replay per group size cap (``--group-caps``, MiB; 0 = one launch per layer).
 """
 
 from __future__ import annotations
@@ -73,6 +75,41 @@ def dequant_alone(unet, compare_path: str | None) -> dict:
     out["slowest_layers"] = [{"ms": round(t, 4), "shape": list(s), "bits": b, "method": me} for t, s, b, me in per[:8]]
     out["sum_single_layer_graph_ms"] = sum(r[0] for r in per)
     return out
+
+
+def grouped_decode(unet) -> tuple:
+    """(decode, stats): ``decode()`` rebuilds every packed layer's weight as a grouped compiled step
+    does (one launch per group of :mod:`quantsd.dequant_groups`, one per layer outside a group) and
+    returns the buffers; ``stats`` counts groups, lone layers and launches."""
+    layers = [m for _, m in packed_modules(unet)]
+    groups = list({id(m._dq_group): m._dq_group for m in layers if m._dq_group is not None}.values())
+    singles = [m for m in layers if m._dq_group is None]
+    dtypes = [g.members[0]._dtype for g in groups]
+
+    def decode():
+        return [g.flat(d) for g, d in zip(groups, dtypes)] + [m.dequantized_weight() for m in singles]
+
+    return decode, {"groups": len(groups), "grouped_layers": sum(len(g.members) for g in groups),
+                    "lone_layers": len(singles), "launches": len(groups) + len(singles)}
+
+
+def grouped_alone(unet, caps_mib: list[float], moved: int) -> list[dict]:
+    """GPU time of a step's decode (one CUDA graph replay) with the layers grouped under each cap
+    (0: no groups, one launch per layer); the UNet is left grouped at the default cap."""
+    from quantsd.dequant_groups import DEFAULT_MAX_BYTES, group_dequant, ungroup_dequant
+
+    rows = []
+    for cap in caps_mib:
+        if cap > 0:
+            group_dequant(unet, int(cap * (1 << 20)))
+        else:
+            ungroup_dequant(unet)
+        decode, stats = grouped_decode(unet)
+        ms = _graph_ms(decode)
+        rows.append({"cap_mib": cap, **stats, "graph_ms": ms, "graph_GBps": moved / ms / 1e6})
+        print("grouped decode", json.dumps(rows[-1]), flush=True)
+    group_dequant(unet, DEFAULT_MAX_BYTES)
+    return rows
 
 
 def kernel_time_per_step(pipe, steps: int = 5) -> dict:
@@ -158,6 +195,8 @@ def main() -> None:
     ap.add_argument("--recipe", default="recipes/paper-final.yaml")
     ap.add_argument("--compare", default=None, help="another dequant kernel module (same dequantize signature)")
     ap.add_argument("--compiled", action="store_true", help="also profile torch.compile'd steps (~75 s compile each)")
+    ap.add_argument("--group-caps", default="0,32,96,256",
+                    help="MiB caps of dequant groups to time the step's decode with (0: one launch per layer)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -166,6 +205,8 @@ def main() -> None:
     pipe = build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev, recipe=recipe)
     res["dequant"] = dequant_alone(pipe.unet, a.compare)
     print(json.dumps(res["dequant"], indent=1), flush=True)
+    caps = [float(c) for c in a.group_caps.split(",") if c.strip()]
+    res["grouped_decode"] = grouped_alone(pipe.unet, caps, res["dequant"]["bytes_moved"])
     res["packed_memory"] = memory_phases(pipe)
     print("packed memory", json.dumps(res["packed_memory"]), flush=True)
     Path(a.out).write_text(json.dumps(res, indent=1))

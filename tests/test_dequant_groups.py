@@ -419,3 +419,43 @@ def test_dedup_pass_keeps_one_call_per_group_and_chains_an_earlier_pass():
     assert calls[0].args[0] == [a, b]       # ...and the kept call takes both calls' inputs, once each
     assert calls[2].args[0] == [b] and calls[3].args[0] == [a]
     assert p.uuid()[0].startswith("quantsd.dedup_group_dequant")
+
+
+_PROFILE_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, %r)
+    from profile_packed import grouped_decode
+    from quantsd.bench.core import to_packed
+    from quantsd.dequant_groups import group_dequant
+    from quantsd.models import load_pipeline
+    from quantsd.nn import packed_modules
+    from quantsd.recipe import load_recipe
+
+    pipe, _ = to_packed(load_pipeline("tiny"), load_recipe(%r))
+    unet = pipe.unet.half()
+    layers = [m for _, m in packed_modules(unet)]
+    groups = group_dequant(unet, 1 << 14)
+    decode, stats = grouped_decode(unet)
+    assert stats["groups"] == len(groups) >= 2, stats
+    assert stats["grouped_layers"] + stats["lone_layers"] == len(layers)
+    assert stats["launches"] == stats["groups"] + stats["lone_layers"] < len(layers)
+    bufs = decode()
+    for g, buf in zip(groups, bufs):
+        for m, o in zip(g.members, g.offsets):
+            assert torch.equal(buf.narrow(0, o, m._plan.numel).view(m.weight_shape), m.dequantized_weight())
+    lone = [m for m in layers if m._dq_group is None]
+    assert all(torch.equal(b, m.dequantized_weight()) for b, m in zip(bufs[len(groups):], lone))
+    print("PROFILE OK", stats)
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
+def test_profile_packed_grouped_decode_rebuilds_every_weight():
+    """bench/profile_packed.py times a grouped step's decode: its decode must rebuild every packed
+    layer's weight (grouped ones in their group's buffer, lone ones alone) in fewer launches."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    script = _PROFILE_SCRIPT % (str(REPO / "bench"), str(REPO / "recipes" / "paper-final.yaml"))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "PROFILE OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
