@@ -42,8 +42,8 @@ from . import nn as _nn
 from .kernels.grouped import ALIGN
 from .nn import QuantConv2d, QuantLinear, QuantModule
 
-__all__ = ["DequantGroup", "group_dequant", "group_pipeline", "ungroup_dequant", "DEFAULT_MAX_BYTES", "DEDUP_PASS",
-           "install_dedup_pass"]
+__all__ = ["DequantGroup", "group_dequant", "group_pipeline", "ungroup_dequant", "launch_counts", "DEFAULT_MAX_BYTES",
+           "DEDUP_PASS", "install_dedup_pass"]
 
 DEFAULT_MAX_BYTES = 32 << 20
 _LIVE: deque = deque()      # weak references to the groups whose buffer is held, oldest first
@@ -282,6 +282,15 @@ def ungroup_dequant(module: nn.Module) -> None:
         if isinstance(m, QuantModule) and getattr(m, "_dq_group", None) is not None:
             m._dq_group.invalidate()
             m._dq_group = None
+
+
+def launch_counts(module: nn.Module) -> dict:
+    """Dequant launches one forward of ``module`` makes: its groups, its packed Linear/Conv2d layers
+    in no group (one launch each), and the sum (layers kept dense make none)."""
+    layers = [m for m in module.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    groups = {id(m._dq_group) for m in layers if m._dq_group is not None}
+    lone = sum(m._dq_group is None for m in layers)
+    return {"groups": len(groups), "lone_layers": lone, "launches": len(groups) + lone}
 
 
 def group_pipeline(pipe, max_bytes: int | None = None) -> int:

@@ -358,13 +358,11 @@ def generate(
 
 
 def _count_groups(pipe) -> int:
-    """Grouped eager dequant launches set up on the pipeline (quantsd.dequant_groups)."""
-    from .nn import QuantModule
+    """Grouped dequant launches set up on the pipeline's UNet (quantsd.dequant_groups)."""
+    from .dequant_groups import launch_counts
 
     unet = getattr(pipe, "unet", None)
-    if unet is None:
-        return 0
-    return len({id(m._dq_group) for m in unet.modules() if isinstance(m, QuantModule) and m._dq_group is not None})
+    return 0 if unet is None else launch_counts(unet)["groups"]
 
 
 def save_png(image, path: str | os.PathLike, info: dict | None = None) -> Path:

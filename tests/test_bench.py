@@ -153,6 +153,15 @@ def test_markdown_names_lean_runs():
     assert "fused dequant-GEMM for layers of <= 256 rows, 3 tuned shapes" in markdown_report(res)
 
 
+def test_markdown_lists_dequant_launches_of_packed_rows():
+    res = _fake_results()
+    assert "Dequant launches" not in markdown_report(res)
+    res["configs"][1]["unet_dequant_launches"] = {"groups": 35, "lone_layers": 83, "launches": 118}
+    assert "Dequant launches per UNet call: packed 118 (35 groups + 83 lone layers)" in markdown_report(res)
+    res["meta"]["grouped_dequant"] = False
+    assert "packed with one dequant launch per layer" in markdown_report(res)
+
+
 def test_markdown_partial_results():
     md = markdown_report({"meta": {"model": "m"}, "configs": [{"name": "fp16-sdpa", "build": {"error": "OOM"}}]})
     assert "(cut short)" in md and "build: OOM" in md

@@ -459,3 +459,18 @@ def test_profile_packed_grouped_decode_rebuilds_every_weight():
     script = _PROFILE_SCRIPT % (str(REPO / "bench"), str(REPO / "recipes" / "paper-final.yaml"))
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "PROFILE OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
+
+
+def test_launch_counts_counts_groups_and_lone_layers():
+    from quantsd.dequant_groups import launch_counts
+    from quantsd.nn import QuantLinear
+    from quantsd.quant import quantize_tensor
+
+    lin = nn.Linear(8, 8)
+    qs = [QuantLinear.from_linear(lin, quantize_tensor(lin.weight.detach(), 4, "pwlq", "tensor")) for _ in range(5)]
+    net = nn.Sequential(*qs, nn.Linear(8, 8))     # the dense layer makes no launch
+    assert launch_counts(net) == {"groups": 0, "lone_layers": 5, "launches": 5}
+    a, b = object(), object()
+    for q, g in zip(qs, (a, a, b, b, None)):       # (bookkeeping only: which group a layer is in)
+        q._dq_group = g
+    assert launch_counts(net) == {"groups": 2, "lone_layers": 1, "launches": 3}

@@ -579,6 +579,9 @@ class Bench:
                 from ..nn import packed_modules
 
                 entry["packed_layers"] = {m: len(packed_modules(getattr(pipe, m))) for m in ("text_encoder", "unet", "vae")}
+                from ..dequant_groups import launch_counts
+
+                entry["unet_dequant_launches"] = launch_counts(pipe.unet)
             if cfg.compile:  # first call compiles (and records the CUDA graph): time it separately
                 from torch._dynamo.utils import counters
 
@@ -689,7 +692,7 @@ def _run_notes(meta: dict) -> str:
     if meta.get("only"):
         notes.append("only " + ", ".join(meta["only"]))
     if meta.get("grouped_dequant") is False:
-        notes.append("eager packed with one dequant launch per layer")
+        notes.append("packed with one dequant launch per layer")
     if meta.get("dense_below"):
         notes.append(f"packed UNet layers of <= {meta['dense_below']} weights kept dense")
     if meta.get("compile") and (meta.get("fused_max_rows") or 0) > 0:
@@ -730,6 +733,11 @@ def markdown_report(results: dict) -> str:
                 r["peak_vram_gib"], r["unet_weights_mib"], r["attention_backend"]] + [r.get(c) for c in scheds] + [
                 r.get(c) for c in caps]
         lines.append("| " + " | ".join(_cell(v) for v in vals) + " |")
+    launches = [(c["name"], c["unet_dequant_launches"]) for c in results.get("configs", [])
+                if isinstance(c.get("unet_dequant_launches"), dict)]
+    if launches:
+        lines += ["", "Dequant launches per UNet call: " + ", ".join(
+            f"{n} {d['launches']} ({d['groups']} groups + {d['lone_layers']} lone layers)" for n, d in launches)]
     errs = [f"- {r['config']}: {r['errors']}" for r in rows if r["errors"]]
     if errs:
         lines += ["", "Errors (recorded, run continued):", *errs]
