@@ -474,3 +474,34 @@ def test_launch_counts_counts_groups_and_lone_layers():
     for q, g in zip(qs, (a, a, b, b, None)):       # (bookkeeping only: which group a layer is in)
         q._dq_group = g
     assert launch_counts(net) == {"groups": 2, "lone_layers": 1, "launches": 3}
+
+
+_COMPILED_GENERATE_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, torch
+    import quantsd
+    from quantsd.export import export
+    from quantsd.generate import generate
+    out = sys.argv[1]
+    export(quantsd.load_pipeline("tiny"), %r, out, dtype="keep")
+    kw = dict(steps=2, seed=3, weights="packed", device="cpu", dtype="float16", height=32, width=32, compile=True)
+    grouped, info = generate(out, "a blue circle", **kw)
+    torch._dynamo.reset()
+    single, info1 = generate(out, "a blue circle", grouped_dequant=False, **kw)
+    assert info["dequant_groups"] > 0 and info1["dequant_groups"] == 0, (info["dequant_groups"], info1["dequant_groups"])
+    assert np.array_equal(np.asarray(grouped), np.asarray(single))
+    print("COMPILED GENERATE OK", info["dequant_groups"])
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
+def test_compiled_generate_groups_and_gives_the_per_layer_image(tmp_path):
+    """quantsd generate --compile (Inductor, CPU, Triton interpreter) on a packed checkpoint groups
+    the UNet's layers in the compiled graph and makes the very image of one launch per layer
+    (~2.5 min: two Inductor compiles of the tiny UNet)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", _COMPILED_GENERATE_SCRIPT % str(REPO / "recipes" / "paper-final.yaml"),
+                        str(tmp_path / "ck")], env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0 and "COMPILED GENERATE OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
