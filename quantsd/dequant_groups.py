@@ -40,7 +40,7 @@ from torch import nn
 
 from . import nn as _nn
 from .kernels.grouped import ALIGN
-from .nn import QuantConv2d, QuantLinear, QuantModule
+from .nn import QuantConv2d, QuantLinear, QuantModule, _version_of
 
 __all__ = ["DequantGroup", "group_dequant", "group_pipeline", "ungroup_dequant", "launch_counts", "DEFAULT_MAX_BYTES",
            "DEDUP_PASS", "install_dedup_pass"]
@@ -90,6 +90,7 @@ class DequantGroup:
         self._signature = None
         self._flat: torch.Tensor | None = None   # the group's buffer while members still need it
         self._stamp: list[int] = [0] * len(self.members)
+        self._code_versions: list[int] = [-1] * len(self.members)
         self._generation = 0
         self._remaining = 0
 
@@ -181,6 +182,8 @@ class DequantGroup:
         self._release()                    # the old buffer goes before the new one is allocated
         if not self._ready():
             return False
+        # the codes' in-place versions the buffer was decoded from (-1: inference tensors have none)
+        self._code_versions = [_version_of(m._buffers["weight_packed"]) for m in self.members]
         self._flat = self._launch.run()
         self.launches += 1
         self._generation += 1
@@ -208,8 +211,10 @@ class DequantGroup:
         member = self.members[index]
         if _capturing(member._buffers["weight_packed"].device):
             return None
+        packed = member._buffers["weight_packed"]
         if (self._flat is None or self._stamp[index] == self._generation
-                or member._table_source != member._params_signature()):   # scales edited in place
+                or member._table_source != member._params_signature()   # scales edited in place
+                or _version_of(packed) != self._code_versions[index]):   # codes edited in place
             if not self._materialize():
                 return None
         self._stamp[index] = self._generation

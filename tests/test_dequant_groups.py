@@ -111,6 +111,13 @@ _SCRIPT = textwrap.dedent("""
         b0.conv2.weight_scale.mul_(2)
         got = b0.conv2._forward_weight()
         assert torch.equal(got, b0.conv2.dequantized_weight()) and not torch.equal(got, before)
+        g4._release()
+        b0.conv1._forward_weight()                 # a fresh buffer, conv2 not yet taken from it
+        assert g4._flat is not None and g4._stamp[g4.members.index(b0.conv2)] != g4._generation
+        before = b0.conv2.dequantized_weight()     # new codes copied in place while it is held:
+        b0.conv2.weight_packed.copy_(b0.conv2.weight_packed.flip(0))
+        got = b0.conv2._forward_weight()
+        assert torch.equal(got, b0.conv2.dequantized_weight()) and not torch.equal(got, before)
         c = nn.Conv2d(8, 8, 3, padding=1)
         q = quantize_tensor(c.weight.detach(), 4, "pwlq", "tensor")
         b0.conv1._forward_weight()                 # held again
