@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from . import nn as _nn
-from .kernels.grouped import ALIGN
+from .kernels.grouped import flat_layout
 from .nn import QuantConv2d, QuantLinear, QuantModule, _version_of
 
 __all__ = ["DequantGroup", "group_dequant", "group_pipeline", "ungroup_dequant", "launch_counts", "DEFAULT_MAX_BYTES",
@@ -73,12 +73,10 @@ class DequantGroup:
         if len(members) < 2:
             raise ValueError("a group has two or more layers")
         self.members = members
-        self.offsets, off = [], 0      # the flat buffer's layout, as GroupLaunch lays it out
-        for m in members:
-            self.offsets.append(off)
+        # the flat buffer's layout, GroupLaunch's own
+        self.offsets, self.numel = flat_layout([m._plan.numel for m in members])
+        for m, off in zip(members, self.offsets):
             m._dq_view = (off, m._plan.numel)
-            off += -(-m._plan.numel // ALIGN) * ALIGN
-        self.numel = off
         self._reset()
         self.launches = 0               # how many times the group was rebuilt (for tests/benchmarks)
 
@@ -209,9 +207,9 @@ class DequantGroup:
         Never while a CUDA graph is being captured: a buffer made outside the capture would be
         baked into the graph, and one made inside it must not outlive it."""
         member = self.members[index]
-        if _capturing(member._buffers["weight_packed"].device):
-            return None
         packed = member._buffers["weight_packed"]
+        if _capturing(packed.device):
+            return None
         if (self._flat is None or self._stamp[index] == self._generation
                 or member._table_source != member._params_signature()   # scales edited in place
                 or _version_of(packed) != self._code_versions[index]):   # codes edited in place

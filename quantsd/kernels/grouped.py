@@ -19,11 +19,21 @@ import torch
 
 from .dequant import BLOCK, HAS_TRITON, LAUNCH_OPTIONS
 
-__all__ = ["GroupLaunch", "ALIGN"]
+__all__ = ["GroupLaunch", "ALIGN", "flat_layout"]
 
 ALIGN = 128  # elements: each layer's weight starts on a 256-byte boundary of the flat buffer (fp16)
 assert BLOCK % ALIGN == 0   # a layer's programs cover its padded slot, never the next layer's
 _KERNELS: dict = {}  # specialization key -> compiled group kernel, checked once (dequant.adopt_checked)
+
+
+def flat_layout(numels: Sequence[int]) -> tuple[list[int], int]:
+    """(offsets, total): where each layer's weight starts in a group's flat buffer (every start on an
+    ALIGN boundary), and the buffer's length in elements."""
+    offsets, off = [], 0
+    for n in numels:
+        offsets.append(off)
+        off += -(-int(n) // ALIGN) * ALIGN
+    return offsets, off
 
 
 class GroupLaunch:
@@ -45,11 +55,7 @@ class GroupLaunch:
         self.device = packed[0].device
         self.shapes = [tuple(int(s) for s in sh) for sh in shapes]
         numels = [int(torch.Size(sh).numel()) for sh in self.shapes]
-        self.offsets, off = [], 0
-        for n in numels:
-            self.offsets.append(off)
-            off += -(-n // ALIGN) * ALIGN
-        self.numel = off
+        self.offsets, self.numel = flat_layout(numels)
         progs = [-(-n // BLOCK) for n in numels]
         first = [0]
         for p in progs[:-1]:
