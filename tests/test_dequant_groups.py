@@ -20,6 +20,15 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 
+
+def _run_interpreted(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``script`` in a fresh Python with the Triton interpreter on and no GPU (the variable must
+    not leak into this process)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
 _SCRIPT = textwrap.dedent("""
     import torch
     from torch import nn
@@ -221,9 +230,7 @@ _SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
 def test_grouped_dequant_under_interpreter():
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    r = _run_interpreted(_SCRIPT)
     assert r.returncode == 0 and "GROUPS OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
 
 
@@ -299,10 +306,8 @@ def test_generate_groups_packed_layers_by_default(tmp_path):
     """quantsd generate (eager, packed checkpoint) sets up grouped launches by default: the same
     image as one launch per layer."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", _GENERATE_SCRIPT % str(REPO / "recipes" / "paper-final.yaml"),
-                        str(tmp_path / "ck")], env=env, capture_output=True, text=True, timeout=900)
+    r = _run_interpreted(_GENERATE_SCRIPT % str(REPO / "recipes" / "paper-final.yaml"), str(tmp_path / "ck"),
+                         timeout=900)
     assert r.returncode == 0 and "GENERATE OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
 
 
@@ -329,20 +334,13 @@ def test_group_direct_launch_check_ignores_the_padding():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compiled_cuda_graph_tiny_unet_grouped_matches_per_layer():
+def test_compiled_cuda_graph_tiny_unet_grouped_matches_per_layer(packed_tiny_unet_cuda):
     """torch.compile (Inductor, CUDA graphs) of a grouped packed UNet: one group launch per group
     and forward (DEDUP_PASS), the group's weights are the per-layer decode's bits, and the output
     matches the per-layer compiled UNet."""
     from quantsd import dequant_groups as DG
-    from quantsd.bench.core import to_packed
-    from quantsd.models import load_pipeline
-    from quantsd.recipe import load_recipe
 
-    pipe, _ = to_packed(load_pipeline("tiny"), load_recipe(REPO / "recipes" / "paper-final.yaml"))
-    unet = pipe.unet.to("cuda").eval()
-    g = torch.Generator().manual_seed(0)
-    lat = torch.randn(2, 4, 16, 16, generator=g).to("cuda", torch.float16)
-    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to("cuda", torch.float16)
+    unet, lat, ctx = packed_tiny_unet_cuda
     calls = []
     flat = DG.DequantGroup.flat
     torch._dynamo.reset()
@@ -461,10 +459,7 @@ def test_profile_packed_grouped_decode_rebuilds_every_weight():
     """bench/profile_packed.py times a grouped step's decode: its decode must rebuild every packed
     layer's weight (grouped ones in their group's buffer, lone ones alone) in fewer launches."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    script = _PROFILE_SCRIPT % (str(REPO / "bench"), str(REPO / "recipes" / "paper-final.yaml"))
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    r = _run_interpreted(_PROFILE_SCRIPT % (str(REPO / "bench"), str(REPO / "recipes" / "paper-final.yaml")))
     assert r.returncode == 0 and "PROFILE OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
 
 
@@ -507,8 +502,6 @@ def test_compiled_generate_groups_and_gives_the_per_layer_image(tmp_path):
     the UNet's layers in the compiled graph and makes the very image of one launch per layer
     (~2.5 min: two Inductor compiles of the tiny UNet)."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", _COMPILED_GENERATE_SCRIPT % str(REPO / "recipes" / "paper-final.yaml"),
-                        str(tmp_path / "ck")], env=env, capture_output=True, text=True, timeout=1200)
+    r = _run_interpreted(_COMPILED_GENERATE_SCRIPT % str(REPO / "recipes" / "paper-final.yaml"),
+                         str(tmp_path / "ck"), timeout=1200)
     assert r.returncode == 0 and "COMPILED GENERATE OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])

@@ -210,16 +210,8 @@ def test_cuda_graph_of_prefetched_layers_is_bit_exact_over_many_replays(channels
 
 
 @pytest.mark.gpu
-def test_compiled_cuda_graph_tiny_unet_with_prefetch_matches_without():
-    from quantsd.bench.core import to_packed
-    from quantsd.models import load_pipeline
-    from quantsd.recipe import load_recipe
-
-    pipe, _ = to_packed(load_pipeline("tiny"), load_recipe(REPO / "recipes" / "paper-final.yaml"))
-    unet = pipe.unet.to("cuda").eval()
-    g = torch.Generator().manual_seed(0)
-    lat = torch.randn(2, 4, 16, 16, generator=g).to("cuda", torch.float16)
-    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g).to("cuda", torch.float16)
+def test_compiled_cuda_graph_tiny_unet_with_prefetch_matches_without(packed_tiny_unet_cuda):
+    unet, lat, ctx = packed_tiny_unet_cuda
     torch._dynamo.reset()
     try:
         with torch.inference_mode():
