@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantsd.bench.core import (BenchConfig, _unet_inputs, build_pipeline, cuda_graph_ms, cuda_time_ms,  # noqa: E402
                                 weight_bytes)
+from quantsd.dequant_groups import launch_counts  # noqa: E402
 from quantsd.nn import packed_modules  # noqa: E402
 from quantsd.recipe import load_recipe  # noqa: E402
 
@@ -89,8 +90,7 @@ def grouped_decode(unet) -> tuple:
     def decode():
         return [g.flat(d) for g, d in zip(groups, dtypes)] + [m.dequantized_weight() for m in singles]
 
-    return decode, {"groups": len(groups), "grouped_layers": sum(len(g.members) for g in groups),
-                    "lone_layers": len(singles), "launches": len(groups) + len(singles)}
+    return decode, {**launch_counts(unet), "grouped_layers": sum(len(g.members) for g in groups)}
 
 
 def grouped_alone(unet, caps_mib: list[float], moved: int) -> list[dict]:
