@@ -51,7 +51,7 @@ ALIGN = 128
 @triton.jit
 def _variant_kernel(packed_base, lut_base, out_ptr, desc_ptr, prog_layer_ptr,
                     BITS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, ITER: tl.constexpr,
-                    GRID2D: tl.constexpr):
+                    GRID2D: tl.constexpr, ALIGNED: tl.constexpr):
     if GRID2D:
         d = desc_ptr + tl.program_id(1).to(tl.int64) * 5
         first = tl.program_id(0).to(tl.int64) * ITER
@@ -59,15 +59,25 @@ def _variant_kernel(packed_base, lut_base, out_ptr, desc_ptr, prog_layer_ptr,
         pid = tl.program_id(0)
         d = desc_ptr + tl.load(prog_layer_ptr + pid).to(tl.int64) * 5
         first = (pid.to(tl.int64) - tl.load(d + 4)) * ITER
-    packed_ptr = packed_base + tl.load(d)
+    code_off = tl.load(d)
+    if ALIGNED:   # every layer's codes start 16 bytes apart from the base: vector loads...
+        code_off = tl.multiple_of(code_off, 16)
+    packed_ptr = packed_base + code_off
     lut_ptr = lut_base + tl.load(d + 1)
     out = out_ptr + tl.multiple_of(tl.load(d + 2), ALIGN)
     numel = tl.load(d + 3)
+    if ALIGNED:   # and every layer's length is a multiple of 16: whole-vector masks
+        numel = tl.multiple_of(numel, 16)
     padded = tl.multiple_of((numel + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
     for i in tl.static_range(ITER):
         lpid = first + i
         e = lpid * BLOCK + tl.arange(0, BLOCK)
-        code = _load_codes(packed_ptr, lpid, e, e < numel, numel, BITS, BLOCK)
+        if ALIGNED and BITS == 4:   # numel even: "byte < numel / 2" is the same mask, and vectorizes
+            b = lpid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+            byte = tl.load(packed_ptr + b, mask=b < numel // 2, other=0).to(tl.int32)
+            code = tl.interleave(byte & 15, byte >> 4)
+        else:
+            code = _load_codes(packed_ptr, lpid, e, e < numel, numel, BITS, BLOCK)
         w = tl.load(lut_ptr + code)
         tl.store(out + e, w.to(out_ptr.dtype.element_ty), mask=e < padded)
 
@@ -112,10 +122,10 @@ class Unit:
             self.plans[key] = (desc, prog_layer, grid)
         return self.plans[key]
 
-    def launch(self, block: int, warps: int, iters: int, grid2d: bool, lut16: bool) -> None:
+    def launch(self, block: int, warps: int, iters: int, grid2d: bool, lut16: bool, aligned: bool) -> None:
         desc, prog_layer, grid = self.plan(block, iters, grid2d)
         _variant_kernel[grid](self.codes, self.lut16 if lut16 else self.lut32, self.out, desc, prog_layer,
-                              BITS=self.bits, BLOCK=block, ALIGN=ALIGN, ITER=iters, GRID2D=grid2d,
+                              BITS=self.bits, BLOCK=block, ALIGN=ALIGN, ITER=iters, GRID2D=grid2d, ALIGNED=aligned,
                               num_warps=warps, enable_fp_fusion=False)
 
     def exact(self) -> bool:
@@ -140,23 +150,20 @@ def build_units(unet) -> list[Unit]:
     return units
 
 
-VARIANTS = [  # (BLOCK, warps, ITER, GRID2D, LUT16); the first is the production kernel's shape
-    (1024, 4, 1, False, False),
-    (1024, 4, 1, False, True),
-    (1024, 4, 1, True, False),
-    (1024, 4, 1, True, True),
-    (2048, 4, 1, False, False),
-    (2048, 4, 1, True, True),
-    (2048, 8, 1, True, True),
-    (4096, 4, 1, True, True),
-    (4096, 8, 1, True, True),
-    (1024, 4, 2, True, True),
-    (1024, 4, 4, True, True),
-    (1024, 8, 4, True, True),
-    (2048, 4, 2, True, True),
-    (2048, 8, 2, True, True),
-    (512, 4, 4, True, True),
-    (512, 2, 2, True, True),
+VARIANTS = [  # (BLOCK, warps, ITER, GRID2D, LUT16, ALIGNED); the first is the production kernel's shape
+    (1024, 4, 1, False, False, False),
+    (1024, 4, 1, False, False, True),
+    (2048, 4, 1, False, False, False),
+    (2048, 4, 1, False, False, True),
+    (2048, 8, 1, False, False, True),
+    (4096, 4, 1, False, False, True),
+    (4096, 8, 1, False, False, True),
+    (1024, 2, 1, False, False, True),
+    (2048, 4, 1, True, False, True),
+    (2048, 4, 1, False, True, True),
+    (1024, 4, 2, False, False, True),
+    (2048, 4, 2, False, False, True),
+    (1024, 4, 1, True, True, True),
 ]
 
 
@@ -166,6 +173,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--time-budget", type=float, default=240.0, help="skip variants that would start after S seconds")
     ap.add_argument("--model", default="sd15-arch")
+    ap.add_argument("--per-unit", type=int, default=12, help="time the largest N units one by one")
     ap.add_argument("--check-only", action="store_true",
                     help="compare every variant with the production decode, no timing (CPU: TRITON_INTERPRET=1)")
     a = ap.parse_args()
@@ -200,12 +208,12 @@ def main() -> None:
         res["fill_floor_by_bits_ms"] = {b: timed(lambda us=us: [u.out.fill_(0) for u in us]) for b, us in by_bits.items()}
         print(json.dumps({k: res[k] for k in ("production_ms", "fill_floor_ms", "one_fill_ms", "fill_floor_by_bits_ms")}),
               flush=True)
-        for block, warps, iters, grid2d, lut16 in VARIANTS:
+        for block, warps, iters, grid2d, lut16, aligned in VARIANTS:
             if time.time() - t0 > a.time_budget:
                 res["skipped_after_s"] = a.time_budget
                 break
-            args = (block, warps, iters, grid2d, lut16)
-            row = {"block": block, "warps": warps, "iter": iters, "grid2d": grid2d, "lut16": lut16}
+            args = (block, warps, iters, grid2d, lut16, aligned)
+            row = {"block": block, "warps": warps, "iter": iters, "grid2d": grid2d, "lut16": lut16, "aligned": aligned}
             try:
                 for u in units:
                     u.out.fill_(float("nan"))
@@ -221,7 +229,26 @@ def main() -> None:
             res["rows"].append(row)
             print(json.dumps(row), flush=True)
             Path(a.out).write_text(json.dumps(res, indent=1))
+        # the production path again (drift), then the largest units one by one: production vs variants vs fill
+        res["production_ms_again"] = timed(lambda: [g.flat(torch.float16) for g in groups]
+                                           + [m.dequantized_weight() for m in singles])
+        big_units = sorted(units, key=lambda u: -u.numel)[:a.per_unit]
+        for u in big_units:
+            if time.time() - t0 > a.time_budget + 60:
+                break
+            g = u.members[0]._dq_group if len(u.members) > 1 else None
+            prod = (lambda g=g: g.flat(torch.float16)) if g is not None else \
+                (lambda m=u.members[0]: m.dequantized_weight())
+            row = {"layers": len(u.members), "bits": u.bits, "mib": round(2 * u.numel / 2**20, 2),
+                   "production_ms": timed(prod), "fill_ms": timed(lambda u=u: u.out.fill_(0))}
+            for v in PER_UNIT:
+                row[str(v)] = timed(lambda u=u, v=v: u.launch(*v))
+            res.setdefault("per_unit", []).append(row)
+            print(json.dumps(row), flush=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+PER_UNIT = [(1024, 4, 1, False, False, False), (1024, 4, 1, False, False, True), (2048, 4, 1, False, False, True)]
 
 
 if __name__ == "__main__":

@@ -234,6 +234,40 @@ def test_grouped_dequant_under_interpreter():
     assert r.returncode == 0 and "GROUPS OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
 
 
+_LAUNCH_SCRIPT = textwrap.dedent("""
+    import torch
+    from torch import nn
+    from quantsd.kernels.grouped import GroupLaunch
+    from quantsd.nn import QuantLinear, dequantize_weight
+    from quantsd.quant import quantize_tensor
+
+    torch.manual_seed(0)
+    for bits in (2, 4, 8):
+        for shapes, aligned in (([(16, 8), (32, 24), (8, 2)], True), ([(16, 8), (7, 9), (3, 5)], False)):
+            layers = []
+            for o, i in shapes:
+                w = torch.randn(o, i)
+                layers.append(QuantLinear.from_linear(nn.Linear(i, o), quantize_tensor(w, bits, "pwlq", "tensor")).half())
+            g = GroupLaunch([m.weight_packed for m in layers], [m._lut for m in layers], shapes, bits, torch.float16)
+            assert g.aligned == aligned, (bits, shapes, g.aligned)
+            flat = g.run()
+            for k, m in enumerate(layers):
+                ref = dequantize_weight(m.weight_packed, m.weight_shape, bits, "pwlq", "tensor", m.weight_scale,
+                                        m.weight_breakpoint, torch.float16, backend="torch")
+                assert torch.equal(g.view(flat, k).view(torch.int16), ref.view(torch.int16)), (bits, shapes, k)
+    print("LAUNCH OK")
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
+def test_group_launch_aligned_and_unaligned_layers_decode_the_reference_bits():
+    """GroupLaunch's kernel states vector-aligned code offsets and lengths to the compiler only when
+    every member has them (``aligned``); both paths give the torch reference's bits, bits 2/4/8."""
+    pytest.importorskip("triton")
+    r = _run_interpreted(_LAUNCH_SCRIPT)
+    assert r.returncode == 0 and "LAUNCH OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
+
+
 def test_layers_without_the_kernel_are_not_grouped():
     """On the CPU without the interpreter no layer has a kernel table: nothing to group, and the
     model runs as before."""

@@ -645,10 +645,11 @@ def test_direct_launch_switches_itself_off_when_it_disagrees(monkeypatch):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the Triton wheel's ptxas: Linux only")
-def test_group_kernel_stores_vectorize_on_sm90():
+def test_group_kernel_stores_and_loads_vectorize_on_sm90():
     """The grouped kernel's stores cover whole ALIGN-element runs from ALIGN boundaries, so on an
     H100 they compile to 16-byte vector stores like the per-layer kernel's (a runtime layer offset
-    and length would otherwise give one 2-byte store per weight)."""
+    and length would otherwise give one 2-byte store per weight); with ALIGNED (code offsets and
+    lengths multiples of 16) its code loads vectorize too, instead of one byte load per lane."""
     import re
 
     triton = pytest.importorskip("triton")
@@ -665,12 +666,19 @@ def test_group_kernel_stores_vectorize_on_sm90():
     sig = {"packed_base": "*u8", "lut_base": "*fp32", "out_ptr": "*fp16", "desc_ptr": "*i64", "prog_layer_ptr": "*i32",
            "BITS": "constexpr", "BLOCK": "constexpr", "OUT_BF16": "constexpr", "ALIGN": "constexpr"}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
-    for bits in (4, 8):
-        k = triton.compile(ASTSource(_group_table_kernel, sig, {"BITS": bits, "BLOCK": 1024, "OUT_BF16": False,
-                                                               "ALIGN": ALIGN}, attrs=attrs),
-                           target=GPUTarget("cuda", 90, 32), options=dict(LAUNCH_OPTIONS))
-        stores = set(re.findall(r"st\.global[\.\w]*", k.asm["ptx"]))
-        assert stores and all(".v4" in st or ".v2" in st for st in stores), stores
+    sig["ALIGNED"] = "constexpr"
+    for bits in (2, 4, 8):
+        for aligned in (False, True):
+            k = triton.compile(ASTSource(_group_table_kernel, sig, {"BITS": bits, "BLOCK": 1024, "OUT_BF16": False,
+                                                                   "ALIGN": ALIGN, "ALIGNED": aligned}, attrs=attrs),
+                               target=GPUTarget("cuda", 90, 32), options=dict(LAUNCH_OPTIONS))
+            ptx = k.asm["ptx"]
+            stores = set(re.findall(r"st\.global[\.\w]*", ptx))
+            assert stores and all(".v4" in st or ".v2" in st for st in stores), stores
+            if aligned:   # the codes too: no single-byte loads left (without ALIGNED there are)
+                assert not re.findall(r"ld\.global[\.\w]*\.[bu]8\b", ptx), (bits, set(re.findall(r"ld\.global[\.\w]*", ptx)))
+            elif bits in (4, 8):
+                assert re.findall(r"ld\.global[\.\w]*\.[bu]8\b", ptx), bits
 
 
 @pytest.mark.gpu

@@ -215,22 +215,38 @@ if HAS_TRITON:
     @triton.jit
     def _group_table_kernel(packed_base, lut_base, out_ptr, desc_ptr, prog_layer_ptr,
                             BITS: tl.constexpr, BLOCK: tl.constexpr, OUT_BF16: tl.constexpr,
-                            ALIGN: tl.constexpr):
+                            ALIGN: tl.constexpr, ALIGNED: tl.constexpr = False):
         # Several value-table layers of one bit width in one launch (kernels/grouped.py).  Program
         # pid works on layer prog_layer[pid]; desc (int64, 5 per layer): its codes' byte offset
         # from packed_base, its table's element offset from lut_base, its first element in out,
         # its element count, its first program.  The decode is the TABLE path above.
+        # ALIGNED: every layer's codes start a multiple of 16 bytes from packed_base and its length is
+        # a multiple of 16 -- stated to the compiler, the code loads vectorize (without it a runtime
+        # offset and length give one byte load per lane and code)
         pid = tl.program_id(0)
         layer = tl.load(prog_layer_ptr + pid).to(tl.int64)
         d = desc_ptr + layer * 5
-        packed_ptr = packed_base + tl.load(d)
+        code_off = tl.load(d)
+        numel = tl.load(d + 3)
+        if ALIGNED:
+            code_off = tl.multiple_of(code_off, 16)
+            numel = tl.multiple_of(numel, 16)
+        packed_ptr = packed_base + code_off
         lut_ptr = lut_base + tl.load(d + 1)
         out_off = tl.multiple_of(tl.load(d + 2), ALIGN)      # every layer starts on an ALIGN boundary
-        numel = tl.load(d + 3)
         lpid = pid.to(tl.int64) - tl.load(d + 4)
         e = lpid * BLOCK + tl.arange(0, BLOCK)
         emask = e < numel
-        code = _load_codes(packed_ptr, lpid, e, emask, numel, BITS, BLOCK)
+        if ALIGNED and BITS == 4:   # numel even: "byte < numel / 2" is _load_codes' mask, and vectorizes
+            b = lpid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+            byte = tl.load(packed_ptr + b, mask=b < numel // 2, other=0).to(tl.int32)
+            code = tl.interleave(byte & 15, byte >> 4)
+        elif ALIGNED and BITS == 2:
+            b = lpid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
+            byte = tl.load(packed_ptr + b, mask=b < numel // 4, other=0).to(tl.int32)
+            code = tl.interleave(tl.interleave(byte & 3, (byte >> 4) & 3), tl.interleave((byte >> 2) & 3, byte >> 6))
+        else:
+            code = _load_codes(packed_ptr, lpid, e, emask, numel, BITS, BLOCK)
         # stores run to the layer's padded end (the padding is the group buffer's own, unread), so
         # whole ALIGN-element runs are stored and the stores vectorize
         padded = tl.multiple_of((numel + ALIGN - 1) // ALIGN * ALIGN, ALIGN)

@@ -69,11 +69,14 @@ class GroupLaunch:
             if dl % 4:
                 raise ValueError("value tables must be 4-byte aligned")
             rows.append([p.data_ptr() - pb, dl // 4, o, n, f])
+        # code loads vectorize when every layer's codes sit 16 bytes apart from the first's and every
+        # length is a multiple of 16 (caching-allocator blocks and SD's layer shapes always are)
+        self.aligned = all(r[0] % 16 == 0 for r in rows) and all(n % 16 == 0 for n in numels)
         self._view_args = [(sh, torch.empty(sh, device="meta").stride(), o) for sh, o in zip(self.shapes, self.offsets)]
         # the compiled kernel's specialization: output dtype, and the base pointers' 16-byte alignment
         # (every other argument is a fresh allocation); the kernels live in a module-level cache,
         # never on this object (a compiled kernel can be neither copied nor pickled)
-        self._key = (self.bits, dtype, self.device, pb % 16 == 0, lb % 16 == 0)
+        self._key = (self.bits, dtype, self.device, pb % 16 == 0, lb % 16 == 0, self.aligned)
         self.desc = torch.tensor(rows, dtype=torch.int64).to(self.device)
         self.prog_layer = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
                                                   torch.tensor(progs)).to(self.device)
@@ -99,16 +102,16 @@ class GroupLaunch:
             k = _KERNELS.get(self._key)
             if k is not None:
                 dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base, o,
-                                      self.desc, self.prog_layer, self.bits, BLOCK, bf16, ALIGN)
+                                      self.desc, self.prog_layer, self.bits, BLOCK, bf16, ALIGN, self.aligned)
                 return out
         k = dequant._group_table_kernel[(self.programs,)](
             self._packed_base, self._lut_base, o, self.desc, self.prog_layer, BITS=self.bits, BLOCK=BLOCK,
-            OUT_BF16=bf16, ALIGN=ALIGN, **LAUNCH_OPTIONS)
+            OUT_BF16=bf16, ALIGN=ALIGN, ALIGNED=self.aligned, **LAUNCH_OPTIONS)
         if direct and hasattr(k, "run") and not torch.cuda.is_current_stream_capturing():
             def launch_into(check):
                 dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base,
                                       check.view(torch.int16) if bf16 else check, self.desc, self.prog_layer,
-                                      self.bits, BLOCK, bf16, ALIGN)
+                                      self.bits, BLOCK, bf16, ALIGN, self.aligned)
 
             dequant.adopt_checked(_KERNELS, self._key, k, launch_into, out, self.same_weights)
         return out
