@@ -59,8 +59,14 @@ def _eligible(m: nn.Module) -> bool:
             and m._plan.table and m._kernel_dtype_ok and m._lut.dtype == torch.float32)
 
 
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+def _may_capture(device: torch.device) -> bool:
+    """Can work on ``device`` be captured into a CUDA graph (so a group there must check for one)?"""
+    return device.type == "cuda"
+
+
+def _stream_capturing() -> bool:
+    """Is a CUDA graph being captured on the current stream?"""
+    return torch.cuda.is_current_stream_capturing()
 
 
 class DequantGroup:
@@ -86,11 +92,15 @@ class DequantGroup:
         _REGISTRY[self.key] = self
         self._launch = None
         self._signature = None
+        # the members' device may capture CUDA graphs: set by _ready, so true before any buffer is held there
+        self._check_capture = False
         self._flat: torch.Tensor | None = None   # the group's buffer while members still need it
+        self._views: list[torch.Tensor] | None = None   # the members' weights in it (views), made with it
         self._stamp: list[int] = [0] * len(self.members)
         self._code_versions: list[int] = [-1] * len(self.members)
         self._generation = 0
         self._remaining = 0
+        self._ref = weakref.ref(self)            # this group's entry in _LIVE while it holds a buffer
 
     def __getstate__(self) -> dict:
         return {"members": self.members, "launches": self.launches, "offsets": self.offsets, "numel": self.numel}
@@ -138,9 +148,27 @@ class DequantGroup:
         old = self._signature
         return old is not None and len(old) == len(sig) and all(a is b for a, b in zip(old, sig))
 
+    def _unchanged(self) -> bool:
+        """The cheap case of :meth:`_ready` (every eager materialization): each member still has the
+        very codes, table and dtype the launch constants were built from (whose devices and dtypes
+        were checked then) and no table is stale.  False sends :meth:`_ready` the full way."""
+        old = self._signature
+        if old is None:
+            return False
+        i = 0
+        for m in self.members:
+            buffers = m._buffers
+            if (buffers["weight_packed"] is not old[i] or buffers["_lut"] is not old[i + 1]
+                    or m._dtype is not old[i + 2] or m._table_source != m._params_signature()):
+                return False
+            i += 3
+        return True
+
     def _ready(self) -> bool:
         """Are the launch constants current (rebuilt if a member's tensors changed)?  False where the
         members can't share one launch (mixed dtypes or bits, a member off the kernel path)."""
+        if self._unchanged():
+            return True
         sig = self._current_signature()
         if sig is None:
             return False
@@ -153,6 +181,7 @@ class DequantGroup:
             self._launch = GroupLaunch([m.weight_packed for m in ms], [m._lut for m in ms],
                                        [m.weight_shape for m in ms], ms[0].bits, ms[0]._dtype)
             self._signature = sig
+        self._check_capture = _may_capture(sig[0].device)
         return True
 
     def prepare(self) -> bool:
@@ -178,15 +207,16 @@ class DequantGroup:
 
     def _materialize(self) -> bool:
         self._release()                    # the old buffer goes before the new one is allocated
-        if not self._ready():
+        if not self._ready() or (self._check_capture and _stream_capturing()):
             return False
         # the codes' in-place versions the buffer was decoded from (-1: inference tensors have none)
         self._code_versions = [_version_of(m._buffers["weight_packed"]) for m in self.members]
         self._flat = self._launch.run()
+        self._views = self._launch.views(self._flat)
         self.launches += 1
         self._generation += 1
         self._remaining = len(self.members)
-        _LIVE.append(weakref.ref(self))
+        _LIVE.append(self._ref)
         while len(_LIVE) > _MAX_LIVE:
             old = _LIVE.popleft()()
             if old is not None and old is not self:
@@ -196,6 +226,7 @@ class DequantGroup:
     def _release(self) -> None:
         if self._flat is not None:
             self._flat = None
+            self._views = None
             for i, r in enumerate(_LIVE):
                 if r() is self:
                     del _LIVE[i]
@@ -205,18 +236,26 @@ class DequantGroup:
         """Member ``index``'s dense weight (None: use the layer's own launch).
 
         Never while a CUDA graph is being captured: a buffer made outside the capture would be
-        baked into the graph, and one made inside it must not outlive it."""
-        member = self.members[index]
-        packed = member._buffers["weight_packed"]
-        if _capturing(packed.device):
+        baked into the graph, and one made inside it must not outlive it.  (Checked on every call,
+        not once per buffer: a capture may begin while a buffer is held.)
+
+        The hot path of an eager forward (once per member): the member's view was made with the
+        buffer, so a call is the capture query, three staleness tests and a list lookup."""
+        if self._check_capture and _stream_capturing():
             return None
-        if (self._flat is None or self._stamp[index] == self._generation
-                or member._table_source != member._params_signature()   # scales edited in place
-                or _version_of(packed) != self._code_versions[index]):   # codes edited in place
+        views = self._views
+        if views is None or self._stamp[index] == self._generation:
+            stale = True
+        else:
+            member = self.members[index]
+            stale = (_version_of(member._buffers["weight_packed"]) != self._code_versions[index]   # codes edited
+                     or member._table_source != member._params_signature())   # scales edited in place
+        if stale:
             if not self._materialize():
                 return None
+            views = self._views
         self._stamp[index] = self._generation
-        w = self._launch.view(self._flat, index)
+        w = views[index]
         self._remaining -= 1
         if self._remaining == 0:       # every member has its weight: drop the buffer with the last view
             self._release()

@@ -118,6 +118,29 @@ def _kernel_weight(layer: "QuantModule", lut: torch.Tensor, dtype: torch.dtype) 
                    lut, dtype)
 
 
+def _kernel_weight_eager(layer: "QuantModule", lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_kernel_weight` for eager forwards (never traced): the same checks and the same launch,
+    the buffers read from ``_buffers`` (``layer.weight_packed`` goes through nn.Module.__getattr__,
+    ~1 us of host time per read after the failed ordinary lookup)."""
+    buffers = layer._buffers
+    if layer._table:
+        if layer._table_source != layer._params_signature():
+            layer._refresh_lut()
+            lut = buffers["_lut"]
+        return op_call(layer._plan, layer._plan_key, buffers["weight_packed"], lut, None, lut, dtype)
+    return op_call(layer._plan, layer._plan_key, buffers["weight_packed"], buffers["weight_scale"],
+                   buffers["weight_breakpoint"], lut, dtype)
+
+
+def _bias(layer: nn.Module):
+    """``layer.bias`` without nn.Module.__getattr__ (eager forwards): a registered parameter (also
+    one set to None) is read from ``_parameters``, anything else by the ordinary lookup."""
+    params = layer._parameters
+    if "bias" in params:
+        return params["bias"]
+    return layer.bias
+
+
 _FUSED_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -200,7 +223,10 @@ class QuantModule(nn.Module):
         is rebuilt before use in eager mode."""
         buffers = self._buffers
         s, b = buffers["weight_scale"], buffers["weight_breakpoint"]
-        return (id(s), _version_of(s), None if b is None else (id(b), _version_of(b)))
+        try:     # (called on every eager forward: no helper calls on the common path)
+            return (id(s), s._version, None if b is None else (id(b), b._version))
+        except RuntimeError:   # an inference-mode tensor: no version counter
+            return (id(s), _version_of(s), None if b is None else (id(b), _version_of(b)))
 
     def refresh_tables(self) -> None:
         """Rebuild the kernel's table from the current scale/breakpoint.  Eager forwards do this
@@ -246,23 +272,39 @@ class QuantModule(nn.Module):
         Kept lean on purpose: torch.compile guards every attribute and tensor this reads, once per
         layer on every compiled call (~280 layers in SD1.5), so each read costs host time per step.
         A value-table layer reads its codes, its table and three constants (``_table`` mirrors
-        ``_plan.table`` for that reason: reading the plan would guard its type and length too)."""
+        ``_plan.table`` for that reason: reading the plan would guard its type and length too).
+
+        Eager calls go to :meth:`_eager_weight` (the same weights by the same launches, with less
+        host time); what follows that first test is only ever traced."""
+        if not torch.compiler.is_compiling():
+            return self._eager_weight()
         lut = self._lut
         if lut is not None and self._kernel_dtype_ok:
             group = self._dq_group
             if group is not None:   # a grouped launch (quantsd.dequant_groups)
-                if torch.compiler.is_compiling():
-                    # one op per member, all alike: the graph pass quantsd.dequant_groups.DEDUP_PASS keeps
-                    # the first and every member takes its slice of that one buffer
-                    offset, numel = self._dq_view
-                    # the layer's own codes and table go in as inputs, so CUDA graphs check their
-                    # addresses as they do for a per-layer op (the pass merges every member's into one call)
-                    flat = _GROUP_OP([self.weight_packed, lut], group.key, group.numel, self._dtype)
-                    return flat.narrow(0, offset, numel).view(self.weight_shape)
+                # one op per member, all alike: the graph pass quantsd.dequant_groups.DEDUP_PASS keeps
+                # the first and every member takes its slice of that one buffer
+                offset, numel = self._dq_view
+                # the layer's own codes and table go in as inputs, so CUDA graphs check their
+                # addresses as they do for a per-layer op (the pass merges every member's into one call)
+                flat = _GROUP_OP([self.weight_packed, lut], group.key, group.numel, self._dtype)
+                return flat.narrow(0, offset, numel).view(self.weight_shape)
+            return _kernel_weight(self, lut, self._dtype)
+        return self.dequantized_weight()
+
+    def _eager_weight(self) -> torch.Tensor:
+        """:meth:`_forward_weight` outside torch.compile: the member's view of its group's buffer
+        (:meth:`quantsd.dequant_groups.DequantGroup.weight`), else the layer's own launch, else the
+        reference decode.  An eager UNet step is host-bound and runs this ~280 times, so buffers are
+        read from ``_buffers`` (not through nn.Module.__getattr__) and nothing is checked twice."""
+        lut = self._buffers["_lut"]
+        if lut is not None and self._kernel_dtype_ok:
+            group = self._dq_group
+            if group is not None:   # a grouped launch (quantsd.dequant_groups)
                 w = group.weight(self._dq_index)
                 if w is not None:
                     return w
-            return _kernel_weight(self, lut, self._dtype)
+            return _kernel_weight_eager(self, lut, self._dtype)
         return self.dequantized_weight()
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -318,7 +360,8 @@ class QuantLinear(QuantModule):
                 return _PREFETCH_OP(x, *self._prefetch_slot)
             if _fused_rows_ok(self, x, x.numel() // self.in_features, "linear"):
                 return _fused.LINEAR_OP(x, *kernel_args(self), self.bias, self._plan_key)
-        return F.linear(x, self._forward_weight(), self.bias)
+            return F.linear(x, self._forward_weight(), self.bias)
+        return F.linear(x, self._eager_weight(), _bias(self))
 
     def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """This layer's op with a given dense weight (the weight prefetcher's, :mod:`quantsd.prefetch`)."""
@@ -383,7 +426,11 @@ class QuantConv2d(QuantModule):
             if x.dim() == 4 and _fused_rows_ok(self, x, self._output_rows(x), "conv"):
                 return _fused.CONV_OP(x, *kernel_args(self), self.bias, self._plan_key, self.stride, self.padding,
                                       self.dilation)
-        return self.compute(x, self._forward_weight())
+            return self.compute(x, self._forward_weight())
+        w = self._eager_weight()
+        if self.padding_mode != "zeros":
+            return self.compute(x, w)
+        return F.conv2d(x, w, _bias(self), self.stride, self.padding, self.dilation, self.groups)   # = compute's
 
     def compute(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None | bool = True) -> torch.Tensor:
         """This layer's convolution with a given dense weight (the weight prefetcher's,
