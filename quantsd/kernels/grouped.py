@@ -17,10 +17,13 @@ from typing import Sequence
 
 import torch
 
-from .dequant import BLOCK, HAS_TRITON, LAUNCH_OPTIONS
+from .dequant import HAS_TRITON, LAUNCH_OPTIONS
 
 __all__ = ["GroupLaunch", "ALIGN", "flat_layout"]
 
+# weights per program: twice the per-layer kernel's.  bench/tune_group_kernel.py on an H200 (paper-final's
+# 118 launches, one CUDA graph): 2048 x 4 warps 0.93 ms vs 1024 x 4 warps 1.02 ms for the whole decode
+BLOCK = 2048
 ALIGN = 128  # elements: each layer's weight starts on a 256-byte boundary of the flat buffer (fp16)
 assert BLOCK % ALIGN == 0   # a layer's programs cover its padded slot, never the next layer's
 _KERNELS: dict = {}  # specialization key -> compiled group kernel, checked once (dequant.adopt_checked)
