@@ -497,6 +497,44 @@ def test_profile_packed_grouped_decode_rebuilds_every_weight():
     assert r.returncode == 0 and "PROFILE OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
 
 
+_TUNE_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, %r)
+    from tune_group_kernel import build_units
+    from quantsd.bench.core import to_packed
+    from quantsd.dequant_groups import group_dequant
+    from quantsd.models import load_pipeline
+    from quantsd.recipe import load_recipe
+
+    pipe, _ = to_packed(load_pipeline("tiny"), load_recipe(%r))
+    unet = pipe.unet.half()
+    group_dequant(unet, 1 << 14)
+    units = build_units(unet)
+    assert len(units) >= 3 and any(len(u.members) > 1 for u in units)
+    for variant in ((1024, 4, 1, False, False, False), (2048, 4, 1, False, False, True), (512, 4, 2, True, True, True)):
+        with torch.inference_mode():
+            for u in units:
+                u.out.fill_(float("nan"))
+                u.launch(*variant)
+        assert all(u.exact() for u in units), variant
+        u = units[0]
+        with torch.inference_mode():                    # (the units' buffers are inference tensors)
+            u.out.view(torch.int16)[u.offsets[-1]] += 1  # one wrong weight is caught
+        assert not u.exact()
+    print("TUNE OK")
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
+def test_tune_group_kernel_variants_match_the_production_decode():
+    """bench/tune_group_kernel.py's experimental kernel variants (launch shape, vector loads, 2-D grid,
+    fp16 table) decode every unit of the tiny UNet bit for bit as the production path does, and its
+    check notices a single wrong weight."""
+    pytest.importorskip("triton")
+    r = _run_interpreted(_TUNE_SCRIPT % (str(REPO / "bench"), str(REPO / "recipes" / "paper-final.yaml")))
+    assert r.returncode == 0 and "TUNE OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
+
+
 def test_launch_counts_counts_groups_and_lone_layers():
     from quantsd.dequant_groups import launch_counts
     from quantsd.nn import QuantLinear
