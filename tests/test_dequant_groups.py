@@ -242,7 +242,7 @@ _LAUNCH_SCRIPT = textwrap.dedent("""
     from quantsd.quant import quantize_tensor
 
     torch.manual_seed(0)
-    for bits in (2, 4, 8):
+    for bits in (2, 3, 4, 6, 8):
         for shapes, aligned in (([(16, 8), (32, 24), (8, 2)], True), ([(16, 8), (7, 9), (3, 5)], False)):
             layers = []
             for o, i in shapes:
@@ -262,7 +262,7 @@ _LAUNCH_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
 def test_group_launch_aligned_and_unaligned_layers_decode_the_reference_bits():
     """GroupLaunch's kernel states vector-aligned code offsets and lengths to the compiler only when
-    every member has them (``aligned``); both paths give the torch reference's bits, bits 2/4/8."""
+    every member has them (``aligned``); both paths give the torch reference's bits, bits 2/3/4/6/8."""
     pytest.importorskip("triton")
     r = _run_interpreted(_LAUNCH_SCRIPT)
     assert r.returncode == 0 and "LAUNCH OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
