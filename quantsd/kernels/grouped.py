@@ -9,6 +9,12 @@ The layers' codes and tables stay where they are (no copy): the kernel is given 
 layer's codes and table as base pointers and every layer's offsets from them (int64 address
 differences), plus a per-program layer index.  The decode is the per-layer kernel's value-table
 path (same code extraction, same gather, same cast), so the weights are the reference's bits.
+
+Speed: a layer's code offset and length reach the kernel at run time, so by default the compiler
+loads one code byte per lane; when every member's offset and length are multiples of 16 (always, for
+caching-allocator blocks and SD's shapes) the launch says so (``ALIGNED``) and the loads vectorize.
+With 2048 weights per program the whole SD1.5 paper-final decode takes 0.86 ms on an H200 against
+0.63 ms for merely writing the same buffers (bench/tune_group_kernel.py; BENCHMARKS.md, session 8).
 """
 
 from __future__ import annotations
