@@ -272,7 +272,12 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES) -> list
     A group root is the largest non-container module (not a ModuleList/ModuleDict, whose children
     may run interleaved) whose eligible layers hold at most ``max_bytes`` of dense weights; its
     eligible layers form one group per bit width and dtype (a layer larger than ``max_bytes`` is a
-    root of its own, so it keeps its own launch).
+    root of its own, so it keeps its own launch).  Inside a module too large to be a root (a ResNet
+    block with a 28 MiB conv, say), consecutive children that are roots are taken together, and
+    their layers of one kind are packed in order into groups of at most ``max_bytes`` -- so a small
+    layer beside a large one (``conv1`` + ``time_emb_proj``, ``conv2`` + ``conv_shortcut``) shares a
+    launch instead of making its own.  Only consecutive children (no split child between them) are
+    packed together: they run close together, so a group's buffer is not held across other groups.
     Call again after moving or casting the module (groups check and rebuild themselves, but the
     split by dtype is made here).  Layers in no group keep their own launch."""
     ungroup_dequant(module)
@@ -284,38 +289,68 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES) -> list
             totals[id(mod)] = own + sum(total(c) for c in mod.children())
         return totals[id(mod)]
 
-    roots: list[nn.Module] = []
+    def is_root(mod: nn.Module) -> bool:
+        return 0 < total(mod) <= max_bytes and not isinstance(mod, (nn.ModuleList, nn.ModuleDict))
+
+    runs: list[list[nn.Module]] = []   # roots taken together (one, or consecutive siblings)
 
     def visit(mod: nn.Module) -> None:
-        t = total(mod)
-        if t == 0:
+        if total(mod) == 0:
             return
-        if t <= max_bytes and not isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
-            roots.append(mod)
+        if is_root(mod):
+            runs.append([mod])
             return
+        container = isinstance(mod, (nn.ModuleList, nn.ModuleDict))
+        run: list[nn.Module] = []
         for c in mod.children():
+            if total(c) == 0:
+                continue
+            if is_root(c) and not container:
+                run.append(c)
+                continue
+            if run:
+                runs.append(run)
+                run = []
             visit(c)
+        if run:
+            runs.append(run)
 
     visit(module)
     groups: list[DequantGroup] = []
-    for root in roots:
+    for run in runs:
         by_kind: dict[tuple, list[QuantModule]] = {}
-        for m in root.modules():
-            if _eligible(m):
-                by_kind.setdefault((m.bits, m._dtype, m.weight_packed.device), []).append(m)
-        for members in by_kind.values():
-            if len(members) < 2:
-                continue
-            g = DequantGroup(members)
-            for i, m in enumerate(members):
-                m._dq_group, m._dq_index = g, i
-            # the launch constants now, outside any CUDA-graph pool: built lazily inside a compiled
-            # graph's first (warm-up) run they would be allocations the graph does not own
-            g._ready()
-            groups.append(g)
+        for root in run:
+            for m in root.modules():
+                if _eligible(m):
+                    by_kind.setdefault((m.bits, m._dtype, m.weight_packed.device), []).append(m)
+        for layers in by_kind.values():
+            for members in _packed_under(layers, max_bytes):
+                if len(members) < 2:
+                    continue
+                g = DequantGroup(members)
+                for i, m in enumerate(members):
+                    m._dq_group, m._dq_index = g, i
+                # the launch constants now, outside any CUDA-graph pool: built lazily inside a compiled
+                # graph's first (warm-up) run they would be allocations the graph does not own
+                g._ready()
+                groups.append(g)
     if groups:
         install_dedup_pass()   # compiled graphs: one launch per group (see the module docstring)
     return groups
+
+
+def _packed_under(layers: list[QuantModule], max_bytes: int) -> list[list[QuantModule]]:
+    """``layers`` (in order) cut into consecutive runs of at most ``max_bytes`` of dense weights."""
+    out: list[list[QuantModule]] = []
+    size = 0
+    for m in layers:
+        b = _dense_bytes(m)
+        if not out or size + b > max_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(m)
+        size += b
+    return out
 
 
 def ungroup_dequant(module: nn.Module) -> None:

@@ -165,9 +165,28 @@ _SCRIPT = textwrap.dedent("""
         assert alive() is None and all(r() is None or r() in groups for r in DG._LIVE)
         DG._LIVE.clear()
 
-        # a cap below every block's size: the blocks' layers run alone
+        # a cap below a block's size: its consecutive children share groups in order, under the cap --
+        # 2600 bytes: the 4-bit conv1, conv2 and v (2432) in one, the 8-bit q and k in another;
+        # 1200: no two 4-bit layers fit (each alone), q and k still do; 200: every layer alone
         assert all(gg.dense_bytes <= 4096 for gg in groups)
-        assert DG.group_dequant(net, max_bytes=2600) == []
+        assert sorted(len(g.members) for g in DG.group_dequant(net, max_bytes=2600)) == [2, 2, 3, 3]
+        g1200 = DG.group_dequant(net, max_bytes=1200)
+        assert sorted(len(g.members) for g in g1200) == [2, 2] and all({m.bits for m in g.members} == {8} for g in g1200)
+        assert all(g.dense_bytes <= 1200 for g in g1200)
+        assert DG.group_dequant(net, max_bytes=200) == []
+        # only consecutive children share: a split child (here a ModuleList) between two ends the run
+        class Sandwich(nn.Module):
+            def __init__(self, split):
+                super().__init__()
+                self.a = qlin(8, 8, 8)
+                if split:
+                    self.mid = nn.ModuleList([qlin(8, 8, 8)])
+                self.b = qlin(8, 8, 8)
+                if not split:
+                    self.mid = nn.ModuleList([qlin(8, 8, 8)])
+        assert DG.group_dequant(Sandwich(True).half(), max_bytes=300) == []
+        sg = DG.group_dequant(Sandwich(False).half(), max_bytes=300)
+        assert len(sg) == 1 and len(sg[0].members) == 2
         groups = DG.group_dequant(net, max_bytes=4096)
         out = net(x)
         DG.ungroup_dequant(net)
