@@ -6,7 +6,8 @@
 Why: an eager UNet step is host-bound (the GPU waits for Python), and each packed layer's own
 dequant launch adds ~15-30 us of host time (bench/launch_overhead.py) -- ~282 launches per
 SD1.5 step.  A group is the value-table layers (per-tensor parameters) of one bit width inside
-one block (a ResNet block, a transformer, an attention...): the first of its layers that runs
+one block (a ResNet block, a transformer, an attention...), or of consecutive children of a block
+too large to be one group (``conv1`` + ``time_emb_proj``): the first of its layers that runs
 rebuilds every member's dense weight in one launch (:class:`quantsd.kernels.grouped.GroupLaunch`)
 and each member then takes its view.  Bits are the per-layer kernel's (same decode).
 
