@@ -290,8 +290,11 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES) -> list
             totals[id(mod)] = own + sum(total(c) for c in mod.children())
         return totals[id(mod)]
 
+    def is_container(mod: nn.Module) -> bool:   # its children may run interleaved
+        return isinstance(mod, (nn.ModuleList, nn.ModuleDict))
+
     def is_root(mod: nn.Module) -> bool:
-        return 0 < total(mod) <= max_bytes and not isinstance(mod, (nn.ModuleList, nn.ModuleDict))
+        return 0 < total(mod) <= max_bytes and not is_container(mod)
 
     runs: list[list[nn.Module]] = []   # roots taken together (one, or consecutive siblings)
 
@@ -301,7 +304,7 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES) -> list
         if is_root(mod):
             runs.append([mod])
             return
-        container = isinstance(mod, (nn.ModuleList, nn.ModuleDict))
+        container = is_container(mod)
         run: list[nn.Module] = []
         for c in mod.children():
             if total(c) == 0:

@@ -104,18 +104,24 @@ def available(device: torch.device) -> bool:
 if HAS_TRITON:
 
     @triton.jit
-    def _load_codes(packed_ptr, pid, e, emask, numel, BITS: tl.constexpr, BLOCK: tl.constexpr):
-        """The codes of weights ``e`` (= pid * BLOCK + arange) of one layer's LSB-first bitstream."""
+    def _load_codes(packed_ptr, pid, e, emask, numel, BITS: tl.constexpr, BLOCK: tl.constexpr,
+                    EVEN: tl.constexpr):
+        """The codes of weights ``e`` (= pid * BLOCK + arange) of one layer's LSB-first bitstream.
+        EVEN: ``numel`` is a multiple of the codes per byte, so a byte's mask can be written
+        ``b < numel / k`` -- the same bytes as ``b * k < numel``, in a form whose constancy the
+        compiler sees (with a ``multiple_of`` numel, the loads vectorize)."""
         MASK: tl.constexpr = (1 << BITS) - 1
         if BITS == 8:
             code = tl.load(packed_ptr + e, mask=emask, other=0).to(tl.int32)
         elif BITS == 4:                                         # 2 codes per byte, low nibble first
             b = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
-            byte = tl.load(packed_ptr + b, mask=b * 2 < numel, other=0).to(tl.int32)
+            bmask = (b < numel // 2) if EVEN else (b * 2 < numel)
+            byte = tl.load(packed_ptr + b, mask=bmask, other=0).to(tl.int32)
             code = tl.interleave(byte & MASK, byte >> 4)
         elif BITS == 2:                                         # 4 codes per byte, low bits first
             b = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-            byte = tl.load(packed_ptr + b, mask=b * 4 < numel, other=0).to(tl.int32)
+            bmask = (b < numel // 4) if EVEN else (b * 4 < numel)
+            byte = tl.load(packed_ptr + b, mask=bmask, other=0).to(tl.int32)
             code = tl.interleave(tl.interleave(byte & MASK, (byte >> 4) & MASK),
                                  tl.interleave((byte >> 2) & MASK, byte >> 6))
         else:                                                   # LSB-first stream, maybe 2 bytes
@@ -190,7 +196,7 @@ if HAS_TRITON:
             pid = pid.to(tl.int64)
         e = pid * BLOCK + tl.arange(0, BLOCK)                   # element index
         emask = e < numel
-        code = _load_codes(packed_ptr, pid, e, emask, numel, BITS, BLOCK)
+        code = _load_codes(packed_ptr, pid, e, emask, numel, BITS, BLOCK, False)
 
         w = _decode(code, e, emask, scale_ptr, bp_ptr, lut_ptr, group, BITS, PWLQ, GMODE, TABLE)
         _store_weights(out_ptr, e, emask, w, OUT_BF16)
@@ -207,7 +213,7 @@ if HAS_TRITON:
             pid = pid.to(tl.int64)
         e = pid * BLOCK + tl.arange(0, BLOCK)
         emask = e < numel
-        code = _load_codes(packed_ptr, pid, e, emask, numel, BITS, BLOCK)
+        code = _load_codes(packed_ptr, pid, e, emask, numel, BITS, BLOCK, False)
         w = _decode(code, e, emask, scale_ptr, bp_ptr, lut_ptr, group, BITS, PWLQ, GMODE, TABLE)
         r = e % (cin * ksize)
         _store_weights(out_ptr, e - r + (r % ksize) * cin + r // ksize, emask, w, OUT_BF16)
@@ -237,16 +243,7 @@ if HAS_TRITON:
         lpid = pid.to(tl.int64) - tl.load(d + 4)
         e = lpid * BLOCK + tl.arange(0, BLOCK)
         emask = e < numel
-        if ALIGNED and BITS == 4:   # numel even: "byte < numel / 2" is _load_codes' mask, and vectorizes
-            b = lpid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
-            byte = tl.load(packed_ptr + b, mask=b < numel // 2, other=0).to(tl.int32)
-            code = tl.interleave(byte & 15, byte >> 4)
-        elif ALIGNED and BITS == 2:
-            b = lpid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-            byte = tl.load(packed_ptr + b, mask=b < numel // 4, other=0).to(tl.int32)
-            code = tl.interleave(tl.interleave(byte & 3, (byte >> 4) & 3), tl.interleave((byte >> 2) & 3, byte >> 6))
-        else:
-            code = _load_codes(packed_ptr, lpid, e, emask, numel, BITS, BLOCK)
+        code = _load_codes(packed_ptr, lpid, e, emask, numel, BITS, BLOCK, ALIGNED)
         # stores run to the layer's padded end (the padding is the group buffer's own, unread), so
         # whole ALIGN-element runs are stored and the stores vectorize
         padded = tl.multiple_of((numel + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
