@@ -15,10 +15,13 @@ per layer:
 * ``launch_triton_run``: the same through Triton's ``JITFunction.run`` (argument binding,
   specialization, cache lookup: the path before the direct launcher);
 * ``alloc``: the output allocation alone (``torch.empty``);
-* ``f_linear``: one small ``F.linear`` (the cost of one dense op, for scale).
+* ``f_linear``: one small ``F.linear`` (the cost of one dense op, for scale);
+* ``graph_replay``: ``CUDAGraph.replay()`` of a graph holding one layer's dequant launch into a
+  fixed buffer (what a launch would cost the host if decodes were replayed graphs).
 
 Then eager UNet steps (batch 2 = CFG, 512²), dense fp16, packed per layer (also with Triton's own
-launch path) and packed grouped, interleaved: ``--rounds`` rounds of 5 CUDA-event-timed steps of
+launch path) and packed grouped (the default cap, and ``--caps`` MiB each as ``packed_grouped_<cap>``),
+interleaved: ``--rounds`` rounds of 5 CUDA-event-timed steps of
 each variant in turn, medians per variant and the median of each round's ratio to fp16 (the H200
 box's eager timings drift by up to 2x within minutes, so variants are compared within a round).
 """
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline, cuda_time_ms  # noqa: E402
-from quantsd.dequant_groups import group_dequant, ungroup_dequant  # noqa: E402
+from quantsd.dequant_groups import group_dequant, launch_counts, ungroup_dequant  # noqa: E402
 from quantsd.kernels import dequant  # noqa: E402
 from quantsd.nn import packed_modules  # noqa: E402
 from quantsd.recipe import load_recipe  # noqa: E402
@@ -63,6 +66,7 @@ def main() -> None:
     ap.add_argument("--recipe", default="recipes/paper-final.yaml")
     ap.add_argument("--out", required=True)
     ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds of eager UNet steps")
+    ap.add_argument("--caps", default="", help="more group caps to time, MiB, comma-separated (e.g. 96,192)")
     a = ap.parse_args()
     pipe = build_pipeline("sd15-arch", BenchConfig("packed", packed=True), torch.device("cuda"),
                           recipe=load_recipe(a.recipe))
@@ -70,6 +74,7 @@ def main() -> None:
     n = len(layers)
     dt = torch.float16
     groups = group_dequant(pipe.unet)
+    caps = [float(c) for c in a.caps.split(",") if c.strip()]
     res: dict = {"gpu": torch.cuda.get_device_name(0), "layers": n, "groups": len(groups),
                  "grouped_layers": sum(len(g.members) for g in groups),
                  "largest_group_mib": round(max((g.dense_bytes for g in groups), default=0) / 2**20, 1)}
@@ -90,6 +95,16 @@ def main() -> None:
         x = torch.randn(8, 64, device="cuda", dtype=dt)
         w = torch.randn(64, 64, device="cuda", dtype=dt)
         res["f_linear_us"] = host_us(lambda: F.linear(x, w), 1, reps=2000)
+        graphs = []
+        for m in layers:
+            buf = torch.empty(m.weight_shape, dtype=dt, device="cuda")
+            dequant.launch_into(m._plan, m.weight_packed, m._lut, None, m._lut, buf)   # compile + cache first
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                dequant.launch_into(m._plan, m.weight_packed, m._lut, None, m._lut, buf)
+            graphs.append((g, buf))
+        res["graph_replay_us"] = host_us(lambda: [g.replay() for g, _ in graphs], n)
+        graphs.clear()
         was = dequant._direct_enabled
         dequant._direct_enabled = False   # the same launches through Triton's JITFunction.run
         try:
@@ -112,13 +127,15 @@ def main() -> None:
                     "packed_per_layer": lambda: cuda_time_ms(step(unet), 5, 1)["median"],
                     "packed_per_layer_triton_run": per_layer_triton_run,
                     "packed_grouped": None}
+        variants.update({f"packed_grouped_{c:g}": None for c in caps})
         rounds: dict[str, list] = {k: [] for k in variants}
         names = list(variants)
         for r in range(a.rounds):   # the order rotates, so no variant always runs first in a round
             for name in names[r % len(names):] + names[:r % len(names)]:
                 fn = variants[name]
-                if name == "packed_grouped":
-                    group_dequant(unet)
+                if name.startswith("packed_grouped"):
+                    cap = name[len("packed_grouped_"):]
+                    group_dequant(unet, int(float(cap) * 2**20)) if cap else group_dequant(unet)
                     rounds[name].append(cuda_time_ms(step(unet), 5, 1)["median"])
                     ungroup_dequant(unet)
                 else:
@@ -128,6 +145,11 @@ def main() -> None:
         res["unet_eager_ratio_vs_fp16"] = {k: round(med([x / f for x, f in zip(v, rounds["fp16"])]), 3)
                                            for k, v in rounds.items() if k != "fp16"}
         res["unet_eager_rounds_ms"] = {k: [round(x, 2) for x in v] for k, v in rounds.items()}
+        res["launches_per_step"] = {}
+        for c in [None] + caps:
+            group_dequant(unet) if c is None else group_dequant(unet, int(c * 2**20))
+            res["launches_per_step"]["default" if c is None else f"{c:g}"] = launch_counts(unet)
+        ungroup_dequant(unet)
         res["direct_kernels_cached"] = len(dequant._DIRECT)
         res["direct_enabled"] = dequant._direct_enabled
     print(json.dumps(res))

@@ -53,7 +53,7 @@ ALIGN = 128
 @triton.jit
 def _variant_kernel(packed_base, lut_base, out_ptr, desc_ptr, prog_layer_ptr,
                     BITS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, ITER: tl.constexpr,
-                    GRID2D: tl.constexpr, ALIGNED: tl.constexpr):
+                    GRID2D: tl.constexpr, ALIGNED: tl.constexpr, GATHER: tl.constexpr = False):
     if GRID2D:
         d = desc_ptr + tl.program_id(1).to(tl.int64) * 5
         first = tl.program_id(0).to(tl.int64) * ITER
@@ -75,7 +75,10 @@ def _variant_kernel(packed_base, lut_base, out_ptr, desc_ptr, prog_layer_ptr,
         lpid = first + i
         e = lpid * BLOCK + tl.arange(0, BLOCK)
         code = _load_codes(packed_ptr, lpid, e, e < numel, numel, BITS, BLOCK, ALIGNED)
-        w = tl.load(lut_ptr + code)
+        if GATHER:   # the table in shared memory (tl.gather), not an L1 gather per weight from global memory
+            w = tl.gather(tl.load(lut_ptr + tl.arange(0, 1 << BITS)), code, 0)
+        else:
+            w = tl.load(lut_ptr + code)
         tl.store(out + e, w.to(out_ptr.dtype.element_ty), mask=e < padded)
 
 
@@ -119,11 +122,12 @@ class Unit:
             self.plans[key] = (desc, prog_layer, grid)
         return self.plans[key]
 
-    def launch(self, block: int, warps: int, iters: int, grid2d: bool, lut16: bool, aligned: bool) -> None:
+    def launch(self, block: int, warps: int, iters: int, grid2d: bool, lut16: bool, aligned: bool,
+               gather: bool = False) -> None:
         desc, prog_layer, grid = self.plan(block, iters, grid2d)
         _variant_kernel[grid](self.codes, self.lut16 if lut16 else self.lut32, self.out, desc, prog_layer,
                               BITS=self.bits, BLOCK=block, ALIGN=ALIGN, ITER=iters, GRID2D=grid2d, ALIGNED=aligned,
-                              num_warps=warps, enable_fp_fusion=False)
+                              GATHER=gather, num_warps=warps, enable_fp_fusion=False)
 
     def exact(self) -> bool:
         a = self.out.view(torch.int16)
@@ -147,7 +151,8 @@ def build_units(unet) -> list[Unit]:
     return units
 
 
-VARIANTS = [  # (BLOCK, warps, ITER, GRID2D, LUT16, ALIGNED); the first is the kernel before session 8, the fourth today's
+# (BLOCK, warps, ITER, GRID2D, LUT16, ALIGNED[, GATHER]); the first is the kernel before session 8, the fourth today's
+VARIANTS = [
     (1024, 4, 1, False, False, False),
     (1024, 4, 1, False, False, True),
     (2048, 4, 1, False, False, False),
@@ -161,7 +166,14 @@ VARIANTS = [  # (BLOCK, warps, ITER, GRID2D, LUT16, ALIGNED); the first is the k
     (1024, 4, 2, False, False, True),
     (2048, 4, 2, False, False, True),
     (1024, 4, 1, True, True, True),
+    (2048, 4, 1, False, False, True, True),
+    (2048, 4, 1, False, True, True, True),
+    (4096, 4, 1, False, False, True, True),
 ]
+# --variants gather: today's kernel against its table-in-shared-memory forms only (a short GPU run)
+GATHER_VARIANTS = [(2048, 4, 1, False, False, True), (2048, 4, 1, False, False, True, True),
+                   (2048, 4, 1, False, True, True, True), (4096, 4, 1, False, False, True, True),
+                   (2048, 4, 1, False, True, True)]
 
 
 def main() -> None:
@@ -170,6 +182,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--time-budget", type=float, default=240.0, help="skip variants that would start after S seconds")
     ap.add_argument("--model", default="sd15-arch")
+    ap.add_argument("--variants", choices=["all", "gather"], default="all",
+                    help="gather: only today's kernel and its table-in-shared-memory (tl.gather) variants")
     ap.add_argument("--per-unit", type=int, default=12, help="time the largest N units one by one")
     ap.add_argument("--check-only", action="store_true",
                     help="compare every variant with the production decode, no timing (CPU: TRITON_INTERPRET=1)")
@@ -207,12 +221,13 @@ def main() -> None:
         res["fill_floor_by_bits_ms"] = {b: timed(lambda us=us: [u.out.fill_(0) for u in us]) for b, us in by_bits.items()}
         print(json.dumps({k: res[k] for k in ("production_ms", "fill_floor_ms", "one_fill_ms", "fill_floor_by_bits_ms")}),
               flush=True)
-        for block, warps, iters, grid2d, lut16, aligned in VARIANTS:
+        for args in (GATHER_VARIANTS if a.variants == "gather" else VARIANTS):
             if time.time() - t0 > a.time_budget:
                 res["skipped_after_s"] = a.time_budget
                 break
-            args = (block, warps, iters, grid2d, lut16, aligned)
-            row = {"block": block, "warps": warps, "iter": iters, "grid2d": grid2d, "lut16": lut16, "aligned": aligned}
+            block, warps, iters, grid2d, lut16, aligned = args[:6]
+            row = {"block": block, "warps": warps, "iter": iters, "grid2d": grid2d, "lut16": lut16, "aligned": aligned,
+                   "gather": len(args) > 6 and args[6]}
             try:
                 for u in units:
                     u.out.fill_(float("nan"))

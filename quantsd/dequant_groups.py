@@ -44,9 +44,15 @@ from .kernels.grouped import flat_layout
 from .nn import QuantConv2d, QuantLinear, QuantModule, _version_of
 
 __all__ = ["DequantGroup", "group_dequant", "group_pipeline", "ungroup_dequant", "launch_counts", "DEFAULT_MAX_BYTES",
-           "DEDUP_PASS", "install_dedup_pass"]
+           "EAGER_MAX_BYTES", "DEDUP_PASS", "install_dedup_pass"]
 
+# Group caps (dense bytes).  Compiled graphs: 32 MiB -- a group's weights are read by the GEMMs right
+# after their decode, and a larger group made the compiled step no faster on the H200 (session 7).
+# Eager forwards are host-bound and each launch costs ~25-30 us of host time there
+# (bench/launch_overhead.py), so eager groups are larger: 96 MiB halves SD1.5's launches per step
+# (103 -> 50), and two such buffers (at most _MAX_LIVE) stay under the VAE decode's own peak.
 DEFAULT_MAX_BYTES = 32 << 20
+EAGER_MAX_BYTES = 96 << 20
 _LIVE: deque = deque()      # weak references to the groups whose buffer is held, oldest first
 _MAX_LIVE = 2
 _REGISTRY: "weakref.WeakValueDictionary[int, DequantGroup]" = weakref.WeakValueDictionary()  # key -> group
@@ -374,17 +380,18 @@ def launch_counts(module: nn.Module) -> dict:
     return {"groups": len(groups), "lone_layers": lone, "launches": len(groups) + lone}
 
 
-def group_pipeline(pipe, max_bytes: int | None = None) -> int:
+def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True) -> int:
     """:func:`group_dequant` on a diffusers pipeline's UNet; returns how many groups were made (0
     where no layer runs the Triton kernel, e.g. on the CPU).  ``max_bytes`` None: the environment's
-    ``QUANTSD_GROUP_MAX_MIB`` (MiB, for experiments), else :data:`DEFAULT_MAX_BYTES`.
+    ``QUANTSD_GROUP_MAX_MIB`` (MiB, for experiments), else :data:`DEFAULT_MAX_BYTES` for a UNet that
+    will be compiled and :data:`EAGER_MAX_BYTES` for one that runs eager (``compiled=False``).
 
     Only the UNet: it runs once per step, the text encoder and the VAE once per image (a few ms of
     launches), and the VAE decode is a generation's memory peak, which a group's buffer would raise."""
     if max_bytes is None:
         env = os.environ.get("QUANTSD_GROUP_MAX_MIB", "").strip()
         try:
-            max_bytes = int(float(env) * (1 << 20)) if env else DEFAULT_MAX_BYTES
+            max_bytes = int(float(env) * (1 << 20)) if env else (DEFAULT_MAX_BYTES if compiled else EAGER_MAX_BYTES)
         except ValueError:
             raise ValueError(f"QUANTSD_GROUP_MAX_MIB must be a number of MiB, got {env!r}") from None
     unet = getattr(pipe, "unet", None)

@@ -188,7 +188,7 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     if grouped_dequant and offload is None:
         from .dequant_groups import group_pipeline
 
-        group_pipeline(pipe)
+        group_pipeline(pipe, compiled=compile)
     if compile:
         if prefetch_weights:
             from .prefetch import enable_weight_prefetch

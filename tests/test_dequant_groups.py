@@ -438,10 +438,13 @@ def test_group_pipeline_reads_the_size_cap_from_the_environment(monkeypatch):
     pipe = type("Pipe", (), {"unet": nn.Linear(2, 2)})()
     monkeypatch.delenv("QUANTSD_GROUP_MAX_MIB", raising=False)
     DG.group_pipeline(pipe)
-    monkeypatch.setenv("QUANTSD_GROUP_MAX_MIB", "96")
+    DG.group_pipeline(pipe, compiled=False)     # eager forwards: larger groups, fewer launches
+    monkeypatch.setenv("QUANTSD_GROUP_MAX_MIB", "48")
     DG.group_pipeline(pipe)
+    DG.group_pipeline(pipe, compiled=False)
     DG.group_pipeline(pipe, max_bytes=1234)
-    assert seen == [DG.DEFAULT_MAX_BYTES, 96 << 20, 1234]
+    assert DG.EAGER_MAX_BYTES > DG.DEFAULT_MAX_BYTES
+    assert seen == [DG.DEFAULT_MAX_BYTES, DG.EAGER_MAX_BYTES, 48 << 20, 48 << 20, 1234]
     monkeypatch.setenv("QUANTSD_GROUP_MAX_MIB", "lots")
     with pytest.raises(ValueError, match="QUANTSD_GROUP_MAX_MIB"):
         DG.group_pipeline(pipe)
@@ -530,7 +533,8 @@ _TUNE_SCRIPT = textwrap.dedent("""
     group_dequant(unet, 1 << 14)
     units = build_units(unet)
     assert len(units) >= 3 and any(len(u.members) > 1 for u in units)
-    for variant in ((1024, 4, 1, False, False, False), (2048, 4, 1, False, False, True), (512, 4, 2, True, True, True)):
+    for variant in ((1024, 4, 1, False, False, False), (2048, 4, 1, False, False, True), (512, 4, 2, True, True, True),
+                    (2048, 4, 1, False, False, True, True), (1024, 4, 1, False, True, True, True)):
         with torch.inference_mode():
             for u in units:
                 u.out.fill_(float("nan"))
@@ -547,7 +551,7 @@ _TUNE_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
 def test_tune_group_kernel_variants_match_the_production_decode():
     """bench/tune_group_kernel.py's experimental kernel variants (launch shape, vector loads, 2-D grid,
-    fp16 table) decode every unit of the tiny UNet bit for bit as the production path does, and its
+    fp16 table, table gathered from shared memory) decode every unit of the tiny UNet bit for bit as the production path does, and its
     check notices a single wrong weight."""
     pytest.importorskip("triton")
     r = _run_interpreted(_TUNE_SCRIPT % (str(REPO / "bench"), str(REPO / "recipes" / "paper-final.yaml")))

@@ -649,7 +649,8 @@ def test_group_kernel_stores_and_loads_vectorize_on_sm90():
     """The grouped kernel's stores cover whole ALIGN-element runs from ALIGN boundaries, so on an
     H100 they compile to 16-byte vector stores like the per-layer kernel's (a runtime layer offset
     and length would otherwise give one 2-byte store per weight); with ALIGNED (code offsets and
-    lengths multiples of 16) its code loads vectorize too, instead of one byte load per lane."""
+    lengths multiples of 16) its code loads vectorize too, instead of one byte load per lane; and the
+    table lookups read shared memory."""
     import re
 
     triton = pytest.importorskip("triton")
@@ -675,6 +676,8 @@ def test_group_kernel_stores_and_loads_vectorize_on_sm90():
             ptx = k.asm["ptx"]
             stores = set(re.findall(r"st\.global[\.\w]*", ptx))
             assert stores and all(".v4" in st or ".v2" in st for st in stores), stores
+            # each weight's value is gathered from the layer's table in shared memory, not from global
+            assert re.findall(r"ld\.shared", ptx), bits
             if aligned:   # the codes too: no single-byte loads left (without ALIGNED there are)
                 assert not re.findall(r"ld\.global[\.\w]*\.[bu]8\b", ptx), (bits, set(re.findall(r"ld\.global[\.\w]*", ptx)))
             elif bits in (4, 8):

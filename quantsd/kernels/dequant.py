@@ -247,7 +247,11 @@ if HAS_TRITON:
         # stores run to the layer's padded end (the padding is the group buffer's own, unread), so
         # whole ALIGN-element runs are stored and the stores vectorize
         padded = tl.multiple_of((numel + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
-        _store_weights(out_ptr + out_off, e, e < padded, tl.load(lut_ptr + code), OUT_BF16)
+        # the layer's table (2^BITS values) goes to shared memory once per program and each weight is
+        # gathered from there: a gather per weight from global memory touches up to 8 cache lines per
+        # warp for an 8-bit table (H200, bench/tune_group_kernel.py: 8-bit decode 0.233 -> 0.205 ms)
+        w = tl.gather(tl.load(lut_ptr + tl.arange(0, 1 << BITS)), code, 0)
+        _store_weights(out_ptr + out_off, e, e < padded, w, OUT_BF16)
 
 
 _LUTS: dict = {}

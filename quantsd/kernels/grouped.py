@@ -13,8 +13,10 @@ path (same code extraction, same gather, same cast), so the weights are the refe
 Speed: a layer's code offset and length reach the kernel at run time, so by default the compiler
 loads one code byte per lane; when every member's offset and length are multiples of 16 (always, for
 caching-allocator blocks and SD's shapes) the launch says so (``ALIGNED``) and the loads vectorize.
-With 2048 weights per program the whole SD1.5 paper-final decode takes 0.86 ms on an H200 against
-0.63 ms for merely writing the same buffers (bench/tune_group_kernel.py; BENCHMARKS.md, session 8).
+Each program decodes 4096 weights of one layer and gathers them from the layer's table held in
+shared memory.  The whole SD1.5 paper-final decode (production: groups plus the lone layers' own
+kernel) took 0.86 ms on an H200 against 0.62 ms for merely writing the same buffers
+(bench/tune_group_kernel.py; BENCHMARKS.md, sessions 8 and 9).
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from .dequant import HAS_TRITON, LAUNCH_OPTIONS
 
 __all__ = ["GroupLaunch", "ALIGN", "flat_layout"]
 
-# weights per program: twice the per-layer kernel's.  bench/tune_group_kernel.py on an H200 (paper-final's
-# 118 launches, one CUDA graph): 2048 x 4 warps 0.93 ms vs 1024 x 4 warps 1.02 ms for the whole decode
-BLOCK = 2048
+# weights per program: four times the per-layer kernel's (each program loads its layer's table once).
+# bench/tune_group_kernel.py on an H200, paper-final's decode as group-kernel launches in one CUDA graph:
+# 118 launches, table gathered from global memory: 2048 x 4 warps 0.93 ms vs 1024 x 4 warps 1.02 ms;
+# 103 launches, table in shared memory: 4096 x 4 warps 0.855 ms vs 2048 x 4 warps 0.880 ms (session 9)
+BLOCK = 4096
 ALIGN = 128  # elements: each layer's weight starts on a 256-byte boundary of the flat buffer (fp16)
 assert BLOCK % ALIGN == 0   # a layer's programs cover its padded slot, never the next layer's
 _KERNELS: dict = {}  # specialization key -> compiled group kernel, checked once (dequant.adopt_checked)
