@@ -192,7 +192,7 @@ def main() -> None:
     dev = torch.device("cpu" if a.check_only and not torch.cuda.is_available() else "cuda")
     pipe = build_pipeline(a.model, BenchConfig("packed", packed=True), dev, recipe=load_recipe(a.recipe))
     unet = pipe.unet
-    group_dequant(unet)
+    group_dequant(unet, mixed_bits=False)   # (a Unit, and its variant kernel, decode one bit width)
     units = build_units(unet)
     written = sum(2 * u.numel for u in units)
     read = sum(u.codes.numel() for u in units)

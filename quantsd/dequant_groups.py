@@ -5,7 +5,7 @@
 
 Why: an eager UNet step is host-bound (the GPU waits for Python), and each packed layer's own
 dequant launch adds ~15-30 us of host time (bench/launch_overhead.py) -- ~282 launches per
-SD1.5 step.  A group is the value-table layers (per-tensor parameters) of one bit width inside
+SD1.5 step.  A group is the value-table layers (per-tensor parameters, one or two bit widths) inside
 one block (a ResNet block, a transformer, an attention...), or of consecutive children of a block
 too large to be one group (``conv1`` + ``time_emb_proj``): the first of its layers that runs
 rebuilds every member's dense weight in one launch (:class:`quantsd.kernels.grouped.GroupLaunch`)
@@ -183,10 +183,10 @@ class DequantGroup:
             from .kernels.grouped import GroupLaunch
 
             ms = self.members
-            if len({m._dtype for m in ms}) != 1 or len({m.bits for m in ms}) != 1:
+            if len({m._dtype for m in ms}) != 1 or len({m.bits for m in ms}) > 2:
                 return False
             self._launch = GroupLaunch([m.weight_packed for m in ms], [m._lut for m in ms],
-                                       [m.weight_shape for m in ms], ms[0].bits, ms[0]._dtype)
+                                       [m.weight_shape for m in ms], [m.bits for m in ms], ms[0]._dtype)
             self._signature = sig
         self._check_capture = _may_capture(sig[0].device)
         return True
@@ -273,13 +273,15 @@ def _dense_bytes(m: QuantModule) -> int:
     return m._plan.numel * m._compute_dtype_ref.element_size()
 
 
-def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES) -> list[DequantGroup]:
+def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixed_bits: bool = True
+                  ) -> list[DequantGroup]:
     """Group the packed layers below ``module`` for eager forwards; returns the groups.
 
     A group root is the largest non-container module (not a ModuleList/ModuleDict, whose children
     may run interleaved) whose eligible layers hold at most ``max_bytes`` of dense weights; its
-    eligible layers form one group per bit width and dtype (a layer larger than ``max_bytes`` is a
-    root of its own, so it keeps its own launch).  Inside a module too large to be a root (a ResNet
+    eligible layers form one group per dtype -- layers of two bit widths share it (one kernel
+    launch decodes both; ``mixed_bits=False``, or three or more widths in one root: one group per
+    width) -- and a layer larger than ``max_bytes`` is a root of its own, so it keeps its own launch.  Inside a module too large to be a root (a ResNet
     block with a 28 MiB conv, say), consecutive children that are roots are taken together, and
     their layers of one kind are packed in order into groups of at most ``max_bytes`` -- so a small
     layer beside a large one (``conv1`` + ``time_emb_proj``, ``conv2`` + ``conv_shortcut``) shares a
@@ -332,7 +334,9 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES) -> list
         for root in run:
             for m in root.modules():
                 if _eligible(m):
-                    by_kind.setdefault((m.bits, m._dtype, m.weight_packed.device), []).append(m)
+                    by_kind.setdefault((m._dtype, m.weight_packed.device), []).append(m)
+        if not mixed_bits or any(len({m.bits for m in ms}) > 2 for ms in by_kind.values()):
+            by_kind = {k + (b,): [m for m in ms if m.bits == b] for k, ms in by_kind.items() for b in {m.bits for m in ms}}
         for layers in by_kind.values():
             for members in _packed_under(layers, max_bytes):
                 if len(members) < 2:

@@ -72,6 +72,15 @@ _SCRIPT = textwrap.dedent("""
     x = torch.randn(2, 8, 5, 5, dtype=torch.float16)
     with torch.no_grad():
         ref = net(x)
+        # the default: layers of two bit widths share a group (one launch decodes both) -- per block
+        # conv1, conv2, q, k, v in one group; the per-channel layer and the head alone
+        mixed = DG.group_dequant(net, max_bytes=4096)
+        assert sorted(len(g.members) for g in mixed) == [5, 5] and all({m.bits for m in g.members} == {4, 8} for g in mixed)
+        assert torch.equal(net(x), ref) and [g.launches for g in mixed] == [1, 1]
+        assert sorted(len(g.members) for g in DG.group_dequant(net)) == [11] and torch.equal(net(x), ref)
+        # below, the rules with one bit width per group (mixed_bits=False)
+        _group_dequant = DG.group_dequant
+        DG.group_dequant = lambda m, max_bytes=DG.DEFAULT_MAX_BYTES: _group_dequant(m, max_bytes, mixed_bits=False)
         # the whole (small) net is one root: one group per bit width, spanning the blocks
         whole = DG.group_dequant(net)
         assert sorted(len(g.members) for g in whole) == [5, 6] and torch.equal(net(x), ref)
@@ -242,6 +251,7 @@ _SCRIPT = textwrap.dedent("""
         except RuntimeError as e:
             assert "compile the model again" in str(e)
         DG.DequantGroup.flat = flat
+        DG.group_dequant = _group_dequant
         print("GROUPS OK")
 """)
 
@@ -274,6 +284,25 @@ _LAUNCH_SCRIPT = textwrap.dedent("""
                 ref = dequantize_weight(m.weight_packed, m.weight_shape, bits, "pwlq", "tensor", m.weight_scale,
                                         m.weight_breakpoint, torch.float16, backend="torch")
                 assert torch.equal(g.view(flat, k).view(torch.int16), ref.view(torch.int16)), (bits, shapes, k)
+    # two bit widths in one launch (4-bit convolutions beside 8-bit projections), either order
+    for widths in ((4, 8, 8, 4, 4), (8, 2, 2, 8, 8), (3, 6, 6, 3, 3)):
+        shapes = [(16, 8), (32, 24), (8, 2), (7, 9), (64, 16)]
+        layers = [QuantLinear.from_linear(nn.Linear(i, o), quantize_tensor(torch.randn(o, i), b, "pwlq", "tensor")).half()
+                  for (o, i), b in zip(shapes, widths)]
+        g = GroupLaunch([m.weight_packed for m in layers], [m._lut for m in layers], shapes, list(widths), torch.float16)
+        assert (g.bits, g.bits2) == tuple(sorted(set(widths)))
+        flat = g.run()
+        for k, (m, b) in enumerate(zip(layers, widths)):
+            ref = dequantize_weight(m.weight_packed, m.weight_shape, b, "pwlq", "tensor", m.weight_scale,
+                                    m.weight_breakpoint, torch.float16, backend="torch")
+            assert torch.equal(g.view(flat, k).view(torch.int16), ref.view(torch.int16)), (widths, k)
+    try:
+        GroupLaunch([m.weight_packed for m in layers[:3]], [m._lut for m in layers[:3]], shapes[:3], [2, 4, 8],
+                    torch.float16)
+    except ValueError as e:
+        assert "two bit widths" in str(e)
+    else:
+        raise AssertionError("three widths in one launch must be refused")
     print("LAUNCH OK")
 """)
 
@@ -281,7 +310,8 @@ _LAUNCH_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
 def test_group_launch_aligned_and_unaligned_layers_decode_the_reference_bits():
     """GroupLaunch's kernel states vector-aligned code offsets and lengths to the compiler only when
-    every member has them (``aligned``); both paths give the torch reference's bits, bits 2/3/4/6/8."""
+    every member has them (``aligned``); both paths give the torch reference's bits, bits 2/3/4/6/8,
+    and so does a launch of layers of two bit widths (three are refused)."""
     pytest.importorskip("triton")
     r = _run_interpreted(_LAUNCH_SCRIPT)
     assert r.returncode == 0 and "LAUNCH OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
@@ -530,7 +560,7 @@ _TUNE_SCRIPT = textwrap.dedent("""
 
     pipe, _ = to_packed(load_pipeline("tiny"), load_recipe(%r))
     unet = pipe.unet.half()
-    group_dequant(unet, 1 << 14)
+    group_dequant(unet, 1 << 14, mixed_bits=False)
     units = build_units(unet)
     assert len(units) >= 3 and any(len(u.members) > 1 for u in units)
     for variant in ((1024, 4, 1, False, False, False), (2048, 4, 1, False, False, True), (512, 4, 2, True, True, True),

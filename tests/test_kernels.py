@@ -667,11 +667,12 @@ def test_group_kernel_stores_and_loads_vectorize_on_sm90():
     sig = {"packed_base": "*u8", "lut_base": "*fp32", "out_ptr": "*fp16", "desc_ptr": "*i64", "prog_layer_ptr": "*i32",
            "BITS": "constexpr", "BLOCK": "constexpr", "OUT_BF16": "constexpr", "ALIGN": "constexpr"}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
-    sig["ALIGNED"] = "constexpr"
-    for bits in (2, 4, 8):
+    sig["ALIGNED"] = sig["BITS2"] = "constexpr"
+    for bits, bits2 in ((2, 0), (4, 0), (8, 0), (4, 8)):   # (4, 8): a launch of 4- and 8-bit layers
         for aligned in (False, True):
             k = triton.compile(ASTSource(_group_table_kernel, sig, {"BITS": bits, "BLOCK": 1024, "OUT_BF16": False,
-                                                                   "ALIGN": ALIGN, "ALIGNED": aligned}, attrs=attrs),
+                                                                   "ALIGN": ALIGN, "ALIGNED": aligned, "BITS2": bits2},
+                                         attrs=attrs),
                                target=GPUTarget("cuda", 90, 32), options=dict(LAUNCH_OPTIONS))
             ptx = k.asm["ptx"]
             stores = set(re.findall(r"st\.global[\.\w]*", ptx))

@@ -221,17 +221,19 @@ if HAS_TRITON:
     @triton.jit
     def _group_table_kernel(packed_base, lut_base, out_ptr, desc_ptr, prog_layer_ptr,
                             BITS: tl.constexpr, BLOCK: tl.constexpr, OUT_BF16: tl.constexpr,
-                            ALIGN: tl.constexpr, ALIGNED: tl.constexpr = False):
-        # Several value-table layers of one bit width in one launch (kernels/grouped.py).  Program
-        # pid works on layer prog_layer[pid]; desc (int64, 5 per layer): its codes' byte offset
-        # from packed_base, its table's element offset from lut_base, its first element in out,
-        # its element count, its first program.  The decode is the TABLE path above.
+                            ALIGN: tl.constexpr, ALIGNED: tl.constexpr = False, BITS2: tl.constexpr = 0):
+        # Several value-table layers of one or two bit widths in one launch (kernels/grouped.py).
+        # Program pid works on layer prog_layer[pid]; desc (int64, 6 per layer): its codes' byte offset
+        # from packed_base, its table's element offset from lut_base, its first element in out, its
+        # element count, its first program, its bit width.  Every layer has BITS bits, or (BITS2 > 0)
+        # BITS or BITS2: the program then branches on its layer's width (one branch per program, so
+        # its threads never diverge).  The decode is the TABLE path above.
         # ALIGNED: every layer's codes start a multiple of 16 bytes from packed_base and its length is
         # a multiple of 16 -- stated to the compiler, the code loads vectorize (without it a runtime
         # offset and length give one byte load per lane and code)
         pid = tl.program_id(0)
         layer = tl.load(prog_layer_ptr + pid).to(tl.int64)
-        d = desc_ptr + layer * 5
+        d = desc_ptr + layer * 6
         code_off = tl.load(d)
         numel = tl.load(d + 3)
         if ALIGNED:
@@ -243,15 +245,26 @@ if HAS_TRITON:
         lpid = pid.to(tl.int64) - tl.load(d + 4)
         e = lpid * BLOCK + tl.arange(0, BLOCK)
         emask = e < numel
-        code = _load_codes(packed_ptr, lpid, e, emask, numel, BITS, BLOCK, ALIGNED)
         # stores run to the layer's padded end (the padding is the group buffer's own, unread), so
         # whole ALIGN-element runs are stored and the stores vectorize
         padded = tl.multiple_of((numel + ALIGN - 1) // ALIGN * ALIGN, ALIGN)
-        # the layer's table (2^BITS values) goes to shared memory once per program and each weight is
-        # gathered from there: a gather per weight from global memory touches up to 8 cache lines per
-        # warp for an 8-bit table (H200, bench/tune_group_kernel.py: 8-bit decode 0.233 -> 0.205 ms)
-        w = tl.gather(tl.load(lut_ptr + tl.arange(0, 1 << BITS)), code, 0)
+        if BITS2 == 0:
+            w = _table_decode(packed_ptr, lut_ptr, lpid, e, emask, numel, BITS, BLOCK, ALIGNED)
+        elif tl.load(d + 5) == BITS:
+            w = _table_decode(packed_ptr, lut_ptr, lpid, e, emask, numel, BITS, BLOCK, ALIGNED)
+        else:
+            w = _table_decode(packed_ptr, lut_ptr, lpid, e, emask, numel, BITS2, BLOCK, ALIGNED)
         _store_weights(out_ptr + out_off, e, e < padded, w, OUT_BF16)
+
+    @triton.jit
+    def _table_decode(packed_ptr, lut_ptr, lpid, e, emask, numel, BITS: tl.constexpr, BLOCK: tl.constexpr,
+                      ALIGNED: tl.constexpr):
+        """Weights ``e`` of a value-table layer: codes, then the table.  The layer's table (2^BITS
+        values) goes to shared memory once per program and each weight is gathered from there: a
+        gather per weight from global memory touches up to 8 cache lines per warp for an 8-bit table
+        (H200, bench/tune_group_kernel.py: the 8-bit layers' decode 0.233 -> 0.205 ms)."""
+        code = _load_codes(packed_ptr, lpid, e, emask, numel, BITS, BLOCK, ALIGNED)
+        return tl.gather(tl.load(lut_ptr + tl.arange(0, 1 << BITS)), code, 0)
 
 
 _LUTS: dict = {}

@@ -2,7 +2,7 @@
 
 An eager UNet step is host-bound: each layer's own dequant launch costs ~15-30 us of Python and
 driver time, ~282 times per SD1.5 step.  :class:`GroupLaunch` rebuilds the dense weights of
-several value-table layers (per-tensor parameters, one bit width, one output dtype) in a single
+several value-table layers (per-tensor parameters, one or two bit widths, one output dtype) in a single
 launch of ``_group_table_kernel`` into one flat buffer, each layer's weight a view of it.
 
 The layers' codes and tables stay where they are (no copy): the kernel is given the first
@@ -54,17 +54,26 @@ class GroupLaunch:
 
     ``packed`` / ``luts``: the layers' codes (uint8) and value tables (float32[2^bits]), which must
     stay alive and in place while this object is used (callers rebuild it when a data pointer
-    changes).  ``shapes``: the dense weights' shapes."""
+    changes).  ``shapes``: the dense weights' shapes.  ``bits``: every layer's bit width, or one per
+    layer -- at most two different widths in one launch (paper-final's 4-bit convolutions beside
+    8-bit projections in one block: one launch, not two)."""
 
     def __init__(self, packed: Sequence[torch.Tensor], luts: Sequence[torch.Tensor], shapes: Sequence[tuple],
-                 bits: int, dtype: torch.dtype):
+                 bits: int | Sequence[int], dtype: torch.dtype):
         if not HAS_TRITON:
             raise RuntimeError("grouped dequant needs Triton")
         if not packed or len(packed) != len(luts) or len(packed) != len(shapes):
             raise ValueError("one codes tensor, one table and one shape per layer")
         if any(t.dtype != torch.float32 for t in luts) or any(p.dtype != torch.uint8 for p in packed):
             raise ValueError("grouped dequant takes uint8 codes and float32 value tables")
-        self.bits, self.dtype = int(bits), dtype
+        per_layer = [int(bits)] * len(packed) if isinstance(bits, int) else [int(b) for b in bits]
+        widths = sorted(set(per_layer))
+        if len(per_layer) != len(packed) or len(widths) > 2 or not all(1 <= b <= 8 for b in widths):
+            raise ValueError(f"one launch takes one or two bit widths in 1..8, one per layer; got {bits}")
+        # the kernel's BITS and BITS2 (0: one width)
+        self.bits, self.bits2 = widths[0], (widths[1] if len(widths) == 2 else 0)
+        self.layer_bits = per_layer
+        self.dtype = dtype
         self.device = packed[0].device
         self.shapes = [tuple(int(s) for s in sh) for sh in shapes]
         numels = [int(torch.Size(sh).numel()) for sh in self.shapes]
@@ -77,11 +86,11 @@ class GroupLaunch:
         self._packed_base, self._lut_base = packed[0], luts[0]
         pb, lb = packed[0].data_ptr(), luts[0].data_ptr()
         rows = []
-        for p, t, o, n, f in zip(packed, luts, self.offsets, numels, first):
+        for p, t, o, n, f, b in zip(packed, luts, self.offsets, numels, first, per_layer):
             dl = t.data_ptr() - lb
             if dl % 4:
                 raise ValueError("value tables must be 4-byte aligned")
-            rows.append([p.data_ptr() - pb, dl // 4, o, n, f])
+            rows.append([p.data_ptr() - pb, dl // 4, o, n, f, b])
         # code loads vectorize when every layer's codes sit 16 bytes apart from the first's and every
         # length is a multiple of 16 (caching-allocator blocks and SD's layer shapes always are)
         self.aligned = all(r[0] % 16 == 0 for r in rows) and all(n % 16 == 0 for n in numels)
@@ -89,7 +98,7 @@ class GroupLaunch:
         # the compiled kernel's specialization: output dtype, and the base pointers' 16-byte alignment
         # (every other argument is a fresh allocation); the kernels live in a module-level cache,
         # never on this object (a compiled kernel can be neither copied nor pickled)
-        self._key = (self.bits, dtype, self.device, pb % 16 == 0, lb % 16 == 0, self.aligned)
+        self._key = (self.bits, self.bits2, dtype, self.device, pb % 16 == 0, lb % 16 == 0, self.aligned)
         self.desc = torch.tensor(rows, dtype=torch.int64).to(self.device)
         self.prog_layer = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
                                                   torch.tensor(progs)).to(self.device)
@@ -115,16 +124,16 @@ class GroupLaunch:
             k = _KERNELS.get(self._key)
             if k is not None:
                 dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base, o,
-                                      self.desc, self.prog_layer, self.bits, BLOCK, bf16, ALIGN, self.aligned)
+                                      self.desc, self.prog_layer, self.bits, BLOCK, bf16, ALIGN, self.aligned, self.bits2)
                 return out
         k = dequant._group_table_kernel[(self.programs,)](
             self._packed_base, self._lut_base, o, self.desc, self.prog_layer, BITS=self.bits, BLOCK=BLOCK,
-            OUT_BF16=bf16, ALIGN=ALIGN, ALIGNED=self.aligned, **LAUNCH_OPTIONS)
+            OUT_BF16=bf16, ALIGN=ALIGN, ALIGNED=self.aligned, BITS2=self.bits2, **LAUNCH_OPTIONS)
         if direct and hasattr(k, "run") and not torch.cuda.is_current_stream_capturing():
             def launch_into(check):
                 dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base,
                                       check.view(torch.int16) if bf16 else check, self.desc, self.prog_layer,
-                                      self.bits, BLOCK, bf16, ALIGN, self.aligned)
+                                      self.bits, BLOCK, bf16, ALIGN, self.aligned, self.bits2)
 
             dequant.adopt_checked(_KERNELS, self._key, k, launch_into, out, self.same_weights)
         return out
