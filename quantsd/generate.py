@@ -120,7 +120,8 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     ``compile_guards``: "minimal" compiles with fewer per-call Dynamo checks (:func:`compile_unet`).
     ``grouped_dequant`` (default on; not offloaded): the UNet's packed layers of one block are
     dequantized by one kernel launch, eager and compiled (:mod:`quantsd.dequant_groups`; same
-    weights; less host time eager, fewer and larger kernels in a compiled graph).
+    weights; less host time eager, fewer and larger kernels in a compiled graph).  Eager UNets group
+    up to 96 MiB per launch, compiled ones 32 MiB (:func:`quantsd.dequant_groups.group_pipeline`).
     ``dense_below`` (default 0: off): the UNet's packed layers of at most that many weights are
     decoded once and kept dense (:func:`quantsd.nn.densify_small_layers`; same weights, fewer
     dequant launches per step, a few MiB more resident).
