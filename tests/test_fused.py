@@ -400,3 +400,11 @@ def test_compiled_packed_unet_with_fused_layers_on_cuda(guards, monkeypatch):
     rel = ((out - eager).norm() / eager.norm()).item()
     assert rel < 5e-3, rel
     torch._dynamo.reset()
+
+
+def test_row_byte_loads_only_for_byte_aligned_rows_and_deep_tiles():
+    """The row-bytes code loads need rows that start on a byte, and (H200, session 9: the exact-decode
+    test failed with 16-deep tiles for 2-/4-bit codes) tiles at least 32 weights deep."""
+    assert fused._rowbytes_ok(96, 4, 32) and fused._rowbytes_ok(96, 2, 64)
+    assert not fused._rowbytes_ok(96, 4, 16) and not fused._rowbytes_ok(96, 2, 16)
+    assert not fused._rowbytes_ok(45, 3, 32)        # 135 bits per row: rows do not start on a byte

@@ -279,6 +279,14 @@ def _sms(device: torch.device) -> int:
 _REDUCE_BLOCK = 1024
 
 
+def _rowbytes_ok(K: int, bits: int, block_k: int) -> bool:
+    """Take the row-bytes code loads (whole bytes per row, split in registers)?  Only where every row
+    starts on a byte and the tile is at least 32 weights deep: on the H200 (session 9, the first GPU run
+    of this path) the exact-decode test failed for 2- and 4-bit codes with 16-deep tiles and passed
+    with 32; 16-deep tiles take the per-weight byte loads."""
+    return (K * bits) % 8 == 0 and block_k >= 32
+
+
 def _run(x: torch.Tensor, plan: DequantPlan, packed, scale, bp, lut, bias, M: int, N: int, K: int,
          strides, geometry, conv_consts, config: Optional[FusedConfig]) -> torch.Tensor:
     """Launch the fused kernel (and the split-K reduction); returns the (M, N) output.  Launch shape:
@@ -314,7 +322,7 @@ def _run(x: torch.Tensor, plan: DequantPlan, packed, scale, bp, lut, bias, M: in
         x, packed, scale, bp, lut, b, target, M, N, K, plan.group, k_per, *strides, H, W, OH, OW,
         BITS=plan.bits, PWLQ=plan.pwlq, GMODE=plan.gmode, TABLE=plan.table, CONV=conv, KH=kh, KW=kw, SH=sh, SW=sw,
         PH=ph, PW=pw, DH=dh, DW=dw, HAS_BIAS=has_bias, DIRECT=split == 1, BF16=bf16, DOT_F32=bf16 and interpreting(),
-        ROWBYTES=(K * plan.bits) % 8 == 0, BLOCK_M=cfg.block_m,
+        ROWBYTES=_rowbytes_ok(K, plan.bits, cfg.block_k), BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, enable_fp_fusion=False)
     if split > 1:
         _splitk_reduce[(-(-(M * N) // _REDUCE_BLOCK),)](
