@@ -335,8 +335,14 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
             for m in root.modules():
                 if _eligible(m):
                     by_kind.setdefault((m._dtype, m.weight_packed.device), []).append(m)
-        if not mixed_bits or any(len({m.bits for m in ms}) > 2 for ms in by_kind.values()):
-            by_kind = {k + (b,): [m for m in ms if m.bits == b] for k, ms in by_kind.items() for b in {m.bits for m in ms}}
+        split: dict[tuple, list[QuantModule]] = {}
+        for kind, ms in by_kind.items():     # one launch decodes at most two widths
+            widths = sorted({m.bits for m in ms})
+            if mixed_bits and len(widths) <= 2:
+                split[kind] = ms
+            else:
+                split.update({kind + (b,): [m for m in ms if m.bits == b] for b in widths})
+        by_kind = split
         for layers in by_kind.values():
             for members in _packed_under(layers, max_bytes):
                 if len(members) < 2:

@@ -78,6 +78,9 @@ _SCRIPT = textwrap.dedent("""
         assert sorted(len(g.members) for g in mixed) == [5, 5] and all({m.bits for m in g.members} == {4, 8} for g in mixed)
         assert torch.equal(net(x), ref) and [g.launches for g in mixed] == [1, 1]
         assert sorted(len(g.members) for g in DG.group_dequant(net)) == [11] and torch.equal(net(x), ref)
+        # three widths in one root: one group per width (a launch decodes at most two)
+        three = nn.Sequential(qlin(8, 8, 2), qlin(8, 8, 4), qlin(8, 8, 8), qlin(8, 8, 4), qlin(8, 8, 2)).half()
+        assert sorted(sorted({m.bits for m in g.members}) for g in DG.group_dequant(three)) == [[2], [4]]
         # below, the rules with one bit width per group (mixed_bits=False)
         _group_dequant = DG.group_dequant
         DG.group_dequant = lambda m, max_bytes=DG.DEFAULT_MAX_BYTES: _group_dequant(m, max_bytes, mixed_bits=False)
