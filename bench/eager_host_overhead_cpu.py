@@ -213,11 +213,12 @@ def sd15_group_sizes(packed, recipe) -> None:
 
 
 def group(packed):
-    """group_dequant(packed) with SD1.5's fp16 layer sizes (see :func:`sd15_group_sizes`)."""
+    """group_dequant(packed) as eager generation groups (``EAGER_MAX_BYTES``), with SD1.5's fp16 layer
+    sizes (see :func:`sd15_group_sizes`)."""
     real = dg._dense_bytes
     dg._dense_bytes = lambda m: _SD15_BYTES[id(m)]
     try:
-        return group_dequant(packed)
+        return group_dequant(packed, dg.EAGER_MAX_BYTES)
     finally:
         dg._dense_bytes = real
 

@@ -9,7 +9,7 @@ times, on the host only (``time.perf_counter`` around N launches of all layers, 
 per layer:
 
 * ``layer_grouped``: ``QuantModule._forward_weight()`` (what ``forward`` calls) with the layers
-  grouped (quantsd.dequant_groups: one launch per block, the default in eager generation);
+  grouped as eager generation groups them (quantsd.dequant_groups, ``EAGER_MAX_BYTES``);
 * ``layer``: the same, one launch per layer;
 * ``launch``: ``kernels.dequant.launch`` (allocation + the cached compiled kernel's own launcher);
 * ``launch_triton_run``: the same through Triton's ``JITFunction.run`` (argument binding,
@@ -20,7 +20,7 @@ per layer:
   fixed buffer (what a launch would cost the host if decodes were replayed graphs).
 
 Then eager UNet steps (batch 2 = CFG, 512²), dense fp16, packed per layer (also with Triton's own
-launch path) and packed grouped (the default cap, and ``--caps`` MiB each as ``packed_grouped_<cap>``),
+launch path) and packed grouped (eager generation's cap, and ``--caps`` MiB each as ``packed_grouped_<cap>``),
 interleaved: ``--rounds`` rounds of 5 CUDA-event-timed steps of
 each variant in turn, medians per variant and the median of each round's ratio to fp16 (the H200
 box's eager timings drift by up to 2x within minutes, so variants are compared within a round).
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline, cuda_time_ms  # noqa: E402
-from quantsd.dequant_groups import group_dequant, launch_counts, ungroup_dequant  # noqa: E402
+from quantsd.dequant_groups import EAGER_MAX_BYTES, group_dequant, launch_counts, ungroup_dequant  # noqa: E402
 from quantsd.kernels import dequant  # noqa: E402
 from quantsd.nn import packed_modules  # noqa: E402
 from quantsd.recipe import load_recipe  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> None:
     layers = [m for _, m in packed_modules(pipe.unet)]
     n = len(layers)
     dt = torch.float16
-    groups = group_dequant(pipe.unet)
+    groups = group_dequant(pipe.unet, EAGER_MAX_BYTES)   # as eager generation groups
     caps = [float(c) for c in a.caps.split(",") if c.strip()]
     res: dict = {"gpu": torch.cuda.get_device_name(0), "layers": n, "groups": len(groups),
                  "grouped_layers": sum(len(g.members) for g in groups),
@@ -135,7 +135,7 @@ def main() -> None:
                 fn = variants[name]
                 if name.startswith("packed_grouped"):
                     cap = name[len("packed_grouped_"):]
-                    group_dequant(unet, int(float(cap) * 2**20)) if cap else group_dequant(unet)
+                    group_dequant(unet, int(float(cap) * 2**20) if cap else EAGER_MAX_BYTES)
                     rounds[name].append(cuda_time_ms(step(unet), 5, 1)["median"])
                     ungroup_dequant(unet)
                 else:
@@ -147,7 +147,7 @@ def main() -> None:
         res["unet_eager_rounds_ms"] = {k: [round(x, 2) for x in v] for k, v in rounds.items()}
         res["launches_per_step"] = {}
         for c in [None] + caps:
-            group_dequant(unet) if c is None else group_dequant(unet, int(c * 2**20))
+            group_dequant(unet, EAGER_MAX_BYTES if c is None else int(c * 2**20))
             res["launches_per_step"]["default" if c is None else f"{c:g}"] = launch_counts(unet)
         ungroup_dequant(unet)
         res["direct_kernels_cached"] = len(dequant._DIRECT)
