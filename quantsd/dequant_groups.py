@@ -49,8 +49,8 @@ __all__ = ["DequantGroup", "group_dequant", "group_pipeline", "ungroup_dequant",
 # Group caps (dense bytes).  Compiled graphs: 32 MiB -- a group's weights are read by the GEMMs right
 # after their decode, and a larger group made the compiled step no faster on the H200 (session 7).
 # Eager forwards are host-bound and each launch costs ~25-30 us of host time there
-# (bench/launch_overhead.py), so eager groups are larger: 96 MiB halves SD1.5's launches per step
-# (103 -> 50), and two such buffers (at most _MAX_LIVE) stay under the VAE decode's own peak.
+# (bench/launch_overhead.py), so eager groups are larger: 96 MiB cuts SD1.5's launches per step
+# from 85 to 33, and two such buffers (at most _MAX_LIVE) stay under the VAE decode's own peak.
 DEFAULT_MAX_BYTES = 32 << 20
 EAGER_MAX_BYTES = 96 << 20
 _LIVE: deque = deque()      # weak references to the groups whose buffer is held, oldest first
@@ -281,11 +281,11 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
     may run interleaved) whose eligible layers hold at most ``max_bytes`` of dense weights; its
     eligible layers form one group per dtype -- layers of two bit widths share it (one kernel
     launch decodes both; ``mixed_bits=False``, or three or more widths in one root: one group per
-    width) -- and a layer larger than ``max_bytes`` is a root of its own, so it keeps its own launch.  Inside a module too large to be a root (a ResNet
-    block with a 28 MiB conv, say), consecutive children that are roots are taken together, and
-    their layers of one kind are packed in order into groups of at most ``max_bytes`` -- so a small
-    layer beside a large one (``conv1`` + ``time_emb_proj``, ``conv2`` + ``conv_shortcut``) shares a
-    launch instead of making its own.  Only consecutive children (no split child between them) are
+    width) -- and a layer larger than ``max_bytes`` is a root of its own, so it keeps its own
+    launch.  Inside a module too large to be a root (a ResNet block with a 28 MiB conv, say),
+    consecutive children that are roots are taken together, and their layers of one kind are packed
+    in order into groups of at most ``max_bytes`` -- so a small layer beside a large one (``conv1``
+    + ``time_emb_proj``, ``conv2`` + ``conv_shortcut``) shares a launch instead of making its own.  Only consecutive children (no split child between them) are
     packed together: they run close together, so a group's buffer is not held across other groups.
     Call again after moving or casting the module (groups check and rebuild themselves, but the
     split by dtype is made here).  Layers in no group keep their own launch."""
@@ -342,8 +342,7 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
                 split[kind] = ms
             else:
                 split.update({kind + (b,): [m for m in ms if m.bits == b] for b in widths})
-        by_kind = split
-        for layers in by_kind.values():
+        for layers in split.values():
             for members in _packed_under(layers, max_bytes):
                 if len(members) < 2:
                     continue

@@ -72,7 +72,6 @@ class GroupLaunch:
             raise ValueError(f"one launch takes one or two bit widths in 1..8, one per layer; got {bits}")
         # the kernel's BITS and BITS2 (0: one width)
         self.bits, self.bits2 = widths[0], (widths[1] if len(widths) == 2 else 0)
-        self.layer_bits = per_layer
         self.dtype = dtype
         self.device = packed[0].device
         self.shapes = [tuple(int(s) for s in sh) for sh in shapes]
