@@ -82,14 +82,20 @@ class DequantGroup:
     Runtime state (the launch constants, the buffer) is never copied: a deep copy or an unpickled
     group starts empty and rebuilds from its own (copied) members."""
 
-    def __init__(self, members: list[QuantModule]):
-        if len(members) < 2:
-            raise ValueError("a group has two or more layers")
+    def __init__(self, members: list[QuantModule], channels_last: bool = False):
         self.members = members
+        # which members' weights are written channels-last: with ``channels_last``, the conv weights
+        # the kernel can write so (one kernel size per group: the first such member's)
+        cl = [channels_last and _cl_candidate(m) for m in members]
+        taps = next((m.weight_shape[2] * m.weight_shape[3] for m, c in zip(members, cl) if c), 0)
+        self.channels_last = [c and m.weight_shape[2] * m.weight_shape[3] == taps for m, c in zip(members, cl)]
+        if len(members) < 2 and not any(self.channels_last):
+            raise ValueError("a group has two or more layers, or one written channels-last")
         # the flat buffer's layout, GroupLaunch's own
         self.offsets, self.numel = flat_layout([m._plan.numel for m in members])
-        for m, off in zip(members, self.offsets):
-            m._dq_view = (off, m._plan.numel)
+        for m, off, c in zip(members, self.offsets, self.channels_last):
+            o, i, kh, kw = m.weight_shape if c else (0, 0, 0, 0)
+            m._dq_view = (off, m._plan.numel, (o, kh, kw, i) if c else None)
         self._reset()
         self.launches = 0               # how many times the group was rebuilt (for tests/benchmarks)
 
@@ -110,12 +116,14 @@ class DequantGroup:
         self._ref = weakref.ref(self)            # this group's entry in _LIVE while it holds a buffer
 
     def __getstate__(self) -> dict:
-        return {"members": self.members, "launches": self.launches, "offsets": self.offsets, "numel": self.numel}
+        return {"members": self.members, "launches": self.launches, "offsets": self.offsets, "numel": self.numel,
+                "channels_last": self.channels_last}
 
     def __setstate__(self, state: dict) -> None:   # members may be half-built here (deepcopy): don't read them
         self.members = state["members"]
         self.launches = state["launches"]
         self.offsets, self.numel = state["offsets"], state["numel"]
+        self.channels_last = state.get("channels_last", [False] * len(self.members))
         self._reset()
 
     @property
@@ -186,7 +194,8 @@ class DequantGroup:
             if len({m._dtype for m in ms}) != 1 or len({m.bits for m in ms}) > 2:
                 return False
             self._launch = GroupLaunch([m.weight_packed for m in ms], [m._lut for m in ms],
-                                       [m.weight_shape for m in ms], [m.bits for m in ms], ms[0]._dtype)
+                                       [m.weight_shape for m in ms], [m.bits for m in ms], ms[0]._dtype,
+                                       channels_last=self.channels_last)
             self._signature = sig
         self._check_capture = _may_capture(sig[0].device)
         return True
@@ -209,7 +218,11 @@ class DequantGroup:
         dev = self.members[0].weight_packed.device
         out = torch.zeros(self.numel, dtype=dtype, device=dev)
         for m, o in zip(self.members, self.offsets):
-            out.narrow(0, o, m._plan.numel).copy_(m.dequantized_weight(dtype).reshape(-1))
+            w = m.dequantized_weight(dtype)
+            _, _, cl = m._dq_view
+            if cl is not None:      # (O, I, KH, KW) stored in (O, KH, KW, I) order
+                w = w.permute(0, 2, 3, 1)
+            out.narrow(0, o, m._plan.numel).view(w.shape).copy_(w)
         return out
 
     def _materialize(self) -> bool:
@@ -273,8 +286,8 @@ def _dense_bytes(m: QuantModule) -> int:
     return m._plan.numel * m._compute_dtype_ref.element_size()
 
 
-def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixed_bits: bool = True
-                  ) -> list[DequantGroup]:
+def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixed_bits: bool = True,
+                  channels_last: bool = False) -> list[DequantGroup]:
     """Group the packed layers below ``module`` for eager forwards; returns the groups.
 
     A group root is the largest non-container module (not a ModuleList/ModuleDict, whose children
@@ -288,7 +301,14 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
     + ``time_emb_proj``, ``conv2`` + ``conv_shortcut``) shares a launch instead of making its own.  Only consecutive children (no split child between them) are
     packed together: they run close together, so a group's buffer is not held across other groups.
     Call again after moving or casting the module (groups check and rebuild themselves, but the
-    split by dtype is made here).  Layers in no group keep their own launch."""
+    split by dtype is made here).  Layers in no group keep their own launch.
+
+    ``channels_last``: write k x k conv weights channels-last (views with channels-last strides),
+    for a model that torch.compile will run: Inductor runs SD's convolutions channels-last and
+    would otherwise copy each NCHW weight to channels-last on every call (0.79 ms of a 7.07 ms
+    SD1.5 step on an H200, bench/conv_layout_probe.py).  A conv layer that would be alone then gets
+    a group of its own (same one launch, written channels-last).  Eager convolutions given such a
+    weight run channels-last too (cuDNN follows the weight), so eager models keep the default."""
     ungroup_dequant(module)
     totals: dict[int, int] = {}
 
@@ -309,8 +329,8 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
     def visit(mod: nn.Module) -> None:
         if total(mod) == 0:
             return
-        if is_root(mod):
-            runs.append([mod])
+        if is_root(mod) or (channels_last and _eligible(mod) and _cl_candidate(mod)):
+            runs.append([mod])    # (a conv larger than max_bytes: a group of its own, written channels-last)
             return
         container = is_container(mod)
         run: list[nn.Module] = []
@@ -344,9 +364,9 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
                 split.update({kind + (b,): [m for m in ms if m.bits == b] for b in widths})
         for layers in split.values():
             for members in _packed_under(layers, max_bytes):
-                if len(members) < 2:
+                if len(members) < 2 and not (channels_last and _cl_candidate(members[0])):
                     continue
-                g = DequantGroup(members)
+                g = DequantGroup(members, channels_last=channels_last)
                 for i, m in enumerate(members):
                     m._dq_group, m._dq_index = g, i
                 # the launch constants now, outside any CUDA-graph pool: built lazily inside a compiled
@@ -356,6 +376,13 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
     if groups:
         install_dedup_pass()   # compiled graphs: one launch per group (see the module docstring)
     return groups
+
+
+def _cl_candidate(m: QuantModule) -> bool:
+    """A conv layer whose weight the group kernel can write channels-last."""
+    from .kernels.grouped import channels_last_ok
+
+    return isinstance(m, QuantConv2d) and channels_last_ok(m.weight_shape)
 
 
 def _packed_under(layers: list[QuantModule], max_bytes: int) -> list[list[QuantModule]]:
@@ -396,15 +423,22 @@ def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True)
     will be compiled and :data:`EAGER_MAX_BYTES` for one that runs eager (``compiled=False``).
 
     Only the UNet: it runs once per step, the text encoder and the VAE once per image (a few ms of
-    launches), and the VAE decode is a generation's memory peak, which a group's buffer would raise."""
+    launches), and the VAE decode is a generation's memory peak, which a group's buffer would raise.
+
+    A UNet that will be compiled gets its k x k conv weights written channels-last (see
+    :func:`group_dequant`); ``QUANTSD_DECODE_CHANNELS_LAST=0`` / ``1`` overrides that (experiments)."""
     if max_bytes is None:
         env = os.environ.get("QUANTSD_GROUP_MAX_MIB", "").strip()
         try:
             max_bytes = int(float(env) * (1 << 20)) if env else (DEFAULT_MAX_BYTES if compiled else EAGER_MAX_BYTES)
         except ValueError:
             raise ValueError(f"QUANTSD_GROUP_MAX_MIB must be a number of MiB, got {env!r}") from None
+    cl_env = os.environ.get("QUANTSD_DECODE_CHANNELS_LAST", "").strip()
+    if cl_env not in ("", "0", "1"):
+        raise ValueError(f"QUANTSD_DECODE_CHANNELS_LAST must be 0 or 1, got {cl_env!r}")
+    channels_last = compiled if cl_env == "" else cl_env == "1"
     unet = getattr(pipe, "unet", None)
-    return len(group_dequant(unet, max_bytes)) if isinstance(unet, nn.Module) else 0
+    return len(group_dequant(unet, max_bytes, channels_last=channels_last)) if isinstance(unet, nn.Module) else 0
 
 
 # --------------------------------------------------------------------------- compiled graphs

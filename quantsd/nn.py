@@ -159,7 +159,7 @@ class QuantModule(nn.Module):
     _STORED = ("weight_scale", "weight_breakpoint")
     _dq_group = None    # quantsd.dequant_groups.DequantGroup of this layer (grouped launches), if any
     _dq_index = 0
-    _dq_view = (0, 0)   # (offset, numel) of this layer's weight in its group's flat buffer
+    _dq_view = (0, 0, None)   # (offset, numel, channels-last (O, KH, KW, I) or None) of its weight in the group's buffer
     _prefetch_slot = None   # (prefetcher id, layer index) under quantsd.prefetch (compiled forwards), if any
 
     def _init_quant(self, shape, bits, method, granularity, packed, scale, breakpoint, dtype, device):
@@ -284,10 +284,12 @@ class QuantModule(nn.Module):
             if group is not None:   # a grouped launch (quantsd.dequant_groups)
                 # one op per member, all alike: the graph pass quantsd.dequant_groups.DEDUP_PASS keeps
                 # the first and every member takes its slice of that one buffer
-                offset, numel = self._dq_view
+                offset, numel, cl = self._dq_view
                 # the layer's own codes and table go in as inputs, so CUDA graphs check their
                 # addresses as they do for a per-layer op (the pass merges every member's into one call)
                 flat = _GROUP_OP([self.weight_packed, lut], group.key, group.numel, self._dtype)
+                if cl is not None:   # written channels-last: Inductor's channels-last convolution takes it as is
+                    return flat.narrow(0, offset, numel).view(cl).permute(0, 3, 1, 2)
                 return flat.narrow(0, offset, numel).view(self.weight_shape)
             return _kernel_weight(self, lut, self._dtype)
         return self.dequantized_weight()

@@ -73,7 +73,8 @@ def test_weight_bytes_counts_params_and_buffers_once():
 
 def test_default_configs():
     names = [c.name for c in default_configs(recipe=True, compile=True)]
-    assert names == ["fp16-sdpa", "packed", "fp32-classic", "fp16-sdpa-compiled", "packed-compiled"]
+    assert names == ["fp16-sdpa", "packed", "fp32-classic", "fp16-sdpa-compiled", "fp16-sdpa-compiled-cl",
+                     "packed-compiled"]
     assert [(c.name, c.grouped, c.prefetch) for c in optional_configs(True, True)] == [
         ("packed-compiled-per-layer", False, False), ("packed-compiled-prefetch", True, True)]
     assert optional_configs(True, False) == [] and optional_configs(False, True) == []

@@ -6,6 +6,10 @@ Every run measures, in one process, a list of *configurations* (see :func:`defau
                         paper's baseline;
 * ``fp16-sdpa``         fp16 weights, ``AttnProcessor2_0`` (F.scaled_dot_product_attention), eager;
 * ``fp16-sdpa-compiled``  the same under ``torch.compile(mode="reduce-overhead")`` (with --compile);
+* ``fp16-sdpa-compiled-cl``  the same with the UNet's and VAE's parameters channels-last (``quantsd
+                        generate --channels-last``): Inductor runs SD's convolutions channels-last
+                        and would otherwise copy every NCHW conv weight on every step -- the
+                        strongest dense baseline (with --compile);
 * ``packed``            the model quantized with the recipe, packed codes resident, Triton
                         dequant in each layer's forward, fp16 SDPA, eager;
 * ``packed-compiled``   the same, compiled (with --compile).
@@ -109,6 +113,7 @@ class BenchConfig:
     max_res: bool = False            # run the VRAM-cap search for this config
     prefetch: bool = False           # compiled packed: decode weights ahead on a side stream (quantsd.prefetch)
     grouped: bool = True             # packed: one dequant launch per group of layers (quantsd.dequant_groups)
+    channels_last: bool = False      # parameters in channels-last memory format (configure_pipeline's channels_last)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -138,6 +143,7 @@ def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
     cfgs.append(BenchConfig("fp32-classic", dtype="float32", attention="classic", sweep=(256, 512, 768)))
     if compile:
         cfgs.append(BenchConfig("fp16-sdpa-compiled", compile=True, sweep=()))
+        cfgs.append(BenchConfig("fp16-sdpa-compiled-cl", compile=True, channels_last=True, sweep=()))
         if recipe:
             cfgs.append(BenchConfig("packed-compiled", packed=True, compile=True, sweep=()))
     return cfgs
@@ -210,6 +216,7 @@ def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=No
     pipe.set_progress_bar_config(disable=True)
     # every configuration alike: PNDM/DDIM without a device sync per step (sync_free_scheduler)
     return configure_pipeline(pipe, compile=cfg.compile, compile_guards=compile_guards, attention=cfg.attention,
+                              channels_last=cfg.channels_last,
                               sync_free_scheduler=sync_free_scheduler,
                               grouped_dequant=cfg.packed and cfg.grouped and grouped_dequant,
                               dense_below=dense_below if cfg.packed else 0, prefetch_weights=cfg.prefetch)

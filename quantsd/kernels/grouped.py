@@ -27,7 +27,7 @@ import torch
 
 from .dequant import HAS_TRITON, LAUNCH_OPTIONS
 
-__all__ = ["GroupLaunch", "ALIGN", "flat_layout"]
+__all__ = ["GroupLaunch", "ALIGN", "CL_CB", "DESC_COLS", "flat_layout", "channels_last_ok"]
 
 # weights per program: four times the per-layer kernel's (each program loads its layer's table once).
 # bench/tune_group_kernel.py on an H200, paper-final's decode as group-kernel launches in one CUDA graph:
@@ -36,7 +36,16 @@ __all__ = ["GroupLaunch", "ALIGN", "flat_layout"]
 BLOCK = 4096
 ALIGN = 128  # elements: each layer's weight starts on a 256-byte boundary of the flat buffer (fp16)
 assert BLOCK % ALIGN == 0   # a layer's programs cover its padded slot, never the next layer's
+CL_CB = 256      # input channels per program of a channels-last layer (x its KH*KW taps)
+DESC_COLS = 7    # int64 per layer in the kernel's descriptor table (see _group_table_kernel)
 _KERNELS: dict = {}  # specialization key -> compiled group kernel, checked once (dequant.adopt_checked)
+
+
+def channels_last_ok(shape: Sequence[int]) -> bool:
+    """Can the group kernel write a weight of ``shape`` channels-last?  A conv weight (O, I, KH, KW)
+    with a kernel larger than 1x1 (a 1x1 weight is already both layouts) and I a multiple of 8 (the
+    kernel's stores then vectorize)."""
+    return len(shape) == 4 and shape[2] * shape[3] > 1 and shape[1] % 8 == 0
 
 
 def flat_layout(numels: Sequence[int]) -> tuple[list[int], int]:
@@ -56,10 +65,14 @@ class GroupLaunch:
     stay alive and in place while this object is used (callers rebuild it when a data pointer
     changes).  ``shapes``: the dense weights' shapes.  ``bits``: every layer's bit width, or one per
     layer -- at most two different widths in one launch (paper-final's 4-bit convolutions beside
-    8-bit projections in one block: one launch, not two)."""
+    8-bit projections in one block: one launch, not two).  ``channels_last``: per layer, write this
+    conv weight channels-last (its view then has channels-last strides; :func:`channels_last_ok`
+    shapes of one kernel size per launch).  Why: a compiled UNet runs its convolutions
+    channels-last, and Inductor copies every weight that arrives NCHW to channels-last on every
+    call (H200, SD1.5: 0.79 ms of a 7.07 ms dense step; bench/conv_layout_probe.py)."""
 
     def __init__(self, packed: Sequence[torch.Tensor], luts: Sequence[torch.Tensor], shapes: Sequence[tuple],
-                 bits: int | Sequence[int], dtype: torch.dtype):
+                 bits: int | Sequence[int], dtype: torch.dtype, channels_last: Sequence[bool] | None = None):
         if not HAS_TRITON:
             raise RuntimeError("grouped dequant needs Triton")
         if not packed or len(packed) != len(luts) or len(packed) != len(shapes):
@@ -77,7 +90,19 @@ class GroupLaunch:
         self.shapes = [tuple(int(s) for s in sh) for sh in shapes]
         numels = [int(torch.Size(sh).numel()) for sh in self.shapes]
         self.offsets, self.numel = flat_layout(numels)
-        progs = [-(-n // BLOCK) for n in numels]
+        cl = [False] * len(packed) if channels_last is None else [bool(c) for c in channels_last]
+        if len(cl) != len(packed):
+            raise ValueError("one channels_last flag per layer")
+        for sh, c in zip(self.shapes, cl):
+            if c and not channels_last_ok(sh):
+                raise ValueError(f"a weight of shape {sh} can't be written channels-last (needs (O, I, KH, KW), "
+                                 "KH*KW > 1, I a multiple of 8)")
+        self.channels_last = cl
+        taps = {sh[2] * sh[3] for sh, c in zip(self.shapes, cl) if c}
+        if len(taps) > 1:
+            raise ValueError(f"one launch writes channels-last weights of one kernel size, got {sorted(taps)} taps")
+        self.cl_ks = taps.pop() if taps else 0      # the kernel's CL_KS
+        progs = [sh[0] * -(-sh[1] // CL_CB) if c else -(-n // BLOCK) for sh, n, c in zip(self.shapes, numels, cl)]
         first = [0]
         for p in progs[:-1]:
             first.append(first[-1] + p)
@@ -85,19 +110,19 @@ class GroupLaunch:
         self._packed_base, self._lut_base = packed[0], luts[0]
         pb, lb = packed[0].data_ptr(), luts[0].data_ptr()
         rows = []
-        for p, t, o, n, f, b in zip(packed, luts, self.offsets, numels, first, per_layer):
+        for p, t, o, n, f, b, sh, c in zip(packed, luts, self.offsets, numels, first, per_layer, self.shapes, cl):
             dl = t.data_ptr() - lb
             if dl % 4:
                 raise ValueError("value tables must be 4-byte aligned")
-            rows.append([p.data_ptr() - pb, dl // 4, o, n, f, b])
+            rows.append([p.data_ptr() - pb, dl // 4, o, n, f, b, sh[1] if c else 0])
         # code loads vectorize when every layer's codes sit 16 bytes apart from the first's and every
         # length is a multiple of 16 (caching-allocator blocks and SD's layer shapes always are)
         self.aligned = all(r[0] % 16 == 0 for r in rows) and all(n % 16 == 0 for n in numels)
-        self._view_args = [(sh, torch.empty(sh, device="meta").stride(), o) for sh, o in zip(self.shapes, self.offsets)]
+        self._view_args = [(sh, _strides(sh, c), o) for sh, o, c in zip(self.shapes, self.offsets, cl)]
         # the compiled kernel's specialization: output dtype, and the base pointers' 16-byte alignment
         # (every other argument is a fresh allocation); the kernels live in a module-level cache,
         # never on this object (a compiled kernel can be neither copied nor pickled)
-        self._key = (self.bits, self.bits2, dtype, self.device, pb % 16 == 0, lb % 16 == 0, self.aligned)
+        self._key = (self.bits, self.bits2, dtype, self.device, pb % 16 == 0, lb % 16 == 0, self.aligned, self.cl_ks)
         self.desc = torch.tensor(rows, dtype=torch.int64).to(self.device)
         self.prog_layer = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
                                                   torch.tensor(progs)).to(self.device)
@@ -123,16 +148,18 @@ class GroupLaunch:
             k = _KERNELS.get(self._key)
             if k is not None:
                 dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base, o,
-                                      self.desc, self.prog_layer, self.bits, BLOCK, bf16, ALIGN, self.aligned, self.bits2)
+                                      self.desc, self.prog_layer, self.bits, BLOCK, bf16, ALIGN, self.aligned, self.bits2,
+                                      self.cl_ks, CL_CB)
                 return out
         k = dequant._group_table_kernel[(self.programs,)](
             self._packed_base, self._lut_base, o, self.desc, self.prog_layer, BITS=self.bits, BLOCK=BLOCK,
-            OUT_BF16=bf16, ALIGN=ALIGN, ALIGNED=self.aligned, BITS2=self.bits2, **LAUNCH_OPTIONS)
+            OUT_BF16=bf16, ALIGN=ALIGN, ALIGNED=self.aligned, BITS2=self.bits2, CL_KS=self.cl_ks, CL_CB=CL_CB,
+            **LAUNCH_OPTIONS)
         if direct and hasattr(k, "run") and not torch.cuda.is_current_stream_capturing():
             def launch_into(check):
                 dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base,
                                       check.view(torch.int16) if bf16 else check, self.desc, self.prog_layer,
-                                      self.bits, BLOCK, bf16, ALIGN, self.aligned, self.bits2)
+                                      self.bits, BLOCK, bf16, ALIGN, self.aligned, self.bits2, self.cl_ks, CL_CB)
 
             dequant.adopt_checked(_KERNELS, self._key, k, launch_into, out, self.same_weights)
         return out
@@ -150,3 +177,11 @@ class GroupLaunch:
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [self.view(flat, i) for i in range(len(self.shapes))]
+
+
+def _strides(shape: tuple, channels_last: bool) -> tuple:
+    """A weight's strides in the flat buffer: contiguous, or channels-last ((O, KH, KW, I) order)."""
+    if channels_last:
+        _, i, kh, kw = shape
+        return (kh * kw * i, 1, kw * i, i)
+    return torch.empty(shape, device="meta").stride()
