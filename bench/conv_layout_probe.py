@@ -92,8 +92,8 @@ def main() -> None:
                                     grouped_dequant=False)
             group_pipeline(packed, compiled=True)
             res[v] = {"launches": launch_counts(packed.unet),
-                      "channels_last_members": sum(getattr(m, "_dq_channels_last", False)
-                                                   for m in packed.unet.modules()),
+                      "channels_last_members": sum(getattr(m, "_dq_group", None) is not None
+                                                   and m._dq_view[2] is not None for m in packed.unet.modules()),
                       **_variant(packed)}
             print(v, json.dumps({k: x for k, x in res[v].items() if k not in ("top_kernels", "conv_only_kernels")}),
                   flush=True)

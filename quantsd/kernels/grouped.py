@@ -21,6 +21,7 @@ kernel) took 0.86 ms on an H200 against 0.62 ms for merely writing the same buff
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -36,7 +37,17 @@ __all__ = ["GroupLaunch", "ALIGN", "CL_CB", "DESC_COLS", "flat_layout", "channel
 BLOCK = 4096
 ALIGN = 128  # elements: each layer's weight starts on a 256-byte boundary of the flat buffer (fp16)
 assert BLOCK % ALIGN == 0   # a layer's programs cover its padded slot, never the next layer's
-CL_CB = 256      # input channels per program of a channels-last layer (x its KH*KW taps)
+def _cl_cb() -> int:
+    """Input channels per program of a channels-last layer (x its KH*KW taps): 256, or
+    ``QUANTSD_CL_CB`` (a power of two in 32..2048; for tuning runs, read at import)."""
+    env = os.environ.get("QUANTSD_CL_CB", "").strip()
+    cb = int(env) if env.isdigit() else (256 if not env else -1)
+    if cb < 32 or cb > 2048 or cb & (cb - 1):
+        raise ValueError(f"QUANTSD_CL_CB must be a power of two in 32..2048, got {env!r}")
+    return cb
+
+
+CL_CB = _cl_cb()
 DESC_COLS = 7    # int64 per layer in the kernel's descriptor table (see _group_table_kernel)
 _KERNELS: dict = {}  # specialization key -> compiled group kernel, checked once (dequant.adopt_checked)
 
