@@ -222,7 +222,7 @@ if HAS_TRITON:
     def _group_table_kernel(packed_base, lut_base, out_ptr, desc_ptr, prog_layer_ptr,
                             BITS: tl.constexpr, BLOCK: tl.constexpr, OUT_BF16: tl.constexpr,
                             ALIGN: tl.constexpr, ALIGNED: tl.constexpr = False, BITS2: tl.constexpr = 0,
-                            CL_KS: tl.constexpr = 0, CL_CB: tl.constexpr = 256):
+                            CL_KS: tl.constexpr = 0, CL_CB: tl.constexpr = 512):
         # Several value-table layers of one or two bit widths in one launch (kernels/grouped.py).
         # Program pid works on layer prog_layer[pid]; desc (int64, DESC_COLS per layer): its codes' byte
         # offset from packed_base, its table's element offset from lut_base, its first element in out,

@@ -38,10 +38,12 @@ BLOCK = 4096
 ALIGN = 128  # elements: each layer's weight starts on a 256-byte boundary of the flat buffer (fp16)
 assert BLOCK % ALIGN == 0   # a layer's programs cover its padded slot, never the next layer's
 def _cl_cb() -> int:
-    """Input channels per program of a channels-last layer (x its KH*KW taps): 256, or
-    ``QUANTSD_CL_CB`` (a power of two in 32..2048; for tuning runs, read at import)."""
+    """Input channels per program of a channels-last layer (x its KH*KW taps): 512, or
+    ``QUANTSD_CL_CB`` (a power of two in 32..2048; for tuning runs, read at import).  H200, SD1.5
+    paper-final compiled step as one CUDA-graph replay (bench/conv_layout_probe.py, session 10):
+    7.186 ms with 512, 7.284 ms with 256."""
     env = os.environ.get("QUANTSD_CL_CB", "").strip()
-    cb = int(env) if env.isdigit() else (256 if not env else -1)
+    cb = int(env) if env.isdigit() else (512 if not env else -1)
     if cb < 32 or cb > 2048 or cb & (cb - 1):
         raise ValueError(f"QUANTSD_CL_CB must be a power of two in 32..2048, got {env!r}")
     return cb
@@ -187,7 +189,7 @@ class GroupLaunch:
         return flat.as_strided(*self._view_args[i])
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [self.view(flat, i) for i in range(len(self.shapes))]
+        return [flat.as_strided(*args) for args in self._view_args]
 
 
 def _strides(shape: tuple, channels_last: bool) -> tuple:
