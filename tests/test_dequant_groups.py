@@ -329,6 +329,20 @@ _LAUNCH_SCRIPT = textwrap.dedent("""
             w = g.view(flat, k)
             assert w.is_contiguous(memory_format=torch.channels_last) == cl[k] or w.dim() == 2, (widths, k)
             assert torch.equal(w.contiguous().view(torch.int16), ref.view(torch.int16)), (widths, k, cl[k])
+    # the first channels-last run checks itself against the flat decode: a wrong layout is an error
+    g = GroupLaunch([layers[0].weight_packed], [layers[0]._lut], [layers[0].weight_shape], widths[0], dtype,
+                    channels_last=[True])
+    sh, st, off = g._view_args[0]
+    g._view_args[0] = (sh, torch.empty(sh, device="meta").stride(), off)   # read back as if written NCHW
+    try:
+        g.run()
+    except RuntimeError as e:
+        assert "QUANTSD_DECODE_CHANNELS_LAST=0" in str(e)
+    else:
+        raise AssertionError("a channels-last decode that disagrees with the flat one must be refused")
+    g._view_args[0] = (sh, st, off)
+    g.run()
+    assert g._cl_checked
     for bad in ((24, 12, 3, 3), (24, 16, 1, 1), (24, 16)):   # I not a multiple of 8, 1x1, a linear weight
         try:
             GroupLaunch([layers[0].weight_packed], [layers[0]._lut], [bad], 4, torch.float16, channels_last=[True])

@@ -111,6 +111,10 @@ class GroupLaunch:
                 raise ValueError(f"a weight of shape {sh} can't be written channels-last (needs (O, I, KH, KW), "
                                  "KH*KW > 1, I a multiple of 8)")
         self.channels_last = cl
+        # the layers' tensors (alive anyway, see above): the first channels-last run checks itself
+        # against a flat decode of them (_check_channels_last)
+        self._packed, self._luts, self._bits_list = list(packed), list(luts), per_layer
+        self._cl_checked = not any(cl)
         taps = {sh[2] * sh[3] for sh, c in zip(self.shapes, cl) if c}
         if len(taps) > 1:
             raise ValueError(f"one launch writes channels-last weights of one kernel size, got {sorted(taps)} taps")
@@ -175,7 +179,24 @@ class GroupLaunch:
                                       self.bits, BLOCK, bf16, ALIGN, self.aligned, self.bits2, self.cl_ks, CL_CB)
 
             dequant.adopt_checked(_KERNELS, self._key, k, launch_into, out, self.same_weights)
+        if not self._cl_checked and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            self._check_channels_last(out)
         return out
+
+    def _check_channels_last(self, out: torch.Tensor) -> None:
+        """Compare this launch's channels-last weights, once, with the flat decode of the same codes
+        (the long-verified path): a disagreement -- a kernel miscompiled for this GPU or Triton --
+        stops here with the fix named, instead of generating from wrong weights."""
+        from .dequant import same_bits
+
+        flat = GroupLaunch(self._packed, self._luts, self.shapes, self._bits_list, self.dtype)
+        ref = flat.run()
+        for i in (i for i, c in enumerate(self.channels_last) if c):
+            if not same_bits(self.view(out, i).contiguous(), flat.view(ref, i)):
+                raise RuntimeError(f"the channels-last weight decode disagrees with the flat decode for a layer of "
+                                   f"shape {self.shapes[i]} on {self.device} (a kernel bug on this GPU/Triton): set "
+                                   "QUANTSD_DECODE_CHANNELS_LAST=0 to decode NCHW, and please report it")
+        self._cl_checked = True
 
     def same_weights(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         """Do flat buffers ``a`` and ``b`` hold the same bits in every layer's weight?  (The padding
