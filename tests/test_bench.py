@@ -272,3 +272,24 @@ def test_build_pipeline_applies_the_configuration_options():
     classic = build_pipeline("tiny", BenchConfig("fp32-classic", dtype="float32", attention="classic"),
                              torch.device("cpu"), dense_below=10**9)
     assert all(isinstance(p, AttnProcessor) for p in classic.unet.attn_processors.values())
+
+
+def test_packed_ratios_against_each_dense_baseline_of_the_same_mode():
+    """The report states packed / dense back to back for every pair measured: packed-compiled
+    against both compiled fp16 rows (NCHW and channels-last parameters), eager against eager; a
+    missing row gives no ratio, and nothing is compared across execution modes."""
+    from quantsd.bench.core import packed_ratios
+
+    def row(name, ms):
+        return {"config": name, "unet_ms_pipelined": ms}
+
+    rows = [row("fp16-sdpa", 24.0), row("packed", 30.0), row("fp16-sdpa-compiled", 7.12),
+            row("fp16-sdpa-compiled-cl", 6.30), row("packed-compiled", 7.42), row("fp32-classic", 90.0)]
+    got = {(p, d): round(r, 4) for p, d, r in packed_ratios(rows)}
+    assert got == {("packed", "fp16-sdpa"): 1.25, ("packed-compiled", "fp16-sdpa-compiled"): round(7.42 / 7.12, 4),
+                   ("packed-compiled", "fp16-sdpa-compiled-cl"): round(7.42 / 6.30, 4)}
+    assert packed_ratios([row("packed-compiled", 7.4), row("fp16-sdpa-compiled-cl", None)]) == []
+    res = {"meta": {"model": "m"}, "configs": [
+        {"name": "fp16-sdpa-compiled-cl", "unet_ms_pipelined": {"median": 6.3}},
+        {"name": "packed-compiled", "unet_ms_pipelined": {"median": 7.42}}]}
+    assert "packed-compiled / fp16-sdpa-compiled-cl 1.178x" in markdown_report(res)

@@ -718,6 +718,18 @@ def _fused_meta() -> dict:
             "fused_tuned_shapes": sum(1 for _, use in fused._TUNED.values() if use)}
 
 
+# each packed configuration and the dense ones it is measured against (same execution mode)
+_DENSE_OF = {"packed": ("fp16-sdpa",), "packed-compiled": ("fp16-sdpa-compiled", "fp16-sdpa-compiled-cl")}
+
+
+def packed_ratios(rows: list[dict]) -> list[tuple[str, str, float]]:
+    """(packed config, dense config, packed / dense UNet ms back to back) for every pair measured in
+    this run: the issue's speed targets, against each dense baseline of the same execution mode --
+    ``packed-compiled`` against both the NCHW and the channels-last compiled fp16 rows."""
+    ms = {r["config"]: r["unet_ms_pipelined"] for r in rows if r.get("unet_ms_pipelined")}
+    return [(p, d, ms[p] / ms[d]) for p, ds in _DENSE_OF.items() for d in ds if p in ms and d in ms]
+
+
 def markdown_report(results: dict) -> str:
     meta = results.get("meta", {})
     lines = [f"# quantsd bench: {meta.get('model')} ({meta.get('recipe') or meta.get('checkpoint') or 'baselines'})",
@@ -740,6 +752,10 @@ def markdown_report(results: dict) -> str:
                 r["peak_vram_gib"], r["unet_weights_mib"], r["attention_backend"]] + [r.get(c) for c in scheds] + [
                 r.get(c) for c in caps]
         lines.append("| " + " | ".join(_cell(v) for v in vals) + " |")
+    ratios = packed_ratios(rows)
+    if ratios:
+        lines += ["", "Packed UNet step / dense, back to back: " + ", ".join(
+            f"{p} / {d} {r:.3f}x" for p, d, r in ratios)]
     launches = [(c["name"], c["unet_dequant_launches"]) for c in results.get("configs", [])
                 if isinstance(c.get("unet_dequant_launches"), dict)]
     if launches:
