@@ -8,7 +8,7 @@ NCHW -- a dense parameter that was never converted, or a packed layer's decoded 
 copied to channels-last inside the graph, on every call.  This compiles the sd15-arch UNet (fp16,
 batch 2 = CFG, 512², Inductor default mode) as dense NCHW parameters, dense channels-last
 parameters (``unet.to(memory_format=torch.channels_last)``) and paper-final packed with grouped
-dequant in each decode layout (``QUANTSD_DECODE_CHANNELS_LAST``), and reports per variant the
+dequant in each decode layout (``group_dequant(channels_last=...)``), and reports per variant the
 step's time as one CUDA-graph replay, its kernel time by family (torch.profiler) and, from
 Inductor's generated code, how many of its Triton kernels come from convolution lowering alone.
 """
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_packed import kernel_time_per_step  # noqa: E402
 
 from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline, cuda_graph_ms  # noqa: E402
-from quantsd.dequant_groups import group_pipeline, launch_counts  # noqa: E402
+from quantsd.dequant_groups import DEFAULT_MAX_BYTES, group_dequant, launch_counts  # noqa: E402
 from quantsd.recipe import load_recipe  # noqa: E402
 
 _CONV_ONLY = re.compile(r"def (triton_\w+?_fused_convolution_\d+)\(")
@@ -82,15 +82,12 @@ def main() -> None:
         del dense
         torch.cuda.empty_cache()
     if any(v.startswith("packed") for v in wanted):
-        import os
-
         for v in ("packed_nchw", "packed_cl"):
             if v not in wanted:
                 continue
-            os.environ["QUANTSD_DECODE_CHANNELS_LAST"] = "1" if v == "packed_cl" else "0"
             packed = build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev, recipe=load_recipe(a.recipe),
                                     grouped_dequant=False)
-            group_pipeline(packed, compiled=True)
+            group_dequant(packed.unet, DEFAULT_MAX_BYTES, channels_last=v == "packed_cl")   # compiled grouping
             res[v] = {"launches": launch_counts(packed.unet),
                       "channels_last_members": sum(getattr(m, "_dq_group", None) is not None
                                                    and m._dq_view[2] is not None for m in packed.unet.modules()),

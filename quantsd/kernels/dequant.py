@@ -224,7 +224,7 @@ if HAS_TRITON:
                             ALIGN: tl.constexpr, ALIGNED: tl.constexpr = False, BITS2: tl.constexpr = 0,
                             CL_KS: tl.constexpr = 0, CL_CB: tl.constexpr = 512):
         # Several value-table layers of one or two bit widths in one launch (kernels/grouped.py).
-        # Program pid works on layer prog_layer[pid]; desc (int64, DESC_COLS per layer): its codes' byte
+        # Program pid works on layer prog_layer[pid]; desc (int64, 7 per layer): its codes' byte
         # offset from packed_base, its table's element offset from lut_base, its first element in out,
         # its element count, its first program, its bit width, and its input channels if the layer is
         # a convolution written channels-last (0: written in its own, contiguous order).  Every layer

@@ -28,7 +28,7 @@ import torch
 
 from .dequant import HAS_TRITON, LAUNCH_OPTIONS
 
-__all__ = ["GroupLaunch", "ALIGN", "CL_CB", "DESC_COLS", "flat_layout", "channels_last_ok"]
+__all__ = ["GroupLaunch", "ALIGN", "CL_CB", "flat_layout", "channels_last_ok"]
 
 # weights per program: four times the per-layer kernel's (each program loads its layer's table once).
 # bench/tune_group_kernel.py on an H200, paper-final's decode as group-kernel launches in one CUDA graph:
@@ -37,6 +37,8 @@ __all__ = ["GroupLaunch", "ALIGN", "CL_CB", "DESC_COLS", "flat_layout", "channel
 BLOCK = 4096
 ALIGN = 128  # elements: each layer's weight starts on a 256-byte boundary of the flat buffer (fp16)
 assert BLOCK % ALIGN == 0   # a layer's programs cover its padded slot, never the next layer's
+
+
 def _cl_cb() -> int:
     """Input channels per program of a channels-last layer (x its KH*KW taps): 512, or
     ``QUANTSD_CL_CB`` (a power of two in 32..2048; for tuning runs, read at import).  H200, SD1.5
@@ -50,7 +52,6 @@ def _cl_cb() -> int:
 
 
 CL_CB = _cl_cb()
-DESC_COLS = 7    # int64 per layer in the kernel's descriptor table (see _group_table_kernel)
 _KERNELS: dict = {}  # specialization key -> compiled group kernel, checked once (dequant.adopt_checked)
 
 
