@@ -1,0 +1,115 @@
+"""Where an eager UNet step's host time goes, dense fp16 against packed (GPU only; numbers for
+BENCHMARKS.md).
+
+    python bench/eager_host_profile.py --out OUT.json
+
+An eager SD1.5 UNet step is host-bound: the GPU waits for Python.  So the packed pipeline is no
+slower than the dense one exactly when its host time per step is no larger.  For dense fp16 and
+the packed pipeline (grouped as eager generation groups it), interleaved over ``--rounds``:
+
+* ``host_ms``: wall time of one forward up to its return (no sync inside; a sync before each call,
+  so the launch queue starts empty) -- the host's own time to issue the step;
+* ``step_ms``: the same forward timed with CUDA events (what the bench's eager rows measure);
+
+then one cProfile of ``--profile-steps`` steps per variant: the top functions by own time, and
+the per-call cost of the calls the packed forward adds (``QuantModule._eager_weight``,
+``DequantGroup.weight``, the group launches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline  # noqa: E402
+from quantsd.dequant_groups import launch_counts  # noqa: E402
+from quantsd.recipe import load_recipe  # noqa: E402
+
+
+def _median(v: list[float]) -> float:
+    return sorted(v)[len(v) // 2]
+
+
+def _profile(fn, steps: int, top: int) -> dict:
+    prof = cProfile.Profile()
+    torch.cuda.synchronize()
+    prof.enable()
+    for _ in range(steps):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    st = pstats.Stats(prof)
+    rows = []
+    for (file, line, name), (cc, nc, tt, ct, _) in st.stats.items():
+        rows.append({"fn": f"{Path(file).name}:{line}:{name}", "calls_per_step": nc / steps,
+                     "own_us_per_step": round(tt / steps * 1e6, 1), "cum_us_per_step": round(ct / steps * 1e6, 1)})
+    by_own = sorted(rows, key=lambda r: -r["own_us_per_step"])[:top]
+    by_cum = sorted(rows, key=lambda r: -r["cum_us_per_step"])[:top]
+    return {"total_own_ms_per_step": round(sum(r["own_us_per_step"] for r in rows) / 1e3, 2),
+            "top_own": by_own, "top_cum": by_cum}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default="recipes/paper-final.yaml")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--top", type=int, default=40)
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    variants = {"fp16": build_pipeline("sd15-arch", BenchConfig("fp16-sdpa"), dev),
+                "packed": build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev,
+                                         recipe=load_recipe(a.recipe))}
+    res: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                 "launches_per_step": launch_counts(variants["packed"].unet)}
+    calls = {}
+    for name, pipe in variants.items():
+        lat, t, ctx = _unet_inputs(pipe, 2, 512, dev, pipe.unet.dtype)
+        calls[name] = (lambda u, lat=lat, t=t, ctx=ctx: u(lat, t, encoder_hidden_states=ctx, return_dict=False))
+    host: dict = {k: [] for k in variants}
+    gpu: dict = {k: [] for k in variants}
+    with torch.inference_mode():
+        for name, pipe in variants.items():   # warm-up: kernels compiled, allocator primed
+            for _ in range(3):
+                calls[name](pipe.unet)
+        torch.cuda.synchronize()
+        names = list(variants)
+        for r in range(a.rounds):
+            for name in names[r % 2:] + names[:r % 2]:
+                u = variants[name].unet
+                for _ in range(5):
+                    torch.cuda.synchronize()
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    t0 = time.perf_counter()
+                    e0.record()
+                    calls[name](u)
+                    e1.record()
+                    host[name].append((time.perf_counter() - t0) * 1e3)
+                    e1.synchronize()
+                    gpu[name].append(e0.elapsed_time(e1))
+        res["host_ms"] = {k: round(_median(v), 2) for k, v in host.items()}
+        res["step_ms"] = {k: round(_median(v), 2) for k, v in gpu.items()}
+        res["packed_over_fp16"] = {"host": round(res["host_ms"]["packed"] / res["host_ms"]["fp16"], 3),
+                                   "step": round(res["step_ms"]["packed"] / res["step_ms"]["fp16"], 3)}
+        res["profile"] = {name: _profile(lambda: calls[name](variants[name].unet), a.profile_steps, a.top)
+                          for name in names}
+    print(json.dumps({k: v for k, v in res.items() if k != "profile"}))
+    for name in names:
+        print(name, "cProfile own time per step (ms):", res["profile"][name]["total_own_ms_per_step"])
+        for r in res["profile"][name]["top_own"][:15]:
+            print(f"  {r['own_us_per_step']:9.1f} us {r['calls_per_step']:7.1f}x {r['fn']}")
+    Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
