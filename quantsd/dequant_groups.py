@@ -105,6 +105,9 @@ class DequantGroup:
         _REGISTRY[self.key] = self
         self._launch = None
         self._signature = None
+        # per member, _sources_of its buffers when the launch constants were last checked against
+        # them (_ready): while every member still matches, a new buffer needs no check first
+        self._checked_sources: list[tuple] | None = None
         # the members' device may capture CUDA graphs: set by _ready, so true before any buffer is held there
         self._check_capture = False
         self._flat: torch.Tensor | None = None   # the group's buffer while members still need it
@@ -138,6 +141,7 @@ class DequantGroup:
         self._release()
         self._launch = None
         self._signature = None
+        self._checked_sources = None
 
     def _current_signature(self) -> list | None:
         """Every member's codes and table tensors, and its dtype (the launch constants hold their
@@ -199,6 +203,7 @@ class DequantGroup:
                                        [m.weight_shape for m in ms], [m.bits for m in ms], ms[0]._dtype,
                                        channels_last=self.channels_last)
             self._signature = sig
+            self._checked_sources = None
         self._check_capture = _may_capture(sig[0].device)
         return True
 
@@ -227,11 +232,20 @@ class DequantGroup:
             out.narrow(0, o, m._plan.numel).view(w.shape).copy_(w)
         return out
 
-    def _materialize(self) -> bool:
+    def _materialize(self, check: bool = False) -> bool:
+        """A new buffer.  Its launch constants are checked against every member (:meth:`_ready`)
+        only with ``check`` or when no check has been recorded since they were built: otherwise each
+        member compares its own buffers with the recorded ones when it takes its weight
+        (:meth:`weight`), and a mismatch comes back here with ``check``.  (The per-group check was a
+        tenth of an eager packed step's extra host time on the H200 box, bench/eager_host_profile.py.)
+        The constants' tensors stay referenced (``_signature``, ``_sources``), so a launch from
+        outdated constants reads memory that is still allocated, and its result is never returned."""
         self._release()                    # the old buffer goes before the new one is allocated
-        if not self._ready() or (self._check_capture and _stream_capturing()):
-            return False
-        self._sources = [_sources_of(m._buffers) for m in self.members]
+        if check or self._checked_sources is None or self._launch is None:
+            if not self._ready():
+                return False
+            self._checked_sources = [_sources_of(m._buffers) for m in self.members]
+        self._sources = self._checked_sources
         self._flat = self._launch.run()
         self._views = self._launch.views(self._flat)
         self.launches += 1
@@ -266,20 +280,18 @@ class DequantGroup:
         versions, the buffer was decoded from -- inline, and a list lookup."""
         if self._check_capture and _stream_capturing():
             return None
-        views = self._views
-        if views is None or self._stamp[index] == self._generation:
-            stale = True
-        else:
-            bufs = self.members[index]._buffers
-            p, vp, sc, vs, bp, vb = self._sources[index]
-            q, t, c = bufs["weight_packed"], bufs["weight_scale"], bufs["weight_breakpoint"]
-            stale = (q is not p or t is not sc or c is not bp                  # a tensor replaced
-                     or (vp >= 0 and q._version != vp) or (vs >= 0 and t._version != vs)   # edited in place
-                     or (vb >= 0 and c._version != vb))
-        if stale:
+        if self._views is None or self._stamp[index] == self._generation:
             if not self._materialize():
                 return None
-            views = self._views
+        bufs = self.members[index]._buffers
+        p, vp, sc, vs, bp, vb = self._sources[index]
+        q, t, c = bufs["weight_packed"], bufs["weight_scale"], bufs["weight_breakpoint"]
+        if (q is not p or t is not sc or c is not bp                            # a tensor replaced
+                or (vp >= 0 and q._version != vp) or (vs >= 0 and t._version != vs)   # edited in place
+                or (vb >= 0 and c._version != vb)):
+            if not self._materialize(check=True):
+                return None
+        views = self._views
         self._stamp[index] = self._generation
         w = views[index]
         self._remaining -= 1

@@ -105,13 +105,51 @@ _SCRIPT = textwrap.dedent("""
         out = net(x)
         assert torch.equal(out, ref) and [g.launches for g in groups] == [2, 2, 2, 2]
 
+        # an unchanged group makes its next buffer without re-checking its members (the host's
+        # per-group cost in an eager step); each member still compares its own tensors on taking
+        # its weight, so edits made between forwards -- to any member, not only the first to run --
+        # relaunch from checked constants
+        ready_calls = []
+        for g in groups:
+            g._ready = (lambda g=g, f=g._ready: ready_calls.append(g) or f())
+        assert torch.equal(net(x), ref) and not ready_calls and [g.launches for g in groups] == [3, 3, 3, 3]
+        b1 = net.blocks[1]
+        g8 = b1.k._dq_group
+        assert g8.members[0] is not b1.k                     # k is not the member that launches
+        saved = (b1.k.weight_scale.clone(), b1.k.weight_packed.clone())
+        b1.k.weight_scale.mul_(3)                             # in place, after the buffer was dropped
+        want_k = b1.k.dequantized_weight()
+        got = [None]
+        h = b1.k.register_forward_pre_hook(lambda m, a: got.__setitem__(0, m._forward_weight()))
+        net(x)
+        h.remove()
+        # two checks: the table rebuilt for want_k prepares the group's new constants, and q, first to
+        # run, checks them before launching; k's own compare then matches
+        assert torch.equal(got[0], want_k) and ready_calls == [g8, g8]
+        ready_calls.clear()
+        b1.k.weight_packed.copy_(b1.k.weight_packed.flip(0))   # codes edited in place: no table rebuilt,
+        want_k = b1.k.dequantized_weight()                     # so only k's own compare can see it
+        h = b1.k.register_forward_pre_hook(lambda m, a: got.__setitem__(0, m._forward_weight()))
+        net(x)
+        h.remove()
+        assert torch.equal(got[0], want_k) and ready_calls == [g8]
+        b1.k.weight_packed = b1.k.weight_packed.flip(0).clone()          # codes replaced
+        assert torch.equal(b1.k._forward_weight(), b1.k.dequantized_weight())
+        b1.k.weight_scale.copy_(saved[0])
+        b1.k.weight_packed = saved[1]
+        for g in groups:
+            del g._ready
+            g._release()
+        assert torch.equal(net(x), ref)
+
         # any call order stays correct: a member taken twice relaunches its group
         b0 = net.blocks[0]
         g = b0.q._dq_group
+        n0 = g.launches
         w1 = b0.q._forward_weight()
         w2 = b0.q._forward_weight()
         assert torch.equal(w1, b0.q.dequantized_weight()) and torch.equal(w2, w1) and w1.data_ptr() != w2.data_ptr()
-        assert g.launches == 4
+        assert g.launches == n0 + 2
         # at most two groups hold a buffer: a third evicts the oldest (whose members then relaunch)
         others = [gg for gg in groups if gg is not g][:2]
         for gg in others:
