@@ -58,6 +58,32 @@ def _profile(fn, steps: int, top: int) -> dict:
             "top_own": by_own, "top_cum": by_cum}
 
 
+def _conv_host_us(dev: torch.device, reps: int = 200) -> dict:
+    """Host time of one eager 3x3 convolution (SD's 320-channel level, batch 2, 64x64, fp16) whose
+    weight is a parameter, against the same weight as a view into a larger flat buffer (what a
+    grouped packed layer passes): the eager profile found the packed model's torch.conv2d calls
+    ~9 us slower each on the host than the dense model's."""
+    x = torch.randn(2, 320, 64, 64, device=dev, dtype=torch.float16)
+    w = torch.randn(320, 320, 3, 3, device=dev, dtype=torch.float16)
+    b = torch.randn(320, device=dev, dtype=torch.float16)
+    flat = torch.empty(8 * w.numel(), device=dev, dtype=torch.float16)
+    view = flat.as_strided(w.shape, w.stride(), 3 * w.numel() + 64)
+    view.copy_(w)
+    out = {}
+    for name, weight in (("parameter", torch.nn.Parameter(w, requires_grad=False)), ("view", view),
+                         ("parameter_again", torch.nn.Parameter(w, requires_grad=False))):
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.conv2d(x, weight, b, 1, 1)
+            times.append((time.perf_counter() - t0) / reps * 1e6)
+            torch.cuda.synchronize()
+        out[name] = round(_median(times), 2)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="recipes/paper-final.yaml")
@@ -84,9 +110,11 @@ def main() -> None:
                 calls[name](pipe.unet)
         torch.cuda.synchronize()
         names = list(variants)
+        alloc: dict = {k: {"device_allocs": 0, "device_frees": 0, "alloc_retries": 0} for k in variants}
         for r in range(a.rounds):
             for name in names[r % 2:] + names[:r % 2]:
                 u = variants[name].unet
+                before = torch.cuda.memory_stats()
                 for _ in range(5):
                     torch.cuda.synchronize()
                     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -97,10 +125,16 @@ def main() -> None:
                     host[name].append((time.perf_counter() - t0) * 1e3)
                     e1.synchronize()
                     gpu[name].append(e0.elapsed_time(e1))
+                after = torch.cuda.memory_stats()   # cudaMalloc/cudaFree in steady state: host stalls
+                for key, stat in (("device_allocs", "num_device_alloc"), ("device_frees", "num_device_free"),
+                                  ("alloc_retries", "num_alloc_retries")):
+                    alloc[name][key] += after.get(stat, 0) - before.get(stat, 0)
+        res["allocator_during_rounds"] = alloc
         res["host_ms"] = {k: round(_median(v), 2) for k, v in host.items()}
         res["step_ms"] = {k: round(_median(v), 2) for k, v in gpu.items()}
         res["packed_over_fp16"] = {"host": round(res["host_ms"]["packed"] / res["host_ms"]["fp16"], 3),
                                    "step": round(res["step_ms"]["packed"] / res["step_ms"]["fp16"], 3)}
+        res["conv_host_us"] = _conv_host_us(dev)
         res["profile"] = {name: _profile(lambda: calls[name](variants[name].unet), a.profile_steps, a.top)
                           for name in names}
     print(json.dumps({k: v for k, v in res.items() if k != "profile"}))
