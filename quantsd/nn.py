@@ -117,6 +117,8 @@ def _kernel_weight(layer: "QuantModule", lut: torch.Tensor, dtype: torch.dtype) 
     else:
         w = op_call(layer._plan, layer._plan_key, layer.weight_packed, layer.weight_scale, layer.weight_breakpoint,
                     lut, dtype)
+    if torch.compiler.is_compiling():   # the op's key says the code order: its output is already the view
+        return w
     cl = layer._codes_cl
     return w if cl is None else w.view(cl).permute(0, 3, 1, 2)
 
@@ -247,6 +249,10 @@ class QuantModule(nn.Module):
             group.invalidate()
         self._buffers["weight_packed"] = new    # a new tensor: identity-based staleness checks see it
         self._codes_cl = (o, kh, kw, i) if flag else None
+        if self._plan is not None:   # the compiled op reads the order from its key (no extra attribute guard)
+            from .kernels.dequant import CODES_CL, plan_key
+
+            self._plan_key = plan_key(self._plan) + (CODES_CL if flag else "")
         self._fusable = self._natural_fusable() and not flag   # the fused GEMM reads the natural order
         if group is not None:
             group.prepare()

@@ -368,9 +368,11 @@ _LAUNCH_SCRIPT = textwrap.dedent("""
         want = net(x)
     for cl_decode in ("codes", "tile"):   # codes stored channels-last (the default), or the tile kernel
         with torch.inference_mode():
-            groups = group_dequant(net, max_bytes=5000, channels_last=True, cl_decode=cl_decode)   # 16->64, 64->8: 18 KiB
+            # the 16->64 and 64->8 convs: 18 KiB each
+            groups = group_dequant(net, max_bytes=5000, channels_last=True, cl_decode=cl_decode)
             got = net(x)
-        assert launch_counts(net) == {"groups": 3, "lone_layers": 1, "launches": 4}, launch_counts(net)   # the linear: lone
+        # the linear: lone
+        assert launch_counts(net) == {"groups": 3, "lone_layers": 1, "launches": 4}, launch_counts(net)
         cl = {i: net[i]._dq_view[2] for i in (0, 1, 2, 3, 5)}
         assert cl == {0: (16, 3, 3, 8), 1: None, 2: (64, 3, 3, 16), 3: (8, 3, 3, 64), 5: None}, cl
         assert [len(g.members) for g in groups] == [2, 1, 1], [len(g.members) for g in groups]
@@ -921,6 +923,17 @@ _CL_CODES_SCRIPT = textwrap.dedent("""
         want = seq(x)
     seq[0].set_codes_channels_last(True)
     seq[2].set_codes_channels_last(True)
+    # the per-layer op under torch.compile: its key carries the code order, its output is the view
+    m = seq[2]
+    assert m._plan_key.endswith(":cl")
+    w = torch.ops.quantsd.dequantize(m.weight_packed, m._lut, None, m._lut, m._plan_key, torch.float16)
+    assert torch.equal(w.view(torch.int16), refs[1].view(torch.int16)) and layout_ok(w, True)
+    compiled = torch.compile(seq, backend="eager", fullgraph=True)
+    try:
+        with torch.inference_mode():
+            torch.testing.assert_close(compiled(x), want, rtol=2e-3, atol=2e-3)
+    finally:
+        torch._dynamo.reset()
     for slots_cl in (True, False):
         pf = enable_weight_prefetch(seq, ring_bytes=1 << 16, channels_last_convs=slots_cl)
         compiled = torch.compile(seq, backend="eager", fullgraph=True)
