@@ -8,7 +8,9 @@ NCHW -- a dense parameter that was never converted, or a packed layer's decoded 
 copied to channels-last inside the graph, on every call.  This compiles the sd15-arch UNet (fp16,
 batch 2 = CFG, 512², Inductor default mode) as dense NCHW parameters, dense channels-last
 parameters (``unet.to(memory_format=torch.channels_last)``) and paper-final packed with grouped
-dequant in each decode layout (``group_dequant(channels_last=...)``), and reports per variant the
+dequant in each decode layout (``group_dequant(channels_last=...)``: ``packed_cl`` stores the convs'
+codes in (O, KH, KW, I) order and decodes them by the flat kernel, the default; ``packed_cl_tile``
+keeps natural-order codes and writes channels-last by the kernel's ``_cl_tile`` gather), and reports per variant the
 step's time as one CUDA-graph replay, its kernel time by family (torch.profiler) and, from
 Inductor's generated code, how many of its Triton kernels come from convolution lowering alone.
 """
@@ -32,6 +34,7 @@ from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline, cuda_g
 from quantsd.dequant_groups import DEFAULT_MAX_BYTES, group_dequant, launch_counts  # noqa: E402
 from quantsd.recipe import load_recipe  # noqa: E402
 
+_PACKED = ("packed_nchw", "packed_cl", "packed_cl_tile")
 _CONV_ONLY = re.compile(r"def (triton_\w+?_fused_convolution_\d+)\(")
 
 
@@ -62,7 +65,7 @@ def _variant(pipe) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="recipes/paper-final.yaml")
-    ap.add_argument("--variants", default="dense_nchw,dense_cl,packed_nchw,packed_cl")
+    ap.add_argument("--variants", default="dense_nchw,dense_cl,packed_nchw,packed_cl,packed_cl_tile")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -82,13 +85,16 @@ def main() -> None:
         del dense
         torch.cuda.empty_cache()
     if any(v.startswith("packed") for v in wanted):
-        for v in ("packed_nchw", "packed_cl"):
+        for v in _PACKED:
             if v not in wanted:
                 continue
             packed = build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev, recipe=load_recipe(a.recipe),
                                     grouped_dequant=False)
-            group_dequant(packed.unet, DEFAULT_MAX_BYTES, channels_last=v == "packed_cl")   # compiled grouping
+            group_dequant(packed.unet, DEFAULT_MAX_BYTES, channels_last=v != "packed_nchw",   # compiled grouping
+                          cl_decode="tile" if v == "packed_cl_tile" else "codes")
             res[v] = {"launches": launch_counts(packed.unet),
+                      "codes_channels_last": sum(getattr(m, "codes_channels_last", False)
+                                                 for m in packed.unet.modules()),
                       "channels_last_members": sum(getattr(m, "_dq_group", None) is not None
                                                    and m._dq_view[2] is not None for m in packed.unet.modules()),
                       **_variant(packed)}
@@ -97,10 +103,10 @@ def main() -> None:
             Path(a.out).write_text(json.dumps(res, indent=1))
             del packed
             torch.cuda.empty_cache()
-    for v in ("dense_cl", "packed_nchw", "packed_cl"):
+    for v in ("dense_cl", *_PACKED):
         if v in res and "dense_nchw" in res:
             res[f"{v}_over_dense_nchw"] = res[v]["graph_replay_ms"] / res["dense_nchw"]["graph_replay_ms"]
-    for v in ("packed_nchw", "packed_cl"):
+    for v in _PACKED:
         if v in res and "dense_cl" in res:
             res[f"{v}_over_dense_cl"] = res[v]["graph_replay_ms"] / res["dense_cl"]["graph_replay_ms"]
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, indent=1))

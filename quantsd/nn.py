@@ -32,8 +32,8 @@ from torch import nn
 
 from .kernels import fused as _fused
 from .kernels.dequant import op_call
-from .quant.granularity import grouped_view, param_shape
-from .quant.packing import unpack_bits
+from .quant.granularity import grouped_view, param_shape, parse_granularity
+from .quant.packing import pack_bits, unpack_bits
 from .quant.quantizers import PWLQ_METHODS, decode
 
 __all__ = ["dequantize_weight", "QuantLinear", "QuantConv2d", "QuantEmbedding", "QuantModule", "packed_modules",
@@ -113,9 +113,14 @@ def _kernel_weight(layer: "QuantModule", lut: torch.Tensor, dtype: torch.dtype) 
         if not torch.compiler.is_compiling() and layer._table_source != layer._params_signature():
             layer._refresh_lut()
             lut = layer._lut
-        return op_call(layer._plan, layer._plan_key, layer.weight_packed, lut, None, lut, dtype)
-    return op_call(layer._plan, layer._plan_key, layer.weight_packed, layer.weight_scale, layer.weight_breakpoint,
-                   lut, dtype)
+        w = op_call(layer._plan, layer._plan_key, layer.weight_packed, lut, None, lut, dtype)
+    else:
+        w = op_call(layer._plan, layer._plan_key, layer.weight_packed, layer.weight_scale, layer.weight_breakpoint,
+                    lut, dtype)
+    if torch.compiler.is_compiling():   # the op's key says the code order: its output is already the view
+        return w
+    cl = layer._codes_cl
+    return w if cl is None else w.view(cl).permute(0, 3, 1, 2)
 
 
 def _kernel_weight_eager(layer: "QuantModule", lut: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -127,9 +132,12 @@ def _kernel_weight_eager(layer: "QuantModule", lut: torch.Tensor, dtype: torch.d
         if layer._table_source != layer._params_signature():
             layer._refresh_lut()
             lut = buffers["_lut"]
-        return op_call(layer._plan, layer._plan_key, buffers["weight_packed"], lut, None, lut, dtype)
-    return op_call(layer._plan, layer._plan_key, buffers["weight_packed"], buffers["weight_scale"],
-                   buffers["weight_breakpoint"], lut, dtype)
+        w = op_call(layer._plan, layer._plan_key, buffers["weight_packed"], lut, None, lut, dtype)
+    else:
+        w = op_call(layer._plan, layer._plan_key, buffers["weight_packed"], buffers["weight_scale"],
+                    buffers["weight_breakpoint"], lut, dtype)
+    cl = layer._codes_cl
+    return w if cl is None else w.view(cl).permute(0, 3, 1, 2)
 
 
 def _bias(layer: nn.Module):
@@ -139,6 +147,15 @@ def _bias(layer: nn.Module):
     if "bias" in params:
         return params["bias"]
     return layer.bias
+
+
+def _permute_codes(packed: torch.Tensor, bits: int, shape: tuple, order: tuple) -> torch.Tensor:
+    """Codes stored row-major in ``shape``, packed again in the order of ``shape`` permuted by
+    ``order`` (a new tensor, on ``packed``'s device)."""
+    if packed.device.type == "meta":
+        return torch.empty_like(packed)
+    codes = unpack_bits(packed, bits, _numel(shape)).view(shape).permute(order)
+    return pack_bits(codes, bits)
 
 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16)
@@ -161,6 +178,9 @@ class QuantModule(nn.Module):
     _dq_index = 0
     _dq_view = (0, 0, None)   # (offset, numel, channels-last (O, KH, KW, I) or None) of its weight in the group's buffer
     _prefetch_slot = None   # (prefetcher id, layer index) under quantsd.prefetch (compiled forwards), if any
+    # (O, KH, KW, I) while ``weight_packed`` holds a conv's codes in that order (set_codes_channels_last),
+    # else None: the natural (O, I, KH, KW) order, the only one checkpoints ever hold
+    _codes_cl = None
 
     def _init_quant(self, shape, bits, method, granularity, packed, scale, breakpoint, dtype, device):
         self.weight_shape = tuple(int(s) for s in shape)
@@ -183,12 +203,75 @@ class QuantModule(nn.Module):
         self._table = self._plan is not None and self._plan.table
         self._dtype = dtype  # == _compute_dtype_ref.dtype; a plain attribute is one cheap guard under compile
         self._kernel_dtype_ok = dtype in _FAST_DTYPES
-        # may the fused dequant-GEMM run this layer (set again by Linear/Conv2d for their own limits)
-        self._fusable = self._plan is not None and not self._plan.wide
+        # may the fused dequant-GEMM run this layer
+        self._fusable = self._natural_fusable()
         # the kernel's table: a (non-persistent) buffer, so torch.compile + CUDA graphs treat it as a
         # static input like any weight (a plain tensor attribute would be copied on every replay)
         self.register_buffer("_lut", None, persistent=False)
         self._refresh_lut()
+
+    def _natural_fusable(self) -> bool:
+        """Could the fused dequant-GEMM (natural code order only) run this layer?"""
+        return self._plan is not None and not self._plan.wide
+
+    @property
+    def codes_channels_last(self) -> bool:
+        """Are the codes stored in (O, KH, KW, I) order (see :meth:`set_codes_channels_last`)?"""
+        return self._codes_cl is not None
+
+    def codes_channels_last_refusal(self) -> str | None:
+        """Why this layer's codes can't be stored channels-last (None: they can)."""
+        return "only QuantConv2d layers (4-D weights) have a channels-last order"
+
+    def set_codes_channels_last(self, flag: bool) -> None:
+        """Store the codes in (O, KH, KW, I) order (True) or the natural (O, I, KH, KW) order (False).
+
+        Why: every kernel decodes the codes in their stored order, so channels-last codes come out
+        as channels-last weight memory from the flat decode (the layer's weight is then a
+        ``permute(0, 3, 1, 2)`` view with the same values), which a compiled graph's channels-last
+        convolution takes without a copy.  Scales are per tensor or per output channel, the same in
+        both orders.  Checkpoints (``state_dict``) always hold the natural order."""
+        flag = bool(flag)
+        if flag == (self._codes_cl is not None):
+            return
+        if flag:
+            why = self.codes_channels_last_refusal()
+            if why is not None:
+                raise ValueError(f"can't store this layer's codes channels-last: {why}")
+        o, i, kh, kw = self.weight_shape
+        with torch.no_grad():
+            if flag:
+                new = _permute_codes(self._buffers["weight_packed"], self.bits, (o, i, kh, kw), (0, 2, 3, 1))
+            else:
+                new = _permute_codes(self._buffers["weight_packed"], self.bits, (o, kh, kw, i), (0, 3, 1, 2))
+        group = self._dq_group
+        if group is not None:   # its launch holds the old codes' address
+            group.invalidate()
+        self._buffers["weight_packed"] = new    # a new tensor: identity-based staleness checks see it
+        self._codes_cl = (o, kh, kw, i) if flag else None
+        if self._plan is not None:   # the compiled op reads the order from its key (no extra attribute guard)
+            from .kernels.dequant import CODES_CL, plan_key
+
+            self._plan_key = plan_key(self._plan) + (CODES_CL if flag else "")
+        self._fusable = self._natural_fusable() and not flag   # the fused GEMM reads the natural order
+        if group is not None:
+            group.prepare()
+
+    def _natural_codes(self) -> torch.Tensor:
+        """``weight_packed`` in the natural (O, I, KH, KW) order (itself when stored so)."""
+        packed = self._buffers["weight_packed"]
+        cl = self._codes_cl
+        if cl is None:
+            return packed
+        with torch.no_grad():
+            return _permute_codes(packed, self.bits, cl, (0, 3, 1, 2))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # checkpoints and exports never see the internal code order
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight_packed"
+        if self._codes_cl is not None and key in destination:
+            destination[key] = self._natural_codes()
 
     def _refresh_lut(self, prepare_group: bool = True) -> None:
         """The kernel's table on this layer's device (None where the kernel can't run): the layer's
@@ -234,9 +317,23 @@ class QuantModule(nn.Module):
         them (compiled graphs do not re-check)."""
         self._refresh_lut()
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # incoming codes are in the natural order: stored in this layer's order (swapped into the
+        # caller's dict for the duration of the load only)
+        key = prefix + "weight_packed"
+        incoming = state_dict.get(key) if self._codes_cl is not None else None
+        swap = (isinstance(incoming, torch.Tensor) and incoming.dtype == torch.uint8
+                and incoming.shape == self._buffers["weight_packed"].shape)
+        if swap:
+            o, kh, kw, i = self._codes_cl
+            with torch.no_grad():
+                state_dict[key] = _permute_codes(incoming, self.bits, (o, i, kh, kw), (0, 2, 3, 1))
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        finally:
+            if swap:
+                state_dict[key] = incoming
         # new scales/breakpoints: the value table derived from them must follow
-        super()._load_from_state_dict(*args, **kwargs)
         if getattr(self, "_plan", None) is not None:
             self._refresh_lut()   # (which also drops a grouped launch's buffer of the old weights)
 
@@ -314,8 +411,10 @@ class QuantModule(nn.Module):
         lut = self._lut
         if lut is not None and dtype in _FAST_DTYPES:
             return _kernel_weight(self, lut, dtype)
-        return dequantize_weight(self.weight_packed, self.weight_shape, self.bits, self.method, self.granularity,
-                                 self.weight_scale, self.weight_breakpoint, dtype, backend="torch")
+        cl = self._codes_cl   # channels-last codes: decoded in their order, viewed back as (O, I, KH, KW)
+        w = dequantize_weight(self.weight_packed, self.weight_shape if cl is None else cl, self.bits, self.method,
+                              self.granularity, self.weight_scale, self.weight_breakpoint, dtype, backend="torch")
+        return w if cl is None else w.permute(0, 3, 1, 2)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -331,7 +430,8 @@ class QuantModule(nn.Module):
 
     def _quant_repr(self) -> str:
         return (f"bits={self.bits}, method={self.method!r}, granularity={self.granularity!r}, "
-                f"scale_dtype={self.weight_scale.dtype}, packed_bytes={self.weight_packed.numel()}")
+                f"scale_dtype={self.weight_scale.dtype}, packed_bytes={self.weight_packed.numel()}"
+                + (", codes_channels_last=True" if self._codes_cl is not None else ""))
 
 
 class QuantLinear(QuantModule):
@@ -398,11 +498,25 @@ class QuantConv2d(QuantModule):
             self._reversed_padding_repeated_twice = tuple(x for x in reversed(self.padding) for _ in range(2))
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         self._init_quant(shape, bits, method, granularity, packed, scale, breakpoint, dtype, device)
-        # the fused kernel does groups 1 with numeric zero padding
-        self._fusable = self._fusable and self.groups == 1 and padding_mode == "zeros" and \
-            not isinstance(self.padding, str)
         self.bias = None if bias is None else nn.Parameter(bias.to(self.weight_packed.device, dtype),
                                                              requires_grad=False)
+
+    def _natural_fusable(self) -> bool:
+        # the fused kernel does groups 1 with numeric zero padding
+        return (super()._natural_fusable() and self.groups == 1 and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str))
+
+    def codes_channels_last_refusal(self) -> str | None:
+        if len(self.weight_shape) != 4 or self.weight_shape[2] * self.weight_shape[3] <= 1:
+            return (f"kernel size {self.kernel_size}: a 1x1 weight's (O, I, 1, 1) order already is its "
+                    "channels-last order")
+        if self.groups != 1:
+            return f"groups={self.groups}: only groups=1 convolutions"
+        kind = parse_granularity(self.granularity).kind
+        if kind not in ("tensor", "channel"):
+            return (f"granularity {self.granularity!r}: its groups run along each (I, KH, KW) row, whose order "
+                    "this changes (only 'tensor' and 'channel')")
+        return None
 
     def _output_rows(self, x: torch.Tensor) -> int:
         """Rows of the convolution as a GEMM: batch x output pixels."""

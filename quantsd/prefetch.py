@@ -302,11 +302,12 @@ class WeightPrefetcher:
     def _decode(self, p: int) -> None:
         layer = self.layers[self.order[p]]
         out = self._slot(p, layer)
-        if layer._lut is not None and layer._kernel_dtype_ok:
+        cl = layer._codes_cl   # codes stored in (O, KH, KW, I) order: the flat decode writes that order
+        if layer._lut is not None and layer._kernel_dtype_ok and (cl is None or not out.is_contiguous()):
             from .kernels.dequant import launch_into
 
-            launch_into(layer._plan, *kernel_args(layer), out)
-        else:   # no kernel on this device: the reference decode, copied in
+            launch_into(layer._plan, *kernel_args(layer), out if cl is None else out.permute(0, 2, 3, 1))
+        else:   # no kernel on this device, or an NCHW slot for channels-last codes: the layer's decode, copied in
             out.copy_(layer.dequantized_weight())
         self._issued[p] = True
 

@@ -400,28 +400,38 @@ _LAUNCH_SCRIPT = textwrap.dedent("""
             net[i] = QuantLinear.from_linear(m, quantize_tensor(m.weight.detach(), 8, "pwlq", "tensor"))
     net = net.half()
     x = torch.randn(2, 8, 4, 4).half()
+    refs = {i: dequantize_weight(net[i].weight_packed, net[i].weight_shape, 4, "pwlq", "tensor", net[i].weight_scale,
+                                 net[i].weight_breakpoint, torch.float16, backend="torch") for i in (0, 2, 3)}
     with torch.inference_mode():
         want = net(x)
-        groups = group_dequant(net, max_bytes=5000, channels_last=True)   # the 16->64 and 64->8 convs: 18 KiB each
-        got = net(x)
-    assert launch_counts(net) == {"groups": 3, "lone_layers": 1, "launches": 4}, launch_counts(net)   # the linear: lone
-    cl = {i: net[i]._dq_view[2] for i in (0, 1, 2, 3, 5)}
-    assert cl == {0: (16, 3, 3, 8), 1: None, 2: (64, 3, 3, 16), 3: (8, 3, 3, 64), 5: None}, cl
-    assert [len(g.members) for g in groups] == [2, 1, 1], [len(g.members) for g in groups]
-    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
-    for i in (0, 2, 3):
-        m = net[i]
-        g = m._dq_group
-        ref = dequantize_weight(m.weight_packed, m.weight_shape, 4, "pwlq", "tensor", m.weight_scale,
-                                m.weight_breakpoint, torch.float16, backend="torch")
-        w = g._launch.view(g._launch.run(), m._dq_index)
-        assert w.is_contiguous(memory_format=torch.channels_last), i
-        assert torch.equal(w.contiguous().view(torch.int16), ref.view(torch.int16)), i
-        # the fallback (each member's own decode, copied into the flat buffer) keeps the layout
-        g._launch = None
-        g._ready = lambda: False
-        w = g.flat(torch.float16).narrow(0, g.offsets[m._dq_index], m._plan.numel).view(m._dq_view[2])
-        assert torch.equal(w.permute(0, 3, 1, 2).contiguous().view(torch.int16), ref.view(torch.int16)), i
+    for cl_decode in ("codes", "tile"):   # codes stored channels-last (the default), or the tile kernel
+        with torch.inference_mode():
+            # the 16->64 and 64->8 convs: 18 KiB each
+            groups = group_dequant(net, max_bytes=5000, channels_last=True, cl_decode=cl_decode)
+            got = net(x)
+        # the linear: lone
+        assert launch_counts(net) == {"groups": 3, "lone_layers": 1, "launches": 4}, launch_counts(net)
+        cl = {i: net[i]._dq_view[2] for i in (0, 1, 2, 3, 5)}
+        assert cl == {0: (16, 3, 3, 8), 1: None, 2: (64, 3, 3, 16), 3: (8, 3, 3, 64), 5: None}, cl
+        assert [len(g.members) for g in groups] == [2, 1, 1], [len(g.members) for g in groups]
+        assert [g._launch.cl_ks for g in groups] == ([0] * 3 if cl_decode == "codes" else [9] * 3), cl_decode
+        repacked = [True, False, True, True] if cl_decode == "codes" else [False] * 4   # (the 1x1 conv: never)
+        assert [net[i].codes_channels_last for i in (0, 1, 2, 3)] == repacked, cl_decode
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+        for i in (0, 2, 3):
+            m = net[i]
+            g = m._dq_group
+            ref = refs[i]
+            w = g._launch.view(g._launch.run(), m._dq_index)
+            assert w.is_contiguous(memory_format=torch.channels_last), i
+            assert torch.equal(w.contiguous().view(torch.int16), ref.view(torch.int16)), i
+            # the fallback (each member's own decode, copied into the flat buffer) keeps the layout
+            g._launch = None
+            g._ready = lambda: False
+            w = g.flat(torch.float16).narrow(0, g.offsets[m._dq_index], m._plan.numel).view(m._dq_view[2])
+            assert torch.equal(w.permute(0, 3, 1, 2).contiguous().view(torch.int16), ref.view(torch.int16)), i
+        for g in groups:
+            del g._ready
     print("LAUNCH OK")
 """)
 
@@ -843,3 +853,148 @@ def test_inductor_takes_channels_last_group_weights_without_a_copy():
     pytest.importorskip("triton")
     r = _run_interpreted(_INDUCTOR_CL_SCRIPT)
     assert r.returncode == 0 and "INDUCTOR CL OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
+
+
+_CL_CODES_SCRIPT = textwrap.dedent("""
+    import os
+    import torch
+    from torch import nn
+    from quantsd.dequant_groups import group_dequant, ungroup_dequant
+    from quantsd.nn import QuantConv2d, QuantLinear, dequantize_weight
+    from quantsd.quant import quantize_tensor
+
+    torch.manual_seed(0)
+    specs = [("c", 16, 7, 3, "pwlq"), ("c", 8, 9, 3, "uniform"), ("l", 24, 13, 8, "pwlq"), ("c", 24, 5, 5, "pwlq"),
+             ("c", 16, 16, 1, "uniform"), ("l", 40, 24, 3, "uniform")]   # (kind, in, out, bits or kernel, method)
+    def build():
+        layers = []
+        for n, (kind, i, o, k, method) in enumerate(specs):
+            bits = (3, 5, 5, 3, 3, 5)[n]     # (one launch: two widths; both straddle bytes)
+            if kind == "c":
+                c = nn.Conv2d(i, o, k, padding=k // 2)
+                layers.append(QuantConv2d.from_conv(c, quantize_tensor(c.weight.detach(), bits, method, "tensor")))
+            else:
+                l = nn.Linear(i, o)
+                layers.append(QuantLinear.from_linear(l, quantize_tensor(l.weight.detach(), bits, method, "tensor")))
+        return nn.Sequential(*layers).half()    # (one group root; never called as a whole)
+    torch.manual_seed(0)
+    net = build()
+    refs = [dequantize_weight(m.weight_packed, m.weight_shape, m.bits, m.method, m.granularity, m.weight_scale,
+                              m.weight_breakpoint, torch.float16, backend="torch") for m in net]
+    natural = [m.weight_packed.clone() for m in net]
+    def layout_ok(w, channels_last):   # channels-last memory (and not NCHW), or NCHW
+        if channels_last:
+            return w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        return w.is_contiguous()
+    groups = group_dequant(net, max_bytes=1 << 20, channels_last=True)
+    assert len(groups) == 1 and all(m._dq_group is groups[0] for m in net), groups
+    g = groups[0]
+    cl = [m.codes_channels_last for m in net]
+    assert cl == [True, True, False, True, False, False], cl          # k x k convs (I % 8 == 0): repacked
+    assert g.repacked == cl and g._launch.cl_ks == 0 and not any(g._launch.channels_last)   # the flat path only
+    assert g._launch.codes_channels_last == cl
+    flat = g._launch.run()
+    for k, m in enumerate(net):
+        w = g._launch.view(flat, k)
+        assert torch.equal(w.view(torch.int16), refs[k].view(torch.int16)), k
+        assert layout_ok(w, cl[k]), k
+        assert (m._dq_view[2] is not None) == cl[k], (k, m._dq_view)
+        # eager: the member's weight is a view of the group's buffer, channels-last where the codes are
+        e = m._eager_weight()
+        assert torch.equal(e.view(torch.int16), refs[k].view(torch.int16)), k
+        assert layout_ok(e, cl[k]), k
+    # the compiled member's code path (nn.QuantModule._forward_weight): a channels-last view of the
+    # group op's flat buffer, no copy
+    real = torch.compiler.is_compiling
+    torch.compiler.is_compiling = lambda: True
+    try:
+        for k, m in enumerate(net):
+            w = m._forward_weight()
+            assert torch.equal(w.view(torch.int16), refs[k].view(torch.int16)), k
+            assert w._base is not None and w._base.dim() == 1 and w._base.numel() == g.numel, k
+            assert w.data_ptr() == w._base.data_ptr() + 2 * g.offsets[k], k
+            assert layout_ok(w, cl[k]), k
+    finally:
+        torch.compiler.is_compiling = real
+    # the per-layer kernel (a lone layer) honours the order too
+    m = net[0]
+    m._dq_group = None
+    w = m.dequantized_weight()
+    assert torch.equal(w.view(torch.int16), refs[0].view(torch.int16)) and w.permute(0, 2, 3, 1).is_contiguous()
+    m._dq_group = g
+    # ungrouping restores the natural order byte for byte
+    ungroup_dequant(net)
+    assert not any(m.codes_channels_last for m in net)
+    assert all(torch.equal(m.weight_packed, p) for m, p in zip(net, natural))
+    # the tile path stays reachable: natural codes, the _cl_tile gather, same bits
+    groups = group_dequant(net, max_bytes=1 << 20, channels_last=True, cl_decode="tile")
+    g = groups[0]
+    assert not any(m.codes_channels_last for m in net) and g._launch.cl_ks == 9
+    assert g._launch.channels_last == [True, True, False, False, False, False]    # one kernel size per launch
+    flat = g._launch.run()
+    for k, m in enumerate(net):
+        assert torch.equal(g._launch.view(flat, k).contiguous().view(torch.int16), refs[k].view(torch.int16)), k
+    os.environ["QUANTSD_CL_DECODE"] = "tile"
+    assert group_dequant(net, max_bytes=1 << 20, channels_last=True)[0]._launch.cl_ks == 9
+    os.environ["QUANTSD_CL_DECODE"] = "gather"
+    try:
+        group_dequant(net, max_bytes=1 << 20, channels_last=True)
+    except ValueError as e:
+        assert "QUANTSD_CL_DECODE" in str(e), e
+    else:
+        raise AssertionError("a bad QUANTSD_CL_DECODE must be refused")
+    del os.environ["QUANTSD_CL_DECODE"]
+    # regrouping for eager forwards (channels_last=False): natural order again
+    group_dequant(net, max_bytes=1 << 20, channels_last=True)
+    assert net[0].codes_channels_last
+    group_dequant(net, max_bytes=1 << 20)
+    assert not any(m.codes_channels_last for m in net) and all(m._dq_view[2] is None for m in net)
+    assert all(torch.equal(m.weight_packed, p) for m, p in zip(net, natural))
+    # the weight prefetcher decodes repacked convs into channels-last and NCHW slots alike
+    from quantsd.prefetch import enable_weight_prefetch, disable_weight_prefetch
+    ungroup_dequant(net)
+    c0 = nn.Conv2d(9, 8, 3, padding=1)
+    c0 = QuantConv2d.from_conv(c0, quantize_tensor(c0.weight.detach(), 5, "pwlq", "channel"))  # (a per-layer plan)
+    seq = nn.Sequential(c0, nn.SiLU(), net[1]).half()
+    x = torch.randn(1, 9, 6, 6).half()
+    with torch.inference_mode():
+        want = seq(x)
+    seq[0].set_codes_channels_last(True)
+    seq[2].set_codes_channels_last(True)
+    # the per-layer op under torch.compile: its key carries the code order, its output is the view
+    m = seq[2]
+    assert m._plan_key.endswith(":cl")
+    w = torch.ops.quantsd.dequantize(m.weight_packed, m._lut, None, m._lut, m._plan_key, torch.float16)
+    assert torch.equal(w.view(torch.int16), refs[1].view(torch.int16)) and layout_ok(w, True)
+    compiled = torch.compile(seq, backend="eager", fullgraph=True)
+    try:
+        with torch.inference_mode():
+            torch.testing.assert_close(compiled(x), want, rtol=2e-3, atol=2e-3)
+    finally:
+        torch._dynamo.reset()
+    for slots_cl in (True, False):
+        pf = enable_weight_prefetch(seq, ring_bytes=1 << 16, channels_last_convs=slots_cl)
+        compiled = torch.compile(seq, backend="eager", fullgraph=True)
+        try:
+            with torch.inference_mode():
+                outs = [compiled(x) for _ in range(3)]
+        finally:
+            torch._dynamo.reset()
+            disable_weight_prefetch(seq)
+        assert pf.stats["ahead"] > 0, pf.stats
+        for o in outs:
+            torch.testing.assert_close(o, want, rtol=2e-3, atol=2e-3)
+    print("CL CODES OK")
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
+def test_channels_last_codes_group_decodes_by_the_flat_path():
+    """group_dequant(channels_last=True) stores k x k convs' codes in (O, KH, KW, I) order and decodes
+    them with the flat group kernel: the reference's bits (3- and 5-bit layers, odd O), channels-last
+    views of the buffer (eager, and the compiled member's view: no copy), the per-layer kernel and the
+    prefetcher honour the order, ungrouping restores the natural bytes, and the tile path stays
+    reachable (cl_decode / QUANTSD_CL_DECODE, checked)."""
+    pytest.importorskip("triton")
+    r = _run_interpreted(_CL_CODES_SCRIPT)
+    assert r.returncode == 0 and "CL CODES OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])

@@ -142,3 +142,80 @@ def test_densify_in_inference_mode_and_with_grouped_layers():
     x = torch.randn(3, 8)
     assert net(x).shape == (3, 8)
     assert g._flat is None and all(m._dq_group is None for m in g.members)
+
+
+def _qconv(i, o, k, bits, method, gran, seed=0, **kw):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(i, o, k, **kw)
+    return QuantConv2d.from_conv(conv, quantize_tensor(conv.weight.detach(), bits, method, gran, seed=seed))
+
+
+@pytest.mark.parametrize("gran", ["tensor", "channel"])
+@pytest.mark.parametrize("method", ["uniform", "pwlq"])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_codes_channels_last_round_trip(bits, method, gran):
+    """Codes stored in (O, KH, KW, I) order decode to the very same weight, as a channels-last view
+    (odd O, bit widths that straddle bytes), the forward is unchanged, and switching back restores
+    the packed bytes exactly."""
+    q = _qconv(16, 7, 3, bits, method, gran, seed=bits, padding=1)
+    want, packed = q.dequantized_weight(), q.weight_packed.clone()
+    x = torch.randn(2, 16, 5, 5)
+    y = q(x)
+    assert not q.codes_channels_last and q._fusable
+    old = q.weight_packed
+    q.set_codes_channels_last(True)
+    assert q.codes_channels_last and q.weight_packed is not old
+    assert not q._fusable   # the fused GEMM reads the natural order
+    assert not torch.equal(q.weight_packed, packed)     # really stored in another order
+    assert q.nbytes_packed == packed.numel() + q.weight_scale.numel() * q.weight_scale.element_size() + \
+        (0 if q.weight_breakpoint is None else q.weight_breakpoint.numel() * q.weight_breakpoint.element_size())
+    w = q.dequantized_weight()
+    assert torch.equal(w, want) and w.permute(0, 2, 3, 1).is_contiguous() and not w.is_contiguous()
+    assert torch.equal(q(x), y)
+    assert "codes_channels_last=True" in repr(q)
+    q.set_codes_channels_last(False)
+    assert torch.equal(q.weight_packed, packed) and q._fusable and torch.equal(q.dequantized_weight(), want)
+
+
+def test_codes_channels_last_state_dict_is_natural_order():
+    """Checkpoints never see the internal order: a repacked layer's state_dict equals the natural
+    one byte for byte, a natural-order state_dict loads into a repacked layer (plain and assign=True),
+    and the order travels with deepcopy and .to()."""
+    import copy
+
+    q = _qconv(8, 5, 3, 5, "pwlq", "channel", seed=1)
+    nat = {k: v.clone() for k, v in q.state_dict().items()}
+    want = q.dequantized_weight()
+    q.set_codes_channels_last(True)
+    sd = q.state_dict()
+    assert sd.keys() == nat.keys() and all(torch.equal(sd[k], nat[k]) for k in nat)
+    assert all(sd[k].dtype == nat[k].dtype for k in nat)
+    other = _qconv(8, 5, 3, 5, "pwlq", "channel", seed=2)
+    other_sd = {k: v.clone() for k, v in other.state_dict().items()}
+    for assign in (False, True):
+        r = copy.deepcopy(q)
+        assert r.codes_channels_last
+        r.load_state_dict(other_sd, assign=assign)
+        assert r.codes_channels_last and torch.equal(r.dequantized_weight(), other.dequantized_weight())
+        assert all(torch.equal(r.state_dict()[k], other_sd[k]) for k in other_sd)
+        assert torch.equal(other_sd["weight_packed"], other.weight_packed)   # the caller's dict is left as given
+    r = copy.deepcopy(q).to(torch.float64)
+    assert r.codes_channels_last and torch.equal(r.dequantized_weight(), want.double())
+
+
+@pytest.mark.parametrize("kw, gran, why", [(dict(kernel_size=1), "tensor", "1x1"),
+                                           (dict(kernel_size=3), "group:8", "granularity"),
+                                           (dict(kernel_size=3, groups=2), "tensor", "groups=2")])
+def test_codes_channels_last_refuses_ineligible_layers(kw, gran, why):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, **kw)
+    q = QuantConv2d.from_conv(conv, quantize_tensor(conv.weight.detach(), 4, "uniform", gran))
+    packed = q.weight_packed
+    with pytest.raises(ValueError, match=why):
+        q.set_codes_channels_last(True)
+    assert q.weight_packed is packed and not q.codes_channels_last
+    q.set_codes_channels_last(False)   # already natural: nothing to do
+    lin = nn.Linear(8, 4)
+    ql = QuantLinear.from_linear(lin, quantize_tensor(lin.weight.detach(), 4, "uniform", "tensor"))
+    with pytest.raises(ValueError, match="QuantConv2d"):
+        ql.set_codes_channels_last(True)

@@ -603,8 +603,21 @@ def plan_key(plan: DequantPlan) -> str:
     return f"{plan.bits}:{int(plan.pwlq)}:{plan.gmode}:{plan.group}:{int(plan.table)}:" + "x".join(map(str, plan.shape))
 
 
+CODES_CL = ":cl"   # plan-key suffix of a conv whose codes are stored in (O, KH, KW, I) order
+
+
+def _stored_order_out(shape, dtype, device, codes_cl: bool) -> torch.Tensor:
+    """The op's output: contiguous, or for channels-last codes an (O, I, KH, KW) view of
+    (O, KH, KW, I) memory, which the flat decode fills in stored order."""
+    if not codes_cl:
+        return torch.empty(shape, dtype=dtype, device=device)
+    o, i, kh, kw = shape
+    return torch.empty((o, kh, kw, i), dtype=dtype, device=device).permute(0, 3, 1, 2)
+
+
 @functools.lru_cache(maxsize=None)
 def plan_from_key(key: str) -> DequantPlan:
+    key = key.removesuffix(CODES_CL)
     bits, pwlq, gmode, group, table, shape = key.split(":")
     plan = _plan(tuple(int(s) for s in shape.split("x")) if shape else (), int(bits), pwlq == "1", int(gmode),
                  int(group))
@@ -622,11 +635,20 @@ def _register_op():
     @torch.library.custom_op("quantsd::dequantize", mutates_args=())
     def _op(packed: torch.Tensor, scale: torch.Tensor, breakpoint: Optional[torch.Tensor], lut: torch.Tensor,
             plan: str, dtype: torch.dtype) -> torch.Tensor:
-        return launch(plan_from_key(plan), packed, scale, breakpoint, lut, dtype)
+        p = plan_from_key(plan)
+        if not plan.endswith(CODES_CL):
+            return launch(p, packed, scale, breakpoint, lut, dtype)
+        out = _stored_order_out(p.shape, dtype, packed.device, True)
+        if packed.is_cuda and packed.device.index != torch._C._cuda_getDevice():
+            with torch.cuda.device(packed.device):
+                launch_into(p, packed, scale, breakpoint, lut, out.permute(0, 2, 3, 1))
+        else:
+            launch_into(p, packed, scale, breakpoint, lut, out.permute(0, 2, 3, 1))
+        return out
 
     @_op.register_fake
     def _(packed, scale, breakpoint, lut, plan, dtype):
-        return packed.new_empty(plan_from_key(plan).shape, dtype=dtype)
+        return _stored_order_out(plan_from_key(plan).shape, dtype, packed.device, plan.endswith(CODES_CL))
 
     _OP = _op
     return _OP

@@ -83,10 +83,15 @@ class GroupLaunch:
     conv weight channels-last (its view then has channels-last strides; :func:`channels_last_ok`
     shapes of one kernel size per launch).  Why: a compiled UNet runs its convolutions
     channels-last, and Inductor copies every weight that arrives NCHW to channels-last on every
-    call (H200, SD1.5: 0.79 ms of a 7.07 ms dense step; bench/conv_layout_probe.py)."""
+    call (H200, SD1.5: 0.79 ms of a 7.07 ms dense step; bench/conv_layout_probe.py).  That path (the
+    ``_cl_tile`` gather) is slower than the flat decode; ``codes_channels_last``: per layer, its codes
+    are already stored in (O, KH, KW, I) order (:meth:`quantsd.nn.QuantModule.set_codes_channels_last`),
+    so the flat decode writes it channels-last and only its view differs (the default for compiled
+    groups)."""
 
     def __init__(self, packed: Sequence[torch.Tensor], luts: Sequence[torch.Tensor], shapes: Sequence[tuple],
-                 bits: int | Sequence[int], dtype: torch.dtype, channels_last: Sequence[bool] | None = None):
+                 bits: int | Sequence[int], dtype: torch.dtype, channels_last: Sequence[bool] | None = None,
+                 codes_channels_last: Sequence[bool] | None = None):
         if not HAS_TRITON:
             raise RuntimeError("grouped dequant needs Triton")
         if not packed or len(packed) != len(luts) or len(packed) != len(shapes):
@@ -112,6 +117,14 @@ class GroupLaunch:
                 raise ValueError(f"a weight of shape {sh} can't be written channels-last (needs (O, I, KH, KW), "
                                  "KH*KW > 1, I a multiple of 8)")
         self.channels_last = cl
+        ccl = [False] * len(packed) if codes_channels_last is None else [bool(c) for c in codes_channels_last]
+        if len(ccl) != len(packed):
+            raise ValueError("one codes_channels_last flag per layer")
+        for sh, c, t in zip(self.shapes, ccl, cl):
+            if c and (len(sh) != 4 or t):
+                raise ValueError(f"a weight of shape {sh} with channels-last codes must be a 4-d conv weight "
+                                 "decoded by the flat path (not also channels_last)")
+        self.codes_channels_last = ccl
         # the layers' tensors (alive anyway, see above): the first channels-last run checks itself
         # against a flat decode of them (_check_channels_last)
         self._packed, self._luts, self._bits_list = list(packed), list(luts), per_layer
@@ -136,7 +149,7 @@ class GroupLaunch:
         # code loads vectorize when every layer's codes sit 16 bytes apart from the first's and every
         # length is a multiple of 16 (caching-allocator blocks and SD's layer shapes always are)
         self.aligned = all(r[0] % 16 == 0 for r in rows) and all(n % 16 == 0 for n in numels)
-        self._view_args = [(sh, _strides(sh, c), o) for sh, o, c in zip(self.shapes, self.offsets, cl)]
+        self._view_args = [(sh, _strides(sh, c or k), o) for sh, o, c, k in zip(self.shapes, self.offsets, cl, ccl)]
         # the compiled kernel's specialization: output dtype, and the base pointers' 16-byte alignment
         # (every other argument is a fresh allocation); the kernels live in a module-level cache,
         # never on this object (a compiled kernel can be neither copied nor pickled)
@@ -196,7 +209,8 @@ class GroupLaunch:
             if not same_bits(self.view(out, i).contiguous(), flat.view(ref, i)):
                 raise RuntimeError(f"the channels-last weight decode disagrees with the flat decode for a layer of "
                                    f"shape {self.shapes[i]} on {self.device} (a kernel bug on this GPU/Triton): set "
-                                   "QUANTSD_DECODE_CHANNELS_LAST=0 to decode NCHW, and please report it")
+                                   "QUANTSD_CL_DECODE=codes (or QUANTSD_DECODE_CHANNELS_LAST=0 to decode NCHW), "
+                                   "and please report it")
         self._cl_checked = True
 
     def same_weights(self, a: torch.Tensor, b: torch.Tensor) -> bool:
