@@ -13,7 +13,9 @@ the packed pipeline (grouped as eager generation groups it), interleaved over ``
 
 then one cProfile of ``--profile-steps`` steps per variant: the top functions by own time, and
 the per-call cost of the calls the packed forward adds (``QuantModule._eager_weight``,
-``DequantGroup.weight``, the group launches).
+``DequantGroup.weight``, the group launches); and torch.profiler's self CPU time per aten op
+(``aten_self_cpu``: session 11 found the packed model's ``torch.conv2d`` calls ~9 us slower each
+on the host, which cProfile can't break down).
 """
 
 from __future__ import annotations
@@ -56,6 +58,20 @@ def _profile(fn, steps: int, top: int) -> dict:
     by_cum = sorted(rows, key=lambda r: -r["cum_us_per_step"])[:top]
     return {"total_own_ms_per_step": round(sum(r["own_us_per_step"] for r in rows) / 1e3, 2),
             "top_own": by_own, "top_cum": by_cum}
+
+
+def _aten_self_cpu(fn, steps: int, top: int) -> list[dict]:
+    """torch.profiler's self CPU time per aten op per step (host only): which op inside a call
+    such as ``torch.conv2d`` (``aten::cudnn_convolution``, its allocations, the bias add) takes
+    the time that cProfile can only attribute to the whole builtin."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    rows = [{"op": e.key, "calls_per_step": e.count / steps,
+             "self_cpu_us_per_step": round(e.self_cpu_time_total / steps, 1)} for e in prof.key_averages()]
+    return sorted(rows, key=lambda r: -r["self_cpu_us_per_step"])[:top]
 
 
 def _conv_host_us(dev: torch.device, reps: int = 200) -> dict:
@@ -135,6 +151,8 @@ def main() -> None:
         res["packed_over_fp16"] = {"host": round(res["host_ms"]["packed"] / res["host_ms"]["fp16"], 3),
                                    "step": round(res["step_ms"]["packed"] / res["step_ms"]["fp16"], 3)}
         res["conv_host_us"] = _conv_host_us(dev)
+        res["aten_self_cpu"] = {name: _aten_self_cpu(lambda: calls[name](variants[name].unet), 2, a.top)
+                                for name in names}
         res["profile"] = {name: _profile(lambda: calls[name](variants[name].unet), a.profile_steps, a.top)
                           for name in names}
     print(json.dumps({k: v for k, v in res.items() if k != "profile"}))
@@ -142,6 +160,10 @@ def main() -> None:
         print(name, "cProfile own time per step (ms):", res["profile"][name]["total_own_ms_per_step"])
         for r in res["profile"][name]["top_own"][:15]:
             print(f"  {r['own_us_per_step']:9.1f} us {r['calls_per_step']:7.1f}x {r['fn']}")
+    aten = {name: {r["op"]: r["self_cpu_us_per_step"] for r in res["aten_self_cpu"][name]} for name in names}
+    diff = sorted(((aten["packed"].get(op, 0) - aten["fp16"].get(op, 0), op) for op in set(aten["packed"]) | set(aten["fp16"])),
+                  reverse=True)
+    print("aten self CPU us per step, packed minus fp16:", [(op, round(d, 1)) for d, op in diff[:12]])
     Path(a.out).write_text(json.dumps(res, indent=1))
 
 
