@@ -273,7 +273,8 @@ class DequantGroup:
         outdated constants reads memory that is still allocated, and its result is never returned."""
         self._release()                    # the old buffer goes before the new one is allocated
         if check or self._checked_sources is None or self._launch is None:
-            if not self._ready():
+            # (_ready may have just learnt that the device captures: weight() asked before that)
+            if not self._ready() or (self._check_capture and _capturing_now()):
                 return False
             self._checked_sources = [_sources_of(m._buffers) for m in self.members]
         self._sources = self._checked_sources
