@@ -267,8 +267,8 @@ class DequantGroup:
         """A new buffer.  Its launch constants are checked against every member (:meth:`_ready`)
         only with ``check`` or when no check has been recorded since they were built: otherwise each
         member compares its own buffers with the recorded ones when it takes its weight
-        (:meth:`weight`), and a mismatch comes back here with ``check``.  (The per-group check was a
-        tenth of an eager packed step's extra host time on the H200 box, bench/eager_host_profile.py.)
+        (:meth:`weight`), and a mismatch comes back here with ``check``.  (The per-group check was about
+        a sixth of an eager packed step's extra host time on the H200 box, bench/eager_host_profile.py.)
         The constants' tensors stay referenced (``_signature``, ``_sources``), so a launch from
         outdated constants reads memory that is still allocated, and its result is never returned."""
         self._release()                    # the old buffer goes before the new one is allocated
