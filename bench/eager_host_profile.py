@@ -24,6 +24,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,10 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline  # noqa: E402
 from quantsd.dequant_groups import launch_counts  # noqa: E402
 from quantsd.recipe import load_recipe  # noqa: E402
-
-
-def _median(v: list[float]) -> float:
-    return sorted(v)[len(v) // 2]
 
 
 def _profile(fn, steps: int, top: int) -> dict:
@@ -96,7 +93,7 @@ def _conv_host_us(dev: torch.device, reps: int = 200) -> dict:
                 torch.conv2d(x, weight, b, 1, 1)
             times.append((time.perf_counter() - t0) / reps * 1e6)
             torch.cuda.synchronize()
-        out[name] = round(_median(times), 2)
+        out[name] = round(statistics.median(times), 2)
     return out
 
 
@@ -146,8 +143,8 @@ def main() -> None:
                                   ("alloc_retries", "num_alloc_retries")):
                     alloc[name][key] += after.get(stat, 0) - before.get(stat, 0)
         res["allocator_during_rounds"] = alloc
-        res["host_ms"] = {k: round(_median(v), 2) for k, v in host.items()}
-        res["step_ms"] = {k: round(_median(v), 2) for k, v in gpu.items()}
+        res["host_ms"] = {k: round(statistics.median(v), 2) for k, v in host.items()}
+        res["step_ms"] = {k: round(statistics.median(v), 2) for k, v in gpu.items()}
         res["packed_over_fp16"] = {"host": round(res["host_ms"]["packed"] / res["host_ms"]["fp16"], 3),
                                    "step": round(res["step_ms"]["packed"] / res["step_ms"]["fp16"], 3)}
         res["conv_host_us"] = _conv_host_us(dev)
