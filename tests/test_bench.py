@@ -293,3 +293,43 @@ def test_packed_ratios_against_each_dense_baseline_of_the_same_mode():
         {"name": "fp16-sdpa-compiled-cl", "unet_ms_pipelined": {"median": 6.3}},
         {"name": "packed-compiled", "unet_ms_pipelined": {"median": 7.42}}]}
     assert "packed-compiled / fp16-sdpa-compiled-cl 1.178x" in markdown_report(res)
+
+
+def test_interleaved_rounds_take_turns_and_cancel_a_drifting_host():
+    """Each round times both functions, in A B / B A order; a host that slows down steadily over the
+    run moves both numbers of a round alike, so the per-round ratio stays near the true one (here
+    1.10) while the medians of numbers taken at different times need not."""
+    from quantsd.bench.core import interleaved_rounds, paired_ratio
+
+    order, clock = [], [0]
+
+    def timer(fn):
+        clock[0] += 1
+        return fn() * (1.0 + 0.05 * clock[0])   # every call 5% slower than the one before
+
+    fns = {"packed": lambda: order.append("packed") or 11.0, "fp16-sdpa": lambda: order.append("fp16-sdpa") or 10.0}
+    rounds = interleaved_rounds(fns, rounds=4, calls=3, timer=timer)
+    assert order == ["packed"] * 3 + ["fp16-sdpa"] * 6 + ["packed"] * 6 + ["fp16-sdpa"] * 6 + ["packed"] * 3
+    assert [len(v) for v in rounds.values()] == [4, 4]
+    pair = paired_ratio(rounds, "packed", "fp16-sdpa")
+    assert pair["rounds"] == 4 and pair["ratio_min"] <= pair["ratio_median"] <= pair["ratio_max"]
+    assert abs(pair["ratio_median"] - 1.10) < 0.02
+    # the other way round in time (all of one, then all of the other) the drift is the whole difference
+    seq = {"packed": [timer(fns["packed"]) for _ in range(4)], "fp16-sdpa": [timer(fns["fp16-sdpa"]) for _ in range(4)]}
+    assert abs(paired_ratio(seq, "packed", "fp16-sdpa")["ratio_median"] - 1.10) > 0.05
+    with pytest.raises(ValueError, match="same, non-zero number of rounds"):
+        paired_ratio({"a": [1.0], "b": []}, "a", "b")
+
+
+def test_markdown_reports_the_interleaved_eager_ratio():
+    from quantsd.bench.core import paired_ratio
+
+    res = _fake_results()
+    assert "taking turns" not in markdown_report(res)
+    unet = {"packed": [30.0, 33.0, 29.0], "fp16-sdpa": [28.0, 30.0, 29.0]}
+    image = {"packed": [2000.0], "fp16-sdpa": [2100.0]}
+    res["eager_interleaved"] = {"packed_vs_fp16_sdpa": {
+        "calls": 5, "unet": paired_ratio(unet, "packed", "fp16-sdpa"), "image": paired_ratio(image, "packed", "fp16-sdpa")}}
+    md = markdown_report(res)
+    assert "taking turns (3 rounds of 5 UNet steps, 1 of one image): UNet step 1.071x" in md
+    assert "per round 1.000-1.100" in md and "fastest rounds 1.036x" in md and "image 0.952x" in md

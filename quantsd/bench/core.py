@@ -39,7 +39,7 @@ import torch
 
 __all__ = ["BenchConfig", "cuda_time_ms", "default_configs", "optional_configs", "select_configs", "binary_search_max",
            "weight_bytes",
-           "to_packed", "Bench",
+           "to_packed", "Bench", "interleaved_rounds", "paired_ratio", "eager_interleaved",
            "write_reports", "markdown_report", "plot_time_vs_pixels", "sdpa_report"]
 
 
@@ -100,6 +100,33 @@ def weight_bytes(module: torch.nn.Module, device_type: str | None = None) -> int
 def _pctl(xs: Sequence[float]) -> dict:
     xs = sorted(xs)
     return {"median": statistics.median(xs), "min": xs[0], "max": xs[-1], "n": len(xs)}
+
+
+def interleaved_rounds(fns: dict[str, Callable[[], Any]], rounds: int, calls: int,
+                       timer: Callable[[Callable[[], Any]], float]) -> dict[str, list[float]]:
+    """Per name, one number per round: the median of ``calls`` calls of its function, each timed by
+    ``timer`` (milliseconds).  The names take turns inside every round, their order reversed from one
+    round to the next (A B, B A, ...), so a host whose speed drifts -- the H200 box's Python moved by
+    up to 1.6x between rounds -- slows both sides of a round alike."""
+    names = list(fns)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            out[name].append(statistics.median(timer(fns[name]) for _ in range(calls)))
+    return out
+
+
+def paired_ratio(per_round: dict[str, list[float]], num: str, den: str) -> dict:
+    """``num`` / ``den`` from :func:`interleaved_rounds`' numbers: the median of the per-round ratios
+    (each ratio compares two measurements taken moments apart) with their range, and each side's
+    median and minimum (the least disturbed round)."""
+    a, b = per_round[num], per_round[den]
+    if not a or len(a) != len(b):
+        raise ValueError(f"{num!r} and {den!r} need the same, non-zero number of rounds")
+    ratios = [x / y for x, y in zip(a, b)]
+    return {"ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ratio_of_minima": min(a) / min(b), "rounds": len(ratios), "ratios": [round(r, 4) for r in ratios],
+            f"{num}_ms": statistics.median(a), f"{den}_ms": statistics.median(b)}
 
 
 @dataclass
@@ -269,6 +296,43 @@ def unet_step_ms(pipe, side: int, iters: int = 20, warmup: int = 3, batch: int =
     lat, t, ctx = _unet_inputs(pipe, batch, side, dev, dt)
     with torch.inference_mode():
         return cuda_time_ms(lambda: pipe.unet(lat, t, encoder_hidden_states=ctx, return_dict=False), iters, warmup)
+
+
+def _event_ms(fn: Callable[[], Any]) -> float:
+    """One call of ``fn`` timed with CUDA events (it starts with an empty launch queue)."""
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
+
+
+def eager_interleaved(pipes: dict, side: int, steps: int, guidance: float, rounds: int = 9, calls: int = 5,
+                      image_rounds: int = 3) -> dict:
+    """Eager UNet steps (CFG batch 2) and whole images of two or more pipelines, taking turns
+    (:func:`interleaved_rounds`): an eager SD step is host-bound, and on a shared host whose
+    Python speed drifts, numbers measured minutes apart can't resolve a 10% difference.  Returns the
+    per-round numbers; :func:`paired_ratio` compares them."""
+    step_fns, image_fns = {}, {}
+    kw = dict(num_inference_steps=steps, guidance_scale=guidance, height=side, width=side, output_type="np")
+    for name, pipe in pipes.items():
+        lat, t, ctx = _unet_inputs(pipe, 2, side, pipe.unet.device, pipe.unet.dtype)
+        step_fns[name] = (lambda u=pipe.unet, lat=lat, t=t, ctx=ctx:
+                          u(lat, t, encoder_hidden_states=ctx, return_dict=False))
+        image_fns[name] = (lambda p=pipe: p("a photograph of an astronaut riding a horse",
+                                            generator=torch.Generator(device="cpu").manual_seed(0), **kw))
+    with torch.inference_mode():
+        for name in pipes:    # warm-up: kernels compiled, allocator primed
+            for _ in range(3):
+                step_fns[name]()
+            image_fns[name]()
+        torch.cuda.synchronize()
+        steps_ms = interleaved_rounds(step_fns, rounds, calls, _event_ms)
+        image_ms = interleaved_rounds(image_fns, image_rounds, 1, _event_ms)
+    return {"unet_ms_rounds": steps_ms, "image_ms_rounds": image_ms, "rounds": rounds, "calls": calls,
+            "image_rounds": image_rounds}
 
 
 def unet_step_pipelined_ms(pipe, side: int, calls: int = 20, repeats: int = 5, batch: int = 2) -> dict:
@@ -444,6 +508,7 @@ class Bench:
     only: tuple[str, ...] = ()         # run only these of the default configurations (ignored with ``configs``)
     grouped_dequant: bool = True       # packed: one dequant launch per block (quantsd.dequant_groups)
     dense_below: int = 0               # packed: UNet layers of at most this many weights kept dense (0: off)
+    eager_pair_rounds: int = 9         # packed vs fp16-sdpa eager, taking turns (eager_interleaved; 0: off)
     configs: list[BenchConfig] | None = None
     log: Callable[[str], None] = print
     results: dict = field(default_factory=dict)
@@ -628,6 +693,8 @@ class Bench:
             gc.collect()
             torch.cuda.empty_cache()
             entry["left_allocated_bytes"] = torch.cuda.memory_allocated(dev)
+        self._eager_pair([e for e in self.results["configs"] if isinstance(e.get("build"), dict)
+                          and e["build"].get("ok")], configs, dev, recipe)
         # max-resolution searches last (the most expensive), most important first
         for mode in self.max_res_modes:
             for cfg, entry in sorted(deferred, key=lambda ce: not ce[0].packed):
@@ -639,6 +706,33 @@ class Bench:
         return self.results
 
     _deadline: float | None = None
+
+    def _eager_pair(self, built: list[dict], configs: list[BenchConfig], dev, recipe) -> None:
+        """The eager packed / fp16-sdpa comparison taking turns (:func:`eager_interleaved`) on both
+        pipelines built again side by side, when both configurations ran: the table's eager rows
+        were measured minutes apart, and the eager target (packed no slower than fp16) is a ratio
+        near 1 that host drift alone moves by more than 10%."""
+        names = {e["name"] for e in built}
+        if self.eager_pair_rounds <= 0 or not {"packed", "fp16-sdpa"} <= names:
+            return
+        cfgs = {c.name: c for c in configs if c.name in ("fp16-sdpa", "packed")}
+        entry: dict[str, Any] = {"name": "eager-interleaved"}
+        self.results["eager_interleaved"] = entry
+        pipes: dict[str, Any] = {}
+
+        def measure() -> dict:
+            for name in ("fp16-sdpa", "packed"):
+                pipes[name] = self._build(cfgs[name], dev, recipe)
+            rounds = eager_interleaved(pipes, self.height, self.steps, self.guidance, rounds=self.eager_pair_rounds)
+            return {**rounds, "unet": paired_ratio(rounds["unet_ms_rounds"], "packed", "fp16-sdpa"),
+                    "image": paired_ratio(rounds["image_ms_rounds"], "packed", "fp16-sdpa")}
+
+        self._step(entry, "packed_vs_fp16_sdpa", measure)
+        for name, pipe in pipes.items():
+            _release(pipe, False)
+        pipes.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _short(v: Any) -> str:
@@ -756,6 +850,14 @@ def markdown_report(results: dict) -> str:
     if ratios:
         lines += ["", "Packed UNet step / dense, back to back: " + ", ".join(
             f"{p} / {d} {r:.3f}x" for p, d, r in ratios)]
+    pair = _get(results, "eager_interleaved", "packed_vs_fp16_sdpa")
+    if isinstance(pair, dict) and "unet" in pair:
+        u, im = pair["unet"], pair["image"]
+        lines += ["", f"Eager packed / fp16-sdpa, the two pipelines taking turns ({u['rounds']} rounds of "
+                  f"{pair['calls']} UNet steps, {im['rounds']} of one image): UNet step {u['ratio_median']:.3f}x "
+                  f"(per round {u['ratio_min']:.3f}-{u['ratio_max']:.3f}; fastest rounds {u['ratio_of_minima']:.3f}x; "
+                  f"{u['packed_ms']:.1f} vs {u['fp16-sdpa_ms']:.1f} ms), image {im['ratio_median']:.3f}x "
+                  f"(per round {im['ratio_min']:.3f}-{im['ratio_max']:.3f})"]
     launches = [(c["name"], c["unet_dequant_launches"]) for c in results.get("configs", [])
                 if isinstance(c.get("unet_dequant_launches"), dict)]
     if launches:

@@ -48,10 +48,13 @@ def _caps(ctx, param, value):
               help="Packed configurations with one dequant launch per layer (default: one per block).")
 @click.option("--dense-below", type=click.IntRange(min=0), default=0, metavar="WEIGHTS",
               help="Packed configurations: keep the UNet's layers of at most WEIGHTS weights dense (0: off).")
+@click.option("--eager-pair-rounds", type=click.IntRange(min=0), default=9, show_default=True, metavar="N",
+              help="Eager packed vs fp16-sdpa, rebuilt side by side and taking turns for N rounds "
+                   "(host drift cancels out of the ratio); 0: off.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile_, only, compile_guards, caps,
               max_res_cfg, max_res_ff_chunk, time_budget, image_repeats, schedulers, lean, no_grouped, dense_below,
-              out) -> None:
+              eager_pair_rounds, out) -> None:
     """Speed, memory and max resolution of MODEL (fp32 classic-attention and fp16 SDPA baselines
     always; the quantized model with --recipe or a packed CHECKPOINT) on CUDA. Writes
     results.json, report.md and time_vs_pixels.png to the output directory."""
@@ -87,6 +90,7 @@ def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile
               width=width, compile=compile_, caps_gb=caps, max_res_modes=modes, out_dir=out,
               time_budget_s=time_budget, image_repeats=image_repeats, schedulers=scheds, lean=lean,
               max_res_ff_chunk=max_res_ff_chunk or None, compile_guards=compile_guards, only=only_names,
-              grouped_dequant=not no_grouped, dense_below=dense_below, log=lambda s: click.echo(s, err=True))
+              grouped_dequant=not no_grouped, dense_below=dense_below,
+              eager_pair_rounds=eager_pair_rounds, log=lambda s: click.echo(s, err=True))
     results = b.run()
     click.echo(markdown_report(results))
