@@ -8,11 +8,11 @@ NCHW -- a dense parameter that was never converted, or a packed layer's decoded 
 copied to channels-last inside the graph, on every call.  This compiles the sd15-arch UNet (fp16,
 batch 2 = CFG, 512², Inductor default mode) as dense NCHW parameters, dense channels-last
 parameters (``unet.to(memory_format=torch.channels_last)``) and paper-final packed with grouped
-dequant in each decode layout (``group_dequant(channels_last=...)``: ``packed_cl`` stores the convs'
-codes in (O, KH, KW, I) order and decodes them by the flat kernel, the default; ``packed_cl_tile``
-keeps natural-order codes and writes channels-last by the kernel's ``_cl_tile`` gather), and reports per variant the
-step's time as one CUDA-graph replay, its kernel time by family (torch.profiler) and, from
-Inductor's generated code, how many of its Triton kernels come from convolution lowering alone.
+dequant in each decode layout (``group_dequant(channels_last=...)``: ``packed_nchw`` decodes NCHW,
+``packed_cl`` stores the convs' codes in (O, KH, KW, I) order so the decode writes them
+channels-last, the compiled default), and reports per variant the step's time as one CUDA-graph
+replay, its kernel time by family (torch.profiler) and, from Inductor's generated code, how many of
+its Triton kernels come from convolution lowering alone.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline, cuda_g
 from quantsd.dequant_groups import DEFAULT_MAX_BYTES, group_dequant, launch_counts  # noqa: E402
 from quantsd.recipe import load_recipe  # noqa: E402
 
-_PACKED = ("packed_nchw", "packed_cl", "packed_cl_tile")
+_PACKED = ("packed_nchw", "packed_cl")
 _CONV_ONLY = re.compile(r"def (triton_\w+?_fused_convolution_\d+)\(")
 
 
@@ -65,7 +65,7 @@ def _variant(pipe) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="recipes/paper-final.yaml")
-    ap.add_argument("--variants", default="dense_nchw,dense_cl,packed_nchw,packed_cl,packed_cl_tile")
+    ap.add_argument("--variants", default="dense_nchw,dense_cl,packed_nchw,packed_cl")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     dev = torch.device("cuda")
@@ -90,8 +90,7 @@ def main() -> None:
                 continue
             packed = build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev, recipe=load_recipe(a.recipe),
                                     grouped_dequant=False)
-            group_dequant(packed.unet, DEFAULT_MAX_BYTES, channels_last=v != "packed_nchw",   # compiled grouping
-                          cl_decode="tile" if v == "packed_cl_tile" else "codes")
+            group_dequant(packed.unet, DEFAULT_MAX_BYTES, channels_last=v == "packed_cl")   # compiled grouping
             res[v] = {"launches": launch_counts(packed.unet),
                       "codes_channels_last": sum(getattr(m, "codes_channels_last", False)
                                                  for m in packed.unet.modules()),

@@ -161,8 +161,7 @@ def _group_run(self):
         if k is None:
             grouped._KERNELS[self._key] = k = _FAKE
         _direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base, o, self.desc,
-                       self.prog_layer, self.bits, grouped.BLOCK, bf16, grouped.ALIGN, self.aligned, self.bits2,
-                       self.cl_ks, grouped.CL_CB)
+                       self.prog_layer, self.bits, grouped.BLOCK, bf16, grouped.ALIGN, self.aligned, self.bits2)
     return out
 
 

@@ -87,44 +87,33 @@ class DequantGroup:
     Runtime state (the launch constants, the buffer) is never copied: a deep copy or an unpickled
     group starts empty and rebuilds from its own (copied) members."""
 
-    def __init__(self, members: list[QuantModule], channels_last: bool = False, cl_decode: str = "codes"):
+    def __init__(self, members: list[QuantModule], channels_last: bool = False):
         self.members = members
-        self.cl_decode = _check_cl_decode(cl_decode)
         # which members' weights are written channels-last: with ``channels_last``, the conv weights
-        # that can be (the tile path: one kernel size per group, the first such member's)
-        cl = [channels_last and _cl_candidate(m) for m in members]
-        taps = next((m.weight_shape[2] * m.weight_shape[3] for m, c in zip(members, cl) if c), 0)
-        self.channels_last = [c and (cl_decode == "codes" or m.weight_shape[2] * m.weight_shape[3] == taps)
-                              for m, c in zip(members, cl)]
+        # whose codes can be stored in (O, KH, KW, I) order
+        self.channels_last = [channels_last and _cl_candidate(m) for m in members]
         if len(members) < 2 and not any(self.channels_last):
             raise ValueError("a group has two or more layers, or one written channels-last")
         # the flat buffer's layout, GroupLaunch's own
         self.offsets, self.numel = flat_layout([m._plan.numel for m in members])
-        # the codes path: those members' codes go to (O, KH, KW, I) order, and the flat decode writes
-        # them channels-last (ungroup_dequant restores the natural order of the ones switched here)
+        # those members' codes go to (O, KH, KW, I) order, and the decode (which writes every layer in
+        # its codes' order) writes them channels-last; ungroup_dequant restores the natural order of
+        # the ones switched here
         self.repacked = [False] * len(members)
-        if self.cl_decode == "codes":
-            for k, (m, c) in enumerate(zip(members, self.channels_last)):
-                if c and not m.codes_channels_last:
-                    m.set_codes_channels_last(True)
-                    self.repacked[k] = True
+        for k, (m, c) in enumerate(zip(members, self.channels_last)):
+            if c and not m.codes_channels_last:
+                m.set_codes_channels_last(True)
+                self.repacked[k] = True
         self._set_views()
         self._reset()
         self.launches = 0               # how many times the group was rebuilt (for tests/benchmarks)
 
-    def _layout(self) -> tuple[list[bool], list[bool]]:
-        """Per member: (written channels-last by the tile kernel, written channels-last by its codes'
-        order), from the members as they are now (a member's code order may have been switched)."""
-        codes = [m._codes_cl is not None for m in self.members]
-        tile = [c and self.cl_decode == "tile" and not k for c, k in zip(self.channels_last, codes)]
-        return tile, codes
-
     def _set_views(self) -> None:
-        """Each member's ``_dq_view``: its slot, and (O, KH, KW, I) where its weight is written channels-last."""
-        tile, codes = self._layout()
-        for m, off, t, k in zip(self.members, self.offsets, tile, codes):
-            o, i, kh, kw = m.weight_shape if t or k else (0, 0, 0, 0)
-            m._dq_view = (off, m._plan.numel, (o, kh, kw, i) if t or k else None)
+        """Each member's ``_dq_view``: its slot, and (O, KH, KW, I) where its codes, hence its weight,
+        are in channels-last order (from the members as they are now: a member's order may have been
+        switched since grouping)."""
+        for m, off in zip(self.members, self.offsets):
+            m._dq_view = (off, m._plan.numel, m._codes_cl)
 
     def _reset(self) -> None:
         # the compiled graphs' handle (torch.ops.quantsd.dequant_group's ``group``): a copy gets its own
@@ -149,15 +138,20 @@ class DequantGroup:
 
     def __getstate__(self) -> dict:
         return {"members": self.members, "launches": self.launches, "offsets": self.offsets, "numel": self.numel,
-                "channels_last": self.channels_last, "cl_decode": self.cl_decode, "repacked": self.repacked}
+                "channels_last": self.channels_last, "repacked": self.repacked}
 
     def __setstate__(self, state: dict) -> None:   # members may be half-built here (deepcopy): don't read them
         self.members = state["members"]
         self.launches = state["launches"]
         self.offsets, self.numel = state["offsets"], state["numel"]
-        self.channels_last = state.get("channels_last", [False] * len(self.members))
-        self.cl_decode = state.get("cl_decode", "tile")     # (older groups knew only the tile path)
         self.repacked = state.get("repacked", [False] * len(self.members))
+        # A group pickled while the removed tile decode existed (cl_decode "tile", or older still: no
+        # "repacked") wrote its channels-last members from natural-order codes, never repacked.  Now
+        # every weight is written in its codes' order, so those come back NCHW: the same bits, and the
+        # first _ready() (a move, a cast, an eager forward) re-derives each member's view from its
+        # codes.  Regrouping (group_dequant / group_pipeline) writes them channels-last again.
+        tile = state.get("cl_decode") == "tile" or "repacked" not in state
+        self.channels_last = [False] * len(self.members) if tile else state["channels_last"]
         self._reset()
 
     @property
@@ -228,10 +222,9 @@ class DequantGroup:
             ms = self.members
             if len({m._dtype for m in ms}) != 1 or len({m.bits for m in ms}) > 2:
                 return False
-            tile, codes = self._layout()
             self._launch = GroupLaunch([m.weight_packed for m in ms], [m._lut for m in ms],
                                        [m.weight_shape for m in ms], [m.bits for m in ms], ms[0]._dtype,
-                                       channels_last=tile, codes_channels_last=codes)
+                                       codes_channels_last=[m._codes_cl is not None for m in ms])
             self._set_views()
             self._signature = sig
             self._checked_sources = None
@@ -344,7 +337,7 @@ def _dense_bytes(m: QuantModule) -> int:
 
 
 def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixed_bits: bool = True,
-                  channels_last: bool = False, cl_decode: str | None = None) -> list[DequantGroup]:
+                  channels_last: bool = False) -> list[DequantGroup]:
     """Group the packed layers below ``module`` for eager forwards; returns the groups.
 
     A group root is the largest non-container module (not a ModuleList/ModuleDict, whose children
@@ -363,18 +356,14 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
     ``channels_last``: write k x k conv weights channels-last (views with channels-last strides),
     for a model that torch.compile will run: Inductor runs SD's convolutions channels-last and
     would otherwise copy each NCHW weight to channels-last on every call (0.79 ms of a 7.07 ms
-    SD1.5 step on an H200, bench/conv_layout_probe.py).  A conv layer that would be alone then gets
-    a group of its own (same one launch, written channels-last).  Eager convolutions given such a
-    weight run channels-last too (cuDNN follows the weight), so eager models keep the default.
-
-    ``cl_decode``: how those weights are written channels-last.  ``"codes"`` (the default): the
-    layers' codes are stored in (O, KH, KW, I) order (:meth:`quantsd.nn.QuantModule.set_codes_channels_last`)
-    and the flat decode writes them so, at its own speed; ``"tile"``: the codes stay in natural order
-    and the kernel's channels-last gather path (``_cl_tile``) writes them (0.2 ms per SD1.5 step slower
-    than the flat decode on an H200).  None: ``QUANTSD_CL_DECODE`` (``codes`` or ``tile``), else codes.
-    :func:`ungroup_dequant` (and regrouping) puts the codes back in natural order."""
-    cl_decode = _check_cl_decode(os.environ.get("QUANTSD_CL_DECODE", "").strip() or "codes"
-                                 if cl_decode is None else cl_decode)
+    SD1.5 step on an H200, bench/conv_layout_probe.py).  Their codes are stored in (O, KH, KW, I)
+    order (:meth:`quantsd.nn.QuantModule.set_codes_channels_last`: k > 1, groups=1, per-tensor or
+    per-channel scales -- any input channel count, SD's 4-channel ``conv_in`` included) and the
+    decode writes them so, at its own speed; :func:`ungroup_dequant` (and regrouping) puts the codes
+    back in natural order.  A conv layer that would be alone then gets a group of its own (same one
+    launch, written channels-last).  Eager convolutions given such a weight run channels-last too
+    (cuDNN follows the weight), so eager models keep the default."""
+    _refuse_cl_decode_env()
     ungroup_dequant(module)
     totals: dict[int, int] = {}
 
@@ -432,7 +421,7 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
             for members in _packed_under(layers, max_bytes):
                 if len(members) < 2 and not (channels_last and _cl_candidate(members[0])):
                     continue
-                g = DequantGroup(members, channels_last=channels_last, cl_decode=cl_decode)
+                g = DequantGroup(members, channels_last=channels_last)
                 for i, m in enumerate(members):
                     m._dq_group, m._dq_index = g, i
                 # the launch constants now, outside any CUDA-graph pool: built lazily inside a compiled
@@ -445,20 +434,20 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
 
 
 def _cl_candidate(m: QuantModule) -> bool:
-    """A conv layer whose weight a group can write channels-last (either path)."""
-    from .kernels.grouped import channels_last_ok
-
-    return (isinstance(m, QuantConv2d) and channels_last_ok(m.weight_shape)
-            and m.codes_channels_last_refusal() is None)
+    """A layer whose weight a group can write channels-last: one whose codes can be stored in
+    (O, KH, KW, I) order (a k x k conv, k > 1, groups=1, per-tensor or per-channel scales)."""
+    return m.codes_channels_last_refusal() is None
 
 
-_CL_DECODES = ("codes", "tile")
-
-
-def _check_cl_decode(value: str) -> str:
-    if value not in _CL_DECODES:
-        raise ValueError(f"QUANTSD_CL_DECODE / cl_decode must be 'codes' or 'tile', got {value!r}")
-    return value
+def _refuse_cl_decode_env() -> None:
+    """``QUANTSD_CL_DECODE`` chose between two channels-last decodes until the tile decode was
+    removed (quantsd 0.1, session 12): refused rather than ignored, so that a run still asking for
+    ``tile`` is not silently measured on the codes path."""
+    value = os.environ.get("QUANTSD_CL_DECODE", "").strip()
+    if value not in ("", "codes"):
+        raise ValueError(f"QUANTSD_CL_DECODE={value!r}: the tile decode was removed (quantsd 0.1, session 12); "
+                         "channels-last conv weights are always decoded from codes stored channels-last. "
+                         "Unset QUANTSD_CL_DECODE (QUANTSD_DECODE_CHANNELS_LAST=0 decodes NCHW)")
 
 
 def _packed_under(layers: list[QuantModule], max_bytes: int) -> list[list[QuantModule]]:
@@ -506,8 +495,7 @@ def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True)
     launches), and the VAE decode is a generation's memory peak, which a group's buffer would raise.
 
     A UNet that will be compiled gets its k x k conv weights written channels-last (see
-    :func:`group_dequant`); ``QUANTSD_DECODE_CHANNELS_LAST=0`` / ``1`` overrides that, and
-    ``QUANTSD_CL_DECODE=codes`` / ``tile`` picks how they are written (experiments)."""
+    :func:`group_dequant`); ``QUANTSD_DECODE_CHANNELS_LAST=0`` / ``1`` overrides that."""
     if max_bytes is None:
         env = os.environ.get("QUANTSD_GROUP_MAX_MIB", "").strip()
         try:

@@ -344,51 +344,39 @@ _LAUNCH_SCRIPT = textwrap.dedent("""
         assert "two bit widths" in str(e)
     else:
         raise AssertionError("three widths in one launch must be refused")
-    # conv weights written channels-last (compiled graphs' layout) beside flat layers, one or two
-    # widths, input channels below, at and above CL_CB (whole and partial channel chunks), bf16 too
-    from quantsd.kernels.grouped import CL_CB
+    # conv weights whose codes are stored in (O, KH, KW, I) order come out channels-last (compiled
+    # graphs' layout) beside layers in their own order, one or two widths, any input channel count
+    # (4: SD's conv_in; odd ones: codes straddle rows' byte boundaries), bf16 too
     from quantsd.nn import QuantConv2d
-    convs = [(24, 16, 3, 3), (8, CL_CB + 8, 3, 3), (16, 8, 3, 3), (5, CL_CB, 3, 3)]
-    for widths, dtype in (((4, 4, 4, 4, 4), torch.float16), ((4, 8, 4, 8, 4), torch.float16),
-                          ((3, 3, 6, 6, 3), torch.bfloat16), ((8, 2, 2, 8, 8), torch.float16)):
-        layers = [QuantConv2d.from_conv(nn.Conv2d(c[1], c[0], 3), quantize_tensor(torch.randn(c), b, "pwlq", "tensor"))
+    convs = [(24, 16, 3, 3), (8, 4, 3, 3), (16, 8, 3, 3), (5, 9, 3, 3), (7, 3, 5, 5)]
+    for widths, dtype in (((4, 4, 4, 4, 4, 4), torch.float16), ((4, 8, 4, 8, 4, 8), torch.float16),
+                          ((3, 3, 6, 6, 3, 6), torch.bfloat16), ((8, 2, 2, 8, 8, 2), torch.float16)):
+        layers = [QuantConv2d.from_conv(nn.Conv2d(c[1], c[0], c[2]), quantize_tensor(torch.randn(c), b, "pwlq", "tensor"))
                   for c, b in zip(convs, widths)]
-        layers.append(QuantLinear.from_linear(nn.Linear(24, 40), quantize_tensor(torch.randn(40, 24), widths[4], "pwlq",
+        layers.append(QuantLinear.from_linear(nn.Linear(24, 40), quantize_tensor(torch.randn(40, 24), widths[5], "pwlq",
                                                                                  "tensor")))
         layers = [m.to(dtype) for m in layers]
-        cl = [True, True, False, True, False]
+        refs = [dequantize_weight(m.weight_packed, m.weight_shape, b, "pwlq", "tensor", m.weight_scale,
+                                  m.weight_breakpoint, dtype, backend="torch") for m, b in zip(layers, widths)]
+        cl = [True, True, False, True, True, False]
+        for m, c in zip(layers, cl):
+            m.set_codes_channels_last(c)
         g = GroupLaunch([m.weight_packed for m in layers], [m._lut for m in layers], [m.weight_shape for m in layers],
-                        list(widths), dtype, channels_last=cl)
-        assert g.cl_ks == 9
+                        list(widths), dtype, codes_channels_last=cl)
         flat = g.run()
-        for k, (m, b) in enumerate(zip(layers, widths)):
-            ref = dequantize_weight(m.weight_packed, m.weight_shape, b, "pwlq", "tensor", m.weight_scale,
-                                    m.weight_breakpoint, dtype, backend="torch")
+        for k, (m, ref) in enumerate(zip(layers, refs)):
             w = g.view(flat, k)
+            assert w.shape == ref.shape and w.is_contiguous() != cl[k], (widths, k)
             assert w.is_contiguous(memory_format=torch.channels_last) == cl[k] or w.dim() == 2, (widths, k)
             assert torch.equal(w.contiguous().view(torch.int16), ref.view(torch.int16)), (widths, k, cl[k])
-    # the first channels-last run checks itself against the flat decode: a wrong layout is an error
-    g = GroupLaunch([layers[0].weight_packed], [layers[0]._lut], [layers[0].weight_shape], widths[0], dtype,
-                    channels_last=[True])
-    sh, st, off = g._view_args[0]
-    g._view_args[0] = (sh, torch.empty(sh, device="meta").stride(), off)   # read back as if written NCHW
-    try:
-        g.run()
-    except RuntimeError as e:
-        assert "QUANTSD_DECODE_CHANNELS_LAST=0" in str(e)
-    else:
-        raise AssertionError("a channels-last decode that disagrees with the flat one must be refused")
-    g._view_args[0] = (sh, st, off)
-    g.run()
-    assert g._cl_checked
-    for bad in ((24, 12, 3, 3), (24, 16, 1, 1), (24, 16)):   # I not a multiple of 8, 1x1, a linear weight
+    for bad in ((24, 16, 1, 1), (24, 16)):   # a 1x1 conv, a linear weight: no channels-last codes
         try:
-            GroupLaunch([layers[0].weight_packed], [layers[0]._lut], [bad], 4, torch.float16, channels_last=[True])
+            GroupLaunch([layers[0].weight_packed], [layers[0]._lut], [bad], 4, torch.float16, codes_channels_last=[True])
         except ValueError as e:
-            assert "channels-last" in str(e)
+            assert "channels-last codes" in str(e)
         else:
-            raise AssertionError(f"{bad} written channels-last must be refused")
-    # group_dequant(channels_last=True): k x k convs (I a multiple of 8) written channels-last, a conv
+            raise AssertionError(f"{bad} with channels-last codes must be refused")
+    # group_dequant(channels_last=True): k x k convs written channels-last (their codes repacked), a conv
     # too large to share a group gets one of its own, 1x1 convs and linears stay in their layout
     from quantsd.dequant_groups import group_dequant, launch_counts
     net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 64, 3, padding=1),
@@ -404,34 +392,28 @@ _LAUNCH_SCRIPT = textwrap.dedent("""
                                  net[i].weight_breakpoint, torch.float16, backend="torch") for i in (0, 2, 3)}
     with torch.inference_mode():
         want = net(x)
-    for cl_decode in ("codes", "tile"):   # codes stored channels-last (the default), or the tile kernel
-        with torch.inference_mode():
-            # the 16->64 and 64->8 convs: 18 KiB each
-            groups = group_dequant(net, max_bytes=5000, channels_last=True, cl_decode=cl_decode)
-            got = net(x)
-        # the linear: lone
-        assert launch_counts(net) == {"groups": 3, "lone_layers": 1, "launches": 4}, launch_counts(net)
-        cl = {i: net[i]._dq_view[2] for i in (0, 1, 2, 3, 5)}
-        assert cl == {0: (16, 3, 3, 8), 1: None, 2: (64, 3, 3, 16), 3: (8, 3, 3, 64), 5: None}, cl
-        assert [len(g.members) for g in groups] == [2, 1, 1], [len(g.members) for g in groups]
-        assert [g._launch.cl_ks for g in groups] == ([0] * 3 if cl_decode == "codes" else [9] * 3), cl_decode
-        repacked = [True, False, True, True] if cl_decode == "codes" else [False] * 4   # (the 1x1 conv: never)
-        assert [net[i].codes_channels_last for i in (0, 1, 2, 3)] == repacked, cl_decode
-        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
-        for i in (0, 2, 3):
-            m = net[i]
-            g = m._dq_group
-            ref = refs[i]
-            w = g._launch.view(g._launch.run(), m._dq_index)
-            assert w.is_contiguous(memory_format=torch.channels_last), i
-            assert torch.equal(w.contiguous().view(torch.int16), ref.view(torch.int16)), i
-            # the fallback (each member's own decode, copied into the flat buffer) keeps the layout
-            g._launch = None
-            g._ready = lambda: False
-            w = g.flat(torch.float16).narrow(0, g.offsets[m._dq_index], m._plan.numel).view(m._dq_view[2])
-            assert torch.equal(w.permute(0, 3, 1, 2).contiguous().view(torch.int16), ref.view(torch.int16)), i
-        for g in groups:
-            del g._ready
+        # the 16->64 and 64->8 convs: 18 KiB each
+        groups = group_dequant(net, max_bytes=5000, channels_last=True)
+        got = net(x)
+    # the linear: lone
+    assert launch_counts(net) == {"groups": 3, "lone_layers": 1, "launches": 4}, launch_counts(net)
+    cl = {i: net[i]._dq_view[2] for i in (0, 1, 2, 3, 5)}
+    assert cl == {0: (16, 3, 3, 8), 1: None, 2: (64, 3, 3, 16), 3: (8, 3, 3, 64), 5: None}, cl
+    assert [len(g.members) for g in groups] == [2, 1, 1], [len(g.members) for g in groups]
+    assert [net[i].codes_channels_last for i in (0, 1, 2, 3)] == [True, False, True, True]   # (the 1x1 conv: never)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    for i in (0, 2, 3):
+        m = net[i]
+        g = m._dq_group
+        ref = refs[i]
+        w = g._launch.view(g._launch.run(), m._dq_index)
+        assert w.is_contiguous(memory_format=torch.channels_last), i
+        assert torch.equal(w.contiguous().view(torch.int16), ref.view(torch.int16)), i
+        # the fallback (each member's own decode, copied into the flat buffer) keeps the layout
+        g._launch = None
+        g._ready = lambda: False
+        w = g.flat(torch.float16).narrow(0, g.offsets[m._dq_index], m._plan.numel).view(m._dq_view[2])
+        assert torch.equal(w.permute(0, 3, 1, 2).contiguous().view(torch.int16), ref.view(torch.int16)), i
     print("LAUNCH OK")
 """)
 
@@ -441,7 +423,8 @@ def test_group_launch_aligned_and_unaligned_layers_decode_the_reference_bits():
     """GroupLaunch's kernel states vector-aligned code offsets and lengths to the compiler only when
     every member has them (``aligned``); both paths give the torch reference's bits, bits 2/3/4/6/8,
     and so does a launch of layers of two bit widths (three are refused), and one that writes conv
-    weights channels-last (also through group_dequant(channels_last=True) and the fallback copy)."""
+    weights channels-last from their (O, KH, KW, I)-order codes (also through
+    group_dequant(channels_last=True) and the fallback copy)."""
     pytest.importorskip("triton")
     r = _run_interpreted(_LAUNCH_SCRIPT)
     assert r.returncode == 0 and "LAUNCH OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
@@ -788,31 +771,34 @@ def test_compiled_generate_groups_and_gives_the_per_layer_image(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_channels_last_group_launch_on_cuda_is_bit_exact():
-    """The compiled default on the GPU: 3x3 conv weights written channels-last by the group kernel
-    (beside flat linears, one or two widths, fp16/bf16) hold the reference decode's bits."""
-    from quantsd.kernels.grouped import CL_CB, GroupLaunch
+    """The compiled default on the GPU: 3x3 conv weights whose codes are stored in (O, KH, KW, I)
+    order, written channels-last by the group kernel (beside layers in their own order, one or two
+    widths, fp16/bf16, SD's 4-channel conv_in among them), hold the reference decode's bits."""
+    from quantsd.kernels.grouped import GroupLaunch
     from quantsd.nn import QuantConv2d, QuantLinear, dequantize_weight
     from quantsd.quant import quantize_tensor
 
     torch.manual_seed(0)
-    convs = [(320, 320, 3, 3), (64, CL_CB + 8, 3, 3), (1280, 2560, 3, 3), (8, 16, 3, 3)]
-    for widths, dtype in (((4, 4, 4, 4, 8), torch.float16), ((4, 8, 4, 8, 4), torch.bfloat16),
-                          ((3, 3, 5, 5, 3), torch.float16)):
+    convs = [(320, 320, 3, 3), (320, 4, 3, 3), (1280, 2560, 3, 3), (64, 520, 3, 3), (8, 16, 3, 3)]
+    for widths, dtype in (((4, 4, 4, 4, 4, 8), torch.float16), ((4, 8, 4, 8, 8, 4), torch.bfloat16),
+                          ((3, 3, 5, 5, 5, 3), torch.float16)):
         layers = [QuantConv2d.from_conv(nn.Conv2d(c[1], c[0], 3), quantize_tensor(torch.randn(c), b, "pwlq", "tensor"),
                                         device="cuda") for c, b in zip(convs, widths)]
-        layers.append(QuantLinear.from_linear(nn.Linear(768, 320), quantize_tensor(torch.randn(320, 768), widths[4],
+        layers.append(QuantLinear.from_linear(nn.Linear(768, 320), quantize_tensor(torch.randn(320, 768), widths[5],
                                                                                    "pwlq", "tensor"), device="cuda"))
         layers = [m.to(dtype) for m in layers]
-        cl = [True, True, True, False, False]
+        refs = [dequantize_weight(m.weight_packed, m.weight_shape, b, "pwlq", "tensor", m.weight_scale,
+                                  m.weight_breakpoint, dtype, backend="torch") for m, b in zip(layers, widths)]
+        cl = [True, True, True, True, False, False]
+        for m, c in zip(layers, cl):
+            m.set_codes_channels_last(c)
         g = GroupLaunch([m.weight_packed for m in layers], [m._lut for m in layers], [m.weight_shape for m in layers],
-                        list(widths), dtype, channels_last=cl)
+                        list(widths), dtype, codes_channels_last=cl)
         for run in range(2):   # Triton's own launch, then the cached direct launch
             flat = g.run()
-            for k, (m, b) in enumerate(zip(layers, widths)):
-                ref = dequantize_weight(m.weight_packed, m.weight_shape, b, "pwlq", "tensor", m.weight_scale,
-                                        m.weight_breakpoint, dtype, backend="torch")
+            for k, ref in enumerate(refs):
                 w = g.view(flat, k)
-                assert w.is_contiguous(memory_format=torch.channels_last) or not cl[k], (widths, k)
+                assert w.is_contiguous(memory_format=torch.channels_last) == cl[k] or w.dim() == 2, (widths, k)
                 assert torch.equal(w.contiguous().view(torch.int16), ref.view(torch.int16)), (widths, k, run)
 
 
@@ -855,6 +841,61 @@ def test_inductor_takes_channels_last_group_weights_without_a_copy():
     assert r.returncode == 0 and "INDUCTOR CL OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
 
 
+_CONV_IN_SCRIPT = textwrap.dedent("""
+    import torch
+    from torch import nn
+    from quantsd.dequant_groups import group_dequant
+    from quantsd.nn import QuantConv2d, dequantize_weight
+    from quantsd.quant import quantize_tensor
+
+    torch.manual_seed(0)
+    # SD's conv_in (4 latent channels in, 3x3) beside an ordinary 3x3 conv; 8- and 4-bit (two widths)
+    net = nn.Sequential(nn.Conv2d(4, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 32, 3, padding=1))
+    for i, bits in ((0, 8), (2, 4)):
+        net[i] = QuantConv2d.from_conv(net[i], quantize_tensor(net[i].weight.detach(), bits, "pwlq", "tensor"))
+    net = net.half()
+    conv_in = net[0]
+    ref = dequantize_weight(conv_in.weight_packed, conv_in.weight_shape, 8, "pwlq", "tensor", conv_in.weight_scale,
+                            conv_in.weight_breakpoint, torch.float16, backend="torch")
+    assert torch.equal(conv_in.dequantized_weight().view(torch.int16), ref.view(torch.int16))
+    x = torch.randn(2, 4, 8, 8).half()
+    with torch.inference_mode():
+        want = net(x)
+        groups = group_dequant(net, channels_last=True)
+        got = net(x)
+    assert len(groups) == 1 and conv_in._dq_group is groups[0] and groups[0].channels_last == [True, True]
+    assert conv_in.codes_channels_last and conv_in._dq_view[2] == (32, 3, 3, 4), conv_in._dq_view
+    g = groups[0]
+    cl_strides = (3 * 3 * 4, 1, 3 * 4, 4)     # (O, KH, KW, I) memory order
+    # the group's launch, the eager member's weight, and the compiled member's view of the group op
+    real = torch.compiler.is_compiling
+    torch.compiler.is_compiling = lambda: True
+    try:
+        traced = conv_in._forward_weight()
+    finally:
+        torch.compiler.is_compiling = real
+    for w in (g._launch.view(g._launch.run(), conv_in._dq_index), conv_in._eager_weight(), traced):
+        assert w.shape == (32, 4, 3, 3) and w.stride() == cl_strides, (w.shape, w.stride())
+        assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+        assert torch.equal(w.contiguous().view(torch.int16), ref.view(torch.int16))
+    # the layer's own decode of its repacked codes: the same bits
+    assert torch.equal(conv_in.dequantized_weight().contiguous().view(torch.int16), ref.view(torch.int16))
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    print("CONV_IN OK")
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
+def test_conv_in_with_four_input_channels_is_written_channels_last():
+    """SD's conv_in (4 input channels, 3x3) is grouped channels-last like every k x k conv: its codes
+    are repacked, its weight (the group launch's, the eager member's, the compiled member's view) has
+    channels-last strides and the reference decode's bits (the removed tile decode needed I % 8 == 0,
+    so conv_in used to arrive NCHW and be copied by Inductor on every step)."""
+    pytest.importorskip("triton")
+    r = _run_interpreted(_CONV_IN_SCRIPT)
+    assert r.returncode == 0 and "CONV_IN OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
+
+
 _CL_CODES_SCRIPT = textwrap.dedent("""
     import os
     import torch
@@ -890,9 +931,8 @@ _CL_CODES_SCRIPT = textwrap.dedent("""
     assert len(groups) == 1 and all(m._dq_group is groups[0] for m in net), groups
     g = groups[0]
     cl = [m.codes_channels_last for m in net]
-    assert cl == [True, True, False, True, False, False], cl          # k x k convs (I % 8 == 0): repacked
-    assert g.repacked == cl and g._launch.cl_ks == 0 and not any(g._launch.channels_last)   # the flat path only
-    assert g._launch.codes_channels_last == cl
+    assert cl == [True, True, False, True, False, False], cl          # the k x k convs: repacked
+    assert g.repacked == cl and g.channels_last == cl and g._launch.codes_channels_last == cl
     flat = g._launch.run()
     for k, m in enumerate(net):
         w = g._launch.view(flat, k)
@@ -926,24 +966,45 @@ _CL_CODES_SCRIPT = textwrap.dedent("""
     ungroup_dequant(net)
     assert not any(m.codes_channels_last for m in net)
     assert all(torch.equal(m.weight_packed, p) for m, p in zip(net, natural))
-    # the tile path stays reachable: natural codes, the _cl_tile gather, same bits
-    groups = group_dequant(net, max_bytes=1 << 20, channels_last=True, cl_decode="tile")
-    g = groups[0]
-    assert not any(m.codes_channels_last for m in net) and g._launch.cl_ks == 9
-    assert g._launch.channels_last == [True, True, False, False, False, False]    # one kernel size per launch
-    flat = g._launch.run()
-    for k, m in enumerate(net):
-        assert torch.equal(g._launch.view(flat, k).contiguous().view(torch.int16), refs[k].view(torch.int16)), k
-    os.environ["QUANTSD_CL_DECODE"] = "tile"
-    assert group_dequant(net, max_bytes=1 << 20, channels_last=True)[0]._launch.cl_ks == 9
-    os.environ["QUANTSD_CL_DECODE"] = "gather"
-    try:
-        group_dequant(net, max_bytes=1 << 20, channels_last=True)
-    except ValueError as e:
-        assert "QUANTSD_CL_DECODE" in str(e), e
-    else:
-        raise AssertionError("a bad QUANTSD_CL_DECODE must be refused")
+    # the removed tile decode: QUANTSD_CL_DECODE asking for it is refused, not silently ignored
+    os.environ["QUANTSD_CL_DECODE"] = "codes"    # (what is left: accepted)
+    assert net[0].codes_channels_last is False and len(group_dequant(net, max_bytes=1 << 20, channels_last=True)) == 1
+    assert net[0].codes_channels_last
+    for value in ("tile", "gather"):
+        os.environ["QUANTSD_CL_DECODE"] = value
+        try:
+            group_dequant(net, max_bytes=1 << 20, channels_last=True)
+        except ValueError as e:
+            assert "QUANTSD_CL_DECODE" in str(e) and "removed" in str(e), e
+        else:
+            raise AssertionError(f"QUANTSD_CL_DECODE={value} must be refused")
     del os.environ["QUANTSD_CL_DECODE"]
+    # a group pickled while the tile decode existed (cl_decode "tile", or older: no "repacked") has
+    # channels-last members whose codes were never repacked and whose views say channels-last: it
+    # unpickles as a group of NCHW weights (the same bits), its first _ready() re-deriving the views
+    from quantsd.dequant_groups import DequantGroup
+    ungroup_dequant(net)
+    state = group_dequant(net, max_bytes=1 << 20)[0].__getstate__()     # natural codes, as under the tile decode
+    tile_views = [m._dq_view[:2] + (((m.weight_shape[0], *m.weight_shape[2:], m.weight_shape[1]) if c else None),)
+                  for m, c in zip(net, cl)]
+    for old_state in ({**state, "channels_last": cl, "cl_decode": "tile"},
+                      {**{k: v for k, v in state.items() if k != "repacked"}, "channels_last": cl}):
+        old = DequantGroup.__new__(DequantGroup)
+        old.__setstate__(old_state)
+        assert old.channels_last == [False] * len(net) and old.repacked == [False] * len(net), old_state
+        for m, v in zip(net, tile_views):
+            m._dq_group, m._dq_view = old, v
+        assert old._ready() and all(m._dq_view[2] is None for m in net)
+        for k, m in enumerate(net):
+            e = m._eager_weight()
+            assert torch.equal(e.view(torch.int16), refs[k].view(torch.int16)) and e.is_contiguous(), k
+    # a group pickled under the codes decode (cl_decode "codes"), and one pickled now, keep their layout
+    groups = group_dequant(net, max_bytes=1 << 20, channels_last=True)
+    g = groups[0]
+    for state in ({**g.__getstate__(), "cl_decode": "codes"}, g.__getstate__()):
+        new = DequantGroup.__new__(DequantGroup)
+        new.__setstate__(state)
+        assert new.channels_last == cl and new.repacked == cl, state
     # regrouping for eager forwards (channels_last=False): natural order again
     group_dequant(net, max_bytes=1 << 20, channels_last=True)
     assert net[0].codes_channels_last
@@ -993,8 +1054,8 @@ def test_channels_last_codes_group_decodes_by_the_flat_path():
     """group_dequant(channels_last=True) stores k x k convs' codes in (O, KH, KW, I) order and decodes
     them with the flat group kernel: the reference's bits (3- and 5-bit layers, odd O), channels-last
     views of the buffer (eager, and the compiled member's view: no copy), the per-layer kernel and the
-    prefetcher honour the order, ungrouping restores the natural bytes, and the tile path stays
-    reachable (cl_decode / QUANTSD_CL_DECODE, checked)."""
+    prefetcher honour the order, ungrouping restores the natural bytes, QUANTSD_CL_DECODE asking for
+    the removed tile decode is refused, and groups pickled under it unpickle as NCHW groups."""
     pytest.importorskip("triton")
     r = _run_interpreted(_CL_CODES_SCRIPT)
     assert r.returncode == 0 and "CL CODES OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])

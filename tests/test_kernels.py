@@ -658,7 +658,7 @@ def test_group_kernel_stores_and_loads_vectorize_on_sm90():
     from triton.compiler import ASTSource
 
     from quantsd.kernels.dequant import LAUNCH_OPTIONS, _group_table_kernel
-    from quantsd.kernels.grouped import ALIGN, CL_CB
+    from quantsd.kernels.grouped import ALIGN
 
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
@@ -667,25 +667,19 @@ def test_group_kernel_stores_and_loads_vectorize_on_sm90():
     sig = {"packed_base": "*u8", "lut_base": "*fp32", "out_ptr": "*fp16", "desc_ptr": "*i64", "prog_layer_ptr": "*i32",
            "BITS": "constexpr", "BLOCK": "constexpr", "OUT_BF16": "constexpr", "ALIGN": "constexpr"}
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}
-    sig["ALIGNED"] = sig["BITS2"] = sig["CL_KS"] = sig["CL_CB"] = "constexpr"
-    for bits, bits2, cl_ks in ((2, 0, 0), (4, 0, 0), (8, 0, 0), (4, 8, 0), (4, 0, 9), (4, 8, 9)):
-        # (4, 8): a launch of 4- and 8-bit layers; cl_ks 9: with 3x3 conv weights written channels-last
+    sig["ALIGNED"] = sig["BITS2"] = "constexpr"
+    for bits, bits2 in ((2, 0), (4, 0), (8, 0), (4, 8)):   # (4, 8): a launch of 4- and 8-bit layers
         for aligned in (False, True):
             k = triton.compile(ASTSource(_group_table_kernel, sig, {"BITS": bits, "BLOCK": 1024, "OUT_BF16": False,
-                                                                   "ALIGN": ALIGN, "ALIGNED": aligned, "BITS2": bits2,
-                                                                   "CL_KS": cl_ks, "CL_CB": CL_CB},
+                                                                   "ALIGN": ALIGN, "ALIGNED": aligned, "BITS2": bits2},
                                          attrs=attrs),
                                target=GPUTarget("cuda", 90, 32), options=dict(LAUNCH_OPTIONS))
             ptx = k.asm["ptx"]
             stores = set(re.findall(r"st\.global[\.\w]*", ptx))
-            if cl_ks:   # channels-last tiles store two fp16 weights per lane at least, never one
-                assert stores and not any(st.endswith(".b16") for st in stores), stores
-            else:
-                assert stores and all(".v4" in st or ".v2" in st for st in stores), stores
+            assert stores and all(".v4" in st or ".v2" in st for st in stores), stores
             # each weight's value is gathered from the layer's table in shared memory, not from global
             assert re.findall(r"ld\.shared", ptx), bits
-            if aligned and not cl_ks:   # the codes too: no single-byte loads left (without ALIGNED there are;
-                # a channels-last tile gathers its codes byte by byte)
+            if aligned:   # the codes too: no single-byte loads left (without ALIGNED there are)
                 assert not re.findall(r"ld\.global[\.\w]*\.[bu]8\b", ptx), (bits, set(re.findall(r"ld\.global[\.\w]*", ptx)))
             elif bits in (4, 8):
                 assert re.findall(r"ld\.global[\.\w]*\.[bu]8\b", ptx), bits

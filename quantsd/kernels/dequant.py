@@ -221,23 +221,21 @@ if HAS_TRITON:
     @triton.jit
     def _group_table_kernel(packed_base, lut_base, out_ptr, desc_ptr, prog_layer_ptr,
                             BITS: tl.constexpr, BLOCK: tl.constexpr, OUT_BF16: tl.constexpr,
-                            ALIGN: tl.constexpr, ALIGNED: tl.constexpr = False, BITS2: tl.constexpr = 0,
-                            CL_KS: tl.constexpr = 0, CL_CB: tl.constexpr = 512):
+                            ALIGN: tl.constexpr, ALIGNED: tl.constexpr = False, BITS2: tl.constexpr = 0):
         # Several value-table layers of one or two bit widths in one launch (kernels/grouped.py).
-        # Program pid works on layer prog_layer[pid]; desc (int64, 7 per layer): its codes' byte
-        # offset from packed_base, its table's element offset from lut_base, its first element in out,
-        # its element count, its first program, its bit width, and its input channels if the layer is
-        # a convolution written channels-last (0: written in its own, contiguous order).  Every layer
-        # has BITS bits, or (BITS2 > 0) BITS or BITS2: the program then branches on its layer's width
-        # (one branch per program, so its threads never diverge).  The decode is the TABLE path above.
+        # Program pid works on layer prog_layer[pid]; desc (int64, 6 per layer): its codes' byte offset
+        # from packed_base, its table's element offset from lut_base, its first element in out, its
+        # element count, its first program, its bit width.  Every layer has BITS bits, or (BITS2 > 0)
+        # BITS or BITS2: the program then branches on its layer's width (one branch per program, so
+        # its threads never diverge).  The decode is the TABLE path above, and each layer's weights
+        # are written in its codes' stored order (a conv whose codes are in (O, KH, KW, I) order comes
+        # out channels-last).
         # ALIGNED: every layer's codes start a multiple of 16 bytes from packed_base and its length is
         # a multiple of 16 -- stated to the compiler, the code loads vectorize (without it a runtime
         # offset and length give one byte load per lane and code)
-        # CL_KS > 0: the launch has channels-last layers, all of kernel size CL_KS (KH*KW); each of
-        # their programs writes CL_CB input channels x CL_KS taps of one output channel (_cl_tile)
         pid = tl.program_id(0)
         layer = tl.load(prog_layer_ptr + pid).to(tl.int64)
-        d = desc_ptr + layer * 7
+        d = desc_ptr + layer * 6
         code_off = tl.load(d)
         numel = tl.load(d + 3)
         if ALIGNED:
@@ -247,22 +245,6 @@ if HAS_TRITON:
         lut_ptr = lut_base + tl.load(d + 1)
         out_off = tl.multiple_of(tl.load(d + 2), ALIGN)      # every layer starts on an ALIGN boundary
         lpid = pid.to(tl.int64) - tl.load(d + 4)
-        if CL_KS == 0:
-            _group_flat(packed_ptr, lut_ptr, out_ptr + out_off, d, lpid, numel, BITS, BITS2, BLOCK, OUT_BF16, ALIGN,
-                        ALIGNED)
-        else:
-            cin = tl.load(d + 6)
-            if cin > 0:
-                _group_cl(packed_ptr, lut_ptr, out_ptr + out_off, d, lpid, tl.multiple_of(cin, 8), BITS, BITS2,
-                          CL_KS, CL_CB, OUT_BF16)
-            else:
-                _group_flat(packed_ptr, lut_ptr, out_ptr + out_off, d, lpid, numel, BITS, BITS2, BLOCK, OUT_BF16,
-                            ALIGN, ALIGNED)
-
-    @triton.jit
-    def _group_flat(packed_ptr, lut_ptr, out_ptr, d, lpid, numel, BITS: tl.constexpr, BITS2: tl.constexpr,
-                    BLOCK: tl.constexpr, OUT_BF16: tl.constexpr, ALIGN: tl.constexpr, ALIGNED: tl.constexpr):
-        """BLOCK consecutive weights of a layer written in its own order (program ``lpid`` of it)."""
         e = lpid * BLOCK + tl.arange(0, BLOCK)
         emask = e < numel
         # stores run to the layer's padded end (the padding is the group buffer's own, unread), so
@@ -274,52 +256,7 @@ if HAS_TRITON:
             w = _table_decode(packed_ptr, lut_ptr, lpid, e, emask, numel, BITS, BLOCK, ALIGNED)
         else:
             w = _table_decode(packed_ptr, lut_ptr, lpid, e, emask, numel, BITS2, BLOCK, ALIGNED)
-        _store_weights(out_ptr, e, e < padded, w, OUT_BF16)
-
-    @triton.jit
-    def _group_cl(packed_ptr, lut_ptr, out_ptr, d, lpid, cin, BITS: tl.constexpr, BITS2: tl.constexpr,
-                  KS: tl.constexpr, CB: tl.constexpr, OUT_BF16: tl.constexpr):
-        if BITS2 == 0:
-            _cl_tile(packed_ptr, lut_ptr, out_ptr, lpid, cin, BITS, KS, CB, OUT_BF16)
-        elif tl.load(d + 5) == BITS:
-            _cl_tile(packed_ptr, lut_ptr, out_ptr, lpid, cin, BITS, KS, CB, OUT_BF16)
-        else:
-            _cl_tile(packed_ptr, lut_ptr, out_ptr, lpid, cin, BITS2, KS, CB, OUT_BF16)
-
-    @triton.jit
-    def _cl_tile(packed_ptr, lut_ptr, out_ptr, lpid, cin, BITS: tl.constexpr, KS: tl.constexpr, CB: tl.constexpr,
-                 OUT_BF16: tl.constexpr):
-        """A conv weight (O, I, KH, KW) written channels-last, i.e. in (O, KH, KW, I) memory order, for
-        the compiled graph's channels-last convolutions (no layout copy of the weight there).  Program
-        ``lpid`` takes output channel o and input channels [c0, c0 + CB): for each tap s (KS =
-        KH*KW, unrolled) it gathers the codes of (o, c, s) -- stored element (o*I + c)*KS + s -- and
-        stores the weights at o*KS*I + s*I + c, contiguous in c.  Same codes, same table, same bits
-        as the flat path; no division per weight (the tile's shape does the index arithmetic), and
-        32-bit offsets from the row's own bases (a row holds KS*I weights): the sm_90 PTX of a 4-bit
-        launch has 693 instructions (87 of 64-bit integer arithmetic) against 890 (188) with 64-bit
-        indices throughout."""
-        MASK: tl.constexpr = (1 << BITS) - 1
-        nchunk = (cin + CB - 1) // CB
-        o = lpid // nchunk
-        row = o * cin * KS                                    # output channel o's first weight (both orders)
-        # I is a multiple of 8, so row * BITS is a whole number of bytes: the codes' base for this row
-        codes = packed_ptr + row * BITS // 8
-        outs = out_ptr + row
-        c = ((lpid - o * nchunk) * CB).to(tl.int32) + tl.arange(0, CB)
-        cin32 = cin.to(tl.int32)
-        cmask = c < cin32
-        first = c * (KS * BITS)                               # bit of (c, tap 0) from the row's base
-        table = tl.load(lut_ptr + tl.arange(0, 1 << BITS))
-        for s in tl.static_range(KS):
-            bit = first + s * BITS
-            sh = bit & 7
-            lo = tl.load(codes + (bit >> 3), mask=cmask, other=0).to(tl.int32)
-            if 8 % BITS == 0:                                 # a code never straddles two bytes
-                code = (lo >> sh) & MASK
-            else:
-                hi = tl.load(codes + (bit >> 3) + 1, mask=cmask & (sh + BITS > 8), other=0).to(tl.int32)
-                code = ((lo | (hi << 8)) >> sh) & MASK
-            _store_weights(outs + s * cin32, c, cmask, tl.gather(table, code, 0), OUT_BF16)
+        _store_weights(out_ptr + out_off, e, e < padded, w, OUT_BF16)
 
     @triton.jit
     def _table_decode(packed_ptr, lut_ptr, lpid, e, emask, numel, BITS: tl.constexpr, BLOCK: tl.constexpr,

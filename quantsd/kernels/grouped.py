@@ -21,14 +21,13 @@ kernel) took 0.86 ms on an H200 against 0.62 ms for merely writing the same buff
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
 
 from .dequant import HAS_TRITON, LAUNCH_OPTIONS
 
-__all__ = ["GroupLaunch", "ALIGN", "CL_CB", "flat_layout", "channels_last_ok"]
+__all__ = ["GroupLaunch", "ALIGN", "flat_layout"]
 
 # weights per program: four times the per-layer kernel's (each program loads its layer's table once).
 # bench/tune_group_kernel.py on an H200, paper-final's decode as group-kernel launches in one CUDA graph:
@@ -37,29 +36,7 @@ __all__ = ["GroupLaunch", "ALIGN", "CL_CB", "flat_layout", "channels_last_ok"]
 BLOCK = 4096
 ALIGN = 128  # elements: each layer's weight starts on a 256-byte boundary of the flat buffer (fp16)
 assert BLOCK % ALIGN == 0   # a layer's programs cover its padded slot, never the next layer's
-
-
-def _cl_cb() -> int:
-    """Input channels per program of a channels-last layer (x its KH*KW taps): 512, or
-    ``QUANTSD_CL_CB`` (a power of two in 32..2048; for tuning runs, read at import).  H200, SD1.5
-    paper-final compiled step as one CUDA-graph replay (bench/conv_layout_probe.py, session 10):
-    7.186 ms with 512, 7.284 ms with 256."""
-    env = os.environ.get("QUANTSD_CL_CB", "").strip()
-    cb = int(env) if env.isdigit() else (512 if not env else -1)
-    if cb < 32 or cb > 2048 or cb & (cb - 1):
-        raise ValueError(f"QUANTSD_CL_CB must be a power of two in 32..2048, got {env!r}")
-    return cb
-
-
-CL_CB = _cl_cb()
 _KERNELS: dict = {}  # specialization key -> compiled group kernel, checked once (dequant.adopt_checked)
-
-
-def channels_last_ok(shape: Sequence[int]) -> bool:
-    """Can the group kernel write a weight of ``shape`` channels-last?  A conv weight (O, I, KH, KW)
-    with a kernel larger than 1x1 (a 1x1 weight is already both layouts) and I a multiple of 8 (the
-    kernel's stores then vectorize)."""
-    return len(shape) == 4 and shape[2] * shape[3] > 1 and shape[1] % 8 == 0
 
 
 def flat_layout(numels: Sequence[int]) -> tuple[list[int], int]:
@@ -79,19 +56,16 @@ class GroupLaunch:
     stay alive and in place while this object is used (callers rebuild it when a data pointer
     changes).  ``shapes``: the dense weights' shapes.  ``bits``: every layer's bit width, or one per
     layer -- at most two different widths in one launch (paper-final's 4-bit convolutions beside
-    8-bit projections in one block: one launch, not two).  ``channels_last``: per layer, write this
-    conv weight channels-last (its view then has channels-last strides; :func:`channels_last_ok`
-    shapes of one kernel size per launch).  Why: a compiled UNet runs its convolutions
-    channels-last, and Inductor copies every weight that arrives NCHW to channels-last on every
-    call (H200, SD1.5: 0.79 ms of a 7.07 ms dense step; bench/conv_layout_probe.py).  That path (the
-    ``_cl_tile`` gather) is slower than the flat decode; ``codes_channels_last``: per layer, its codes
-    are already stored in (O, KH, KW, I) order (:meth:`quantsd.nn.QuantModule.set_codes_channels_last`),
-    so the flat decode writes it channels-last and only its view differs (the default for compiled
-    groups)."""
+    8-bit projections in one block: one launch, not two).  ``codes_channels_last``: per layer, its
+    codes are stored in (O, KH, KW, I) order (:meth:`quantsd.nn.QuantModule.set_codes_channels_last`;
+    a 4-d conv weight larger than 1x1), so the decode, which writes every layer in its codes' order,
+    writes that weight channels-last and its view gets channels-last strides.  Why: a compiled UNet
+    runs its convolutions channels-last, and Inductor copies every weight that arrives NCHW to
+    channels-last on every call (H200, SD1.5: 0.79 ms of a 7.07 ms dense step;
+    bench/conv_layout_probe.py)."""
 
     def __init__(self, packed: Sequence[torch.Tensor], luts: Sequence[torch.Tensor], shapes: Sequence[tuple],
-                 bits: int | Sequence[int], dtype: torch.dtype, channels_last: Sequence[bool] | None = None,
-                 codes_channels_last: Sequence[bool] | None = None):
+                 bits: int | Sequence[int], dtype: torch.dtype, codes_channels_last: Sequence[bool] | None = None):
         if not HAS_TRITON:
             raise RuntimeError("grouped dequant needs Triton")
         if not packed or len(packed) != len(luts) or len(packed) != len(shapes):
@@ -109,31 +83,15 @@ class GroupLaunch:
         self.shapes = [tuple(int(s) for s in sh) for sh in shapes]
         numels = [int(torch.Size(sh).numel()) for sh in self.shapes]
         self.offsets, self.numel = flat_layout(numels)
-        cl = [False] * len(packed) if channels_last is None else [bool(c) for c in channels_last]
-        if len(cl) != len(packed):
-            raise ValueError("one channels_last flag per layer")
-        for sh, c in zip(self.shapes, cl):
-            if c and not channels_last_ok(sh):
-                raise ValueError(f"a weight of shape {sh} can't be written channels-last (needs (O, I, KH, KW), "
-                                 "KH*KW > 1, I a multiple of 8)")
-        self.channels_last = cl
         ccl = [False] * len(packed) if codes_channels_last is None else [bool(c) for c in codes_channels_last]
         if len(ccl) != len(packed):
             raise ValueError("one codes_channels_last flag per layer")
-        for sh, c, t in zip(self.shapes, ccl, cl):
-            if c and (len(sh) != 4 or t):
-                raise ValueError(f"a weight of shape {sh} with channels-last codes must be a 4-d conv weight "
-                                 "decoded by the flat path (not also channels_last)")
+        for sh, c in zip(self.shapes, ccl):
+            if c and (len(sh) != 4 or sh[2] * sh[3] <= 1):
+                raise ValueError(f"a weight of shape {sh} can't have channels-last codes (needs a conv weight "
+                                 "(O, I, KH, KW) with KH*KW > 1)")
         self.codes_channels_last = ccl
-        # the layers' tensors (alive anyway, see above): the first channels-last run checks itself
-        # against a flat decode of them (_check_channels_last)
-        self._packed, self._luts, self._bits_list = list(packed), list(luts), per_layer
-        self._cl_checked = not any(cl)
-        taps = {sh[2] * sh[3] for sh, c in zip(self.shapes, cl) if c}
-        if len(taps) > 1:
-            raise ValueError(f"one launch writes channels-last weights of one kernel size, got {sorted(taps)} taps")
-        self.cl_ks = taps.pop() if taps else 0      # the kernel's CL_KS
-        progs = [sh[0] * -(-sh[1] // CL_CB) if c else -(-n // BLOCK) for sh, n, c in zip(self.shapes, numels, cl)]
+        progs = [-(-n // BLOCK) for n in numels]
         first = [0]
         for p in progs[:-1]:
             first.append(first[-1] + p)
@@ -141,19 +99,19 @@ class GroupLaunch:
         self._packed_base, self._lut_base = packed[0], luts[0]
         pb, lb = packed[0].data_ptr(), luts[0].data_ptr()
         rows = []
-        for p, t, o, n, f, b, sh, c in zip(packed, luts, self.offsets, numels, first, per_layer, self.shapes, cl):
+        for p, t, o, n, f, b in zip(packed, luts, self.offsets, numels, first, per_layer):
             dl = t.data_ptr() - lb
             if dl % 4:
                 raise ValueError("value tables must be 4-byte aligned")
-            rows.append([p.data_ptr() - pb, dl // 4, o, n, f, b, sh[1] if c else 0])
+            rows.append([p.data_ptr() - pb, dl // 4, o, n, f, b])
         # code loads vectorize when every layer's codes sit 16 bytes apart from the first's and every
         # length is a multiple of 16 (caching-allocator blocks and SD's layer shapes always are)
         self.aligned = all(r[0] % 16 == 0 for r in rows) and all(n % 16 == 0 for n in numels)
-        self._view_args = [(sh, _strides(sh, c or k), o) for sh, o, c, k in zip(self.shapes, self.offsets, cl, ccl)]
+        self._view_args = [(sh, _strides(sh, c), o) for sh, o, c in zip(self.shapes, self.offsets, ccl)]
         # the compiled kernel's specialization: output dtype, and the base pointers' 16-byte alignment
         # (every other argument is a fresh allocation); the kernels live in a module-level cache,
         # never on this object (a compiled kernel can be neither copied nor pickled)
-        self._key = (self.bits, self.bits2, dtype, self.device, pb % 16 == 0, lb % 16 == 0, self.aligned, self.cl_ks)
+        self._key = (self.bits, self.bits2, dtype, self.device, pb % 16 == 0, lb % 16 == 0, self.aligned)
         self.desc = torch.tensor(rows, dtype=torch.int64).to(self.device)
         self.prog_layer = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
                                                   torch.tensor(progs)).to(self.device)
@@ -179,39 +137,19 @@ class GroupLaunch:
             k = _KERNELS.get(self._key)
             if k is not None:
                 dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base, o,
-                                      self.desc, self.prog_layer, self.bits, BLOCK, bf16, ALIGN, self.aligned, self.bits2,
-                                      self.cl_ks, CL_CB)
+                                      self.desc, self.prog_layer, self.bits, BLOCK, bf16, ALIGN, self.aligned, self.bits2)
                 return out
         k = dequant._group_table_kernel[(self.programs,)](
             self._packed_base, self._lut_base, o, self.desc, self.prog_layer, BITS=self.bits, BLOCK=BLOCK,
-            OUT_BF16=bf16, ALIGN=ALIGN, ALIGNED=self.aligned, BITS2=self.bits2, CL_KS=self.cl_ks, CL_CB=CL_CB,
-            **LAUNCH_OPTIONS)
+            OUT_BF16=bf16, ALIGN=ALIGN, ALIGNED=self.aligned, BITS2=self.bits2, **LAUNCH_OPTIONS)
         if direct and hasattr(k, "run") and not torch.cuda.is_current_stream_capturing():
             def launch_into(check):
                 dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base,
                                       check.view(torch.int16) if bf16 else check, self.desc, self.prog_layer,
-                                      self.bits, BLOCK, bf16, ALIGN, self.aligned, self.bits2, self.cl_ks, CL_CB)
+                                      self.bits, BLOCK, bf16, ALIGN, self.aligned, self.bits2)
 
             dequant.adopt_checked(_KERNELS, self._key, k, launch_into, out, self.same_weights)
-        if not self._cl_checked and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            self._check_channels_last(out)
         return out
-
-    def _check_channels_last(self, out: torch.Tensor) -> None:
-        """Compare this launch's channels-last weights, once, with the flat decode of the same codes
-        (the long-verified path): a disagreement -- a kernel miscompiled for this GPU or Triton --
-        stops here with the fix named, instead of generating from wrong weights."""
-        from .dequant import same_bits
-
-        flat = GroupLaunch(self._packed, self._luts, self.shapes, self._bits_list, self.dtype)
-        ref = flat.run()
-        for i in (i for i, c in enumerate(self.channels_last) if c):
-            if not same_bits(self.view(out, i).contiguous(), flat.view(ref, i)):
-                raise RuntimeError(f"the channels-last weight decode disagrees with the flat decode for a layer of "
-                                   f"shape {self.shapes[i]} on {self.device} (a kernel bug on this GPU/Triton): set "
-                                   "QUANTSD_CL_DECODE=codes (or QUANTSD_DECODE_CHANNELS_LAST=0 to decode NCHW), "
-                                   "and please report it")
-        self._cl_checked = True
 
     def same_weights(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         """Do flat buffers ``a`` and ``b`` hold the same bits in every layer's weight?  (The padding
