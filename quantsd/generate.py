@@ -105,8 +105,7 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
                        offload: str | None = None, tiny_vae: str | os.PathLike | None = None,
                        lean_vae: bool = False, drop_vae_encoder: bool = False, ff_chunk: int | None = None,
                        sync_free_scheduler: bool = True, compile_guards: str = "full",
-                       grouped_dequant: bool = True, dense_below: int = 0, prefetch_weights: bool = False,
-                       conv_gemm_rows: int | None = None):
+                       grouped_dequant: bool = True, dense_below: int = 0, prefetch_weights: bool = False):
     """Apply generation options to a loaded pipeline (in place; returns it).
 
     ``lean_vae``: the VAE decoder's resnet blocks run SiLU and the residual add in place on
@@ -128,9 +127,6 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     dequant launches per step, a few MiB more resident).
     ``prefetch_weights`` (with ``compile``): the compiled UNet decodes its packed weights ahead, on a
     second CUDA stream, while earlier layers compute (:mod:`quantsd.prefetch`; same weights).
-    ``conv_gemm_rows`` (with ``compile``; None: ``QUANTSD_CONV_GEMM_MAX_ROWS``, else 0 = off): the
-    compiled UNet's convolutions with at most that many output rows (batch x pixels; SD's 8x8 level
-    at 512² with CFG has 128) run as one cuBLAS GEMM instead of cuDNN (:mod:`quantsd.conv_gemm`).
 
     Order matters: the tiny VAE and memory format first, then offload hooks, then torch.compile
     of the UNet (``compile_mode`` "reduce-overhead" = CUDA graphs where shapes are static).
@@ -195,11 +191,6 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
 
         group_pipeline(pipe, compiled=compile)
     if compile:
-        from .conv_gemm import convs_as_gemm, env_max_rows
-
-        rows = env_max_rows() if conv_gemm_rows is None else conv_gemm_rows
-        if rows:
-            convs_as_gemm(pipe.unet, rows)
         if prefetch_weights:
             from .prefetch import enable_weight_prefetch
 

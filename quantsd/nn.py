@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import conv_gemm as _conv_gemm
 from .kernels import fused as _fused
 from .kernels.dequant import op_call
 from .quant.granularity import grouped_view, param_shape, parse_granularity
@@ -478,9 +477,6 @@ class QuantLinear(QuantModule):
 class QuantConv2d(QuantModule):
     """``nn.Conv2d`` with a packed weight, dequantized in forward."""
 
-    # compiled forwards with at most this many output rows run as one GEMM (quantsd.conv_gemm; 0: off)
-    gemm_max_rows: int = 0
-
     def __init__(self, in_channels: int, out_channels: int, kernel_size, bias: torch.Tensor | None, *, stride=1,
                  padding=0, dilation=1, groups: int = 1, padding_mode: str = "zeros", bits: int, method: str,
                  granularity: str, packed: torch.Tensor, scale: torch.Tensor,
@@ -546,9 +542,6 @@ class QuantConv2d(QuantModule):
             if x.dim() == 4 and _fused_rows_ok(self, x, self._output_rows(x), "conv"):
                 return _fused.CONV_OP(x, *kernel_args(self), self.bias, self._plan_key, self.stride, self.padding,
                                       self.dilation)
-            if self.gemm_max_rows and _conv_gemm.gemm_rows_ok(self, x, self.gemm_max_rows):
-                return _conv_gemm.conv2d_as_gemm(x, self._forward_weight(), self.bias, self.stride, self.padding,
-                                                 self.dilation)
             return self.compute(x, self._forward_weight())
         w = self._eager_weight()
         if self.padding_mode != "zeros":

@@ -141,7 +141,6 @@ class BenchConfig:
     prefetch: bool = False           # compiled packed: decode weights ahead on a side stream (quantsd.prefetch)
     grouped: bool = True             # packed: one dequant launch per group of layers (quantsd.dequant_groups)
     channels_last: bool = False      # parameters in channels-last memory format (configure_pipeline's channels_last)
-    conv_gemm_rows: int | None = None  # compiled: convs of <= this many output rows as one GEMM (quantsd.conv_gemm)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -177,22 +176,14 @@ def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
     return cfgs
 
 
-DEFAULT_CONV_GEMM_ROWS = 256   # the *-gemmconv configurations: SD's 8x8 level at 512² with CFG (128 rows)
-
-
 def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
-    """Variants of the compiled configurations that run only when named (``--only``): one
-    dequant launch per layer instead of per group (what grouping buys), weight prefetch
-    (:mod:`quantsd.prefetch`, measured slower so far), and small-output convolutions as one GEMM
-    (:mod:`quantsd.conv_gemm`), packed and dense alike (the same rewrite helps both)."""
+    """Variants of the packed compiled configuration that run only when named (``--only``): one
+    dequant launch per layer instead of per group (what grouping buys), and weight prefetch
+    (:mod:`quantsd.prefetch`, measured slower so far)."""
     if not (recipe and compile):
         return []
     return [BenchConfig("packed-compiled-per-layer", packed=True, compile=True, grouped=False, sweep=()),
-            BenchConfig("packed-compiled-prefetch", packed=True, compile=True, prefetch=True, sweep=()),
-            BenchConfig("fp16-sdpa-compiled-cl-gemmconv", compile=True, channels_last=True, sweep=(),
-                        conv_gemm_rows=DEFAULT_CONV_GEMM_ROWS),
-            BenchConfig("packed-compiled-gemmconv", packed=True, compile=True, sweep=(),
-                        conv_gemm_rows=DEFAULT_CONV_GEMM_ROWS)]
+            BenchConfig("packed-compiled-prefetch", packed=True, compile=True, prefetch=True, sweep=())]
 
 
 # --------------------------------------------------------------------------- model building
@@ -255,8 +246,7 @@ def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=No
                               channels_last=cfg.channels_last,
                               sync_free_scheduler=sync_free_scheduler,
                               grouped_dequant=cfg.packed and cfg.grouped and grouped_dequant,
-                              dense_below=dense_below if cfg.packed else 0, prefetch_weights=cfg.prefetch,
-                              conv_gemm_rows=cfg.conv_gemm_rows)
+                              dense_below=dense_below if cfg.packed else 0, prefetch_weights=cfg.prefetch)
 
 
 # --------------------------------------------------------------------------- measurements (CUDA)
@@ -823,9 +813,7 @@ def _fused_meta() -> dict:
 
 
 # each packed configuration and the dense ones it is measured against (same execution mode)
-_DENSE_OF = {"packed": ("fp16-sdpa",), "packed-compiled": ("fp16-sdpa-compiled", "fp16-sdpa-compiled-cl"),
-             "packed-compiled-gemmconv": ("fp16-sdpa-compiled", "fp16-sdpa-compiled-cl",
-                                          "fp16-sdpa-compiled-cl-gemmconv")}
+_DENSE_OF = {"packed": ("fp16-sdpa",), "packed-compiled": ("fp16-sdpa-compiled", "fp16-sdpa-compiled-cl")}
 
 
 def packed_ratios(rows: list[dict]) -> list[tuple[str, str, float]]:
