@@ -221,10 +221,12 @@ def test_cli_bench_help_and_errors(tmp_path):
         # the new options parse and validate before the CUDA check: only the missing GPU stops them
         r = CliRunner().invoke(main, ["bench", "-m", "tiny", "--lean", "--schedulers", "dpm,ddim", "--max-res-ff-chunk", "0",
                                       "--only", "fp16-sdpa", "--no-grouped-dequant", "--dense-below", "262144",
-                                      "-o", str(tmp_path / "b")])
+                                      "--eager-pair-rounds", "3", "-o", str(tmp_path / "b")])
         assert r.exit_code != 0 and "no CUDA device" in r.output and not (tmp_path / "b").exists()
     r = CliRunner().invoke(main, ["bench", "--dense-below", "-1", "-o", str(tmp_path / "c")])
     assert r.exit_code != 0 and "--dense-below" in r.output and not (tmp_path / "c").exists()
+    r = CliRunner().invoke(main, ["bench", "--eager-pair-rounds", "-1", "-o", str(tmp_path / "d")])
+    assert r.exit_code != 0 and "--eager-pair-rounds" in r.output and not (tmp_path / "d").exists()
 
 
 def test_release_frees_a_minimal_guard_compiled_unet():
@@ -333,3 +335,31 @@ def test_markdown_reports_the_interleaved_eager_ratio():
     md = markdown_report(res)
     assert "taking turns (3 rounds of 5 UNet steps, 1 of one image): UNet step 1.071x" in md
     assert "per round 1.000-1.100" in md and "fastest rounds 1.036x" in md and "image 0.952x" in md
+
+
+def test_eager_pair_runs_once_both_eager_rows_built(monkeypatch, tmp_path):
+    """Bench._eager_pair rebuilds fp16-sdpa and packed side by side and records the paired ratios --
+    only when both eager rows were built, and only once per run; the pipelines are released after."""
+    import quantsd.bench.core as core
+
+    b = core.Bench(out_dir=tmp_path, log=lambda s: None)
+    b.results = {"meta": {"model": "m"}, "configs": []}
+    built, released = [], []
+    monkeypatch.setattr(b, "_build", lambda cfg, dev, recipe: built.append(cfg.name) or cfg.name)
+    monkeypatch.setattr(core, "_release", lambda pipe, compiled: released.append(pipe))
+    monkeypatch.setattr(core, "eager_interleaved", lambda pipes, *a, **k: {
+        "unet_ms_rounds": {"fp16-sdpa": [10.0, 12.0], "packed": [11.0, 12.0]},
+        "image_ms_rounds": {"fp16-sdpa": [100.0], "packed": [90.0]}, "calls": 5})
+    monkeypatch.setattr(core.torch.cuda, "empty_cache", lambda: None)
+    cfgs = core.default_configs(True, True)
+    b._eager_pair([{"name": "fp16-sdpa"}], cfgs, None, None)          # packed not built: nothing
+    assert built == [] and "eager_interleaved" not in b.results and not b._pair_done
+    b._eager_pair([{"name": "fp16-sdpa"}, {"name": "packed"}], cfgs, None, None)
+    assert built == ["fp16-sdpa", "packed"] and sorted(released) == ["fp16-sdpa", "packed"] and b._pair_done
+    pair = b.results["eager_interleaved"]["packed_vs_fp16_sdpa"]
+    assert pair["unet"]["ratio_median"] == pytest.approx((1.1 + 1.0) / 2) and pair["image"]["ratio_median"] == 0.9
+    assert "taking turns (2 rounds of 5 UNet steps" in markdown_report(b.results)
+    b.eager_pair_rounds = 0
+    b.results.pop("eager_interleaved")
+    b._eager_pair([{"name": "fp16-sdpa"}, {"name": "packed"}], cfgs, None, None)
+    assert "eager_interleaved" not in b.results

@@ -628,7 +628,11 @@ class Bench:
             self.results["sdpa"] = {"error": f"{type(e).__name__}: {e}"}
         self._save()
         deferred = []
+        self._pair_done = False
         for cfg in configs:
+            if cfg.compile and not self._pair_done:   # the eager pair before the (long) compiled configurations
+                self._eager_pair([e for e in self.results["configs"] if isinstance(e.get("build"), dict)
+                                  and e["build"].get("ok")], configs, dev, recipe)
             entry: dict[str, Any] = {"name": cfg.name, "dtype": cfg.dtype, "attention": cfg.attention,
                                      "packed": cfg.packed, "compile": cfg.compile}
             self.results["configs"].append(entry)
@@ -693,8 +697,9 @@ class Bench:
             gc.collect()
             torch.cuda.empty_cache()
             entry["left_allocated_bytes"] = torch.cuda.memory_allocated(dev)
-        self._eager_pair([e for e in self.results["configs"] if isinstance(e.get("build"), dict)
-                          and e["build"].get("ok")], configs, dev, recipe)
+        if not self._pair_done:
+            self._eager_pair([e for e in self.results["configs"] if isinstance(e.get("build"), dict)
+                              and e["build"].get("ok")], configs, dev, recipe)
         # max-resolution searches last (the most expensive), most important first
         for mode in self.max_res_modes:
             for cfg, entry in sorted(deferred, key=lambda ce: not ce[0].packed):
@@ -706,6 +711,7 @@ class Bench:
         return self.results
 
     _deadline: float | None = None
+    _pair_done: bool = False
 
     def _eager_pair(self, built: list[dict], configs: list[BenchConfig], dev, recipe) -> None:
         """The eager packed / fp16-sdpa comparison taking turns (:func:`eager_interleaved`) on both
@@ -715,6 +721,7 @@ class Bench:
         names = {e["name"] for e in built}
         if self.eager_pair_rounds <= 0 or not {"packed", "fp16-sdpa"} <= names:
             return
+        self._pair_done = True
         cfgs = {c.name: c for c in configs if c.name in ("fp16-sdpa", "packed")}
         entry: dict[str, Any] = {"name": "eager-interleaved"}
         self.results["eager_interleaved"] = entry
