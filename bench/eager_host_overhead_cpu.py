@@ -175,6 +175,8 @@ def install_emulation() -> None:
     else:                           # groups check for a capture as on CUDA
         dg._may_capture = lambda device: True
         dg._stream_capturing = _fake_is_capturing
+        if hasattr(dg, "_capturing_now"):   # (since session 11 the query is torch's own binding, aliased)
+            dg._capturing_now = _fake_is_capturing
 
 
 # --------------------------------------------------------------------------- the models
