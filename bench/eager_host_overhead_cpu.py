@@ -214,13 +214,13 @@ def sd15_group_sizes(packed, recipe) -> None:
         _SD15_BYTES[id(m)] = full["unet." + name] * 2
 
 
-def group(packed):
+def group(packed, prehook: bool = False):
     """group_dequant(packed) as eager generation groups (``EAGER_MAX_BYTES``), with SD1.5's fp16 layer
-    sizes (see :func:`sd15_group_sizes`)."""
+    sizes (see :func:`sd15_group_sizes`); ``prehook``: the experimental root pre-hook groups."""
     real = dg._dense_bytes
     dg._dense_bytes = lambda m: _SD15_BYTES[id(m)]
     try:
-        return group_dequant(packed, dg.EAGER_MAX_BYTES)
+        return group_dequant(packed, dg.EAGER_MAX_BYTES, prehook=prehook)
     finally:
         dg._dense_bytes = real
 
@@ -247,14 +247,14 @@ def measure(dense, packed, inputs, rounds: int, per_round: int, layers) -> dict:
         return lambda: u(lat, t, encoder_hidden_states=ctx, return_dict=False)
 
     def variant(name):
-        if name == "packed_grouped":
-            group(packed)
+        if name in ("packed_grouped", "packed_prehook"):
+            group(packed, prehook=name == "packed_prehook")
         else:
             ungroup_dequant(packed)
         return fwd(dense if name == "dense" else packed)
 
-    names = ["dense", "packed_grouped", "packed_per_layer"]
-    fw_names = ["packed_grouped", "packed_per_layer"]
+    names = ["dense", "packed_grouped", "packed_prehook", "packed_per_layer"]
+    fw_names = ["packed_grouped", "packed_prehook", "packed_per_layer"]
     res = {k: [] for k in names}
     fw = {k: [] for k in fw_names}
     with torch.inference_mode():
@@ -263,7 +263,7 @@ def measure(dense, packed, inputs, rounds: int, per_round: int, layers) -> dict:
             for _ in range(3):
                 f()
         for r in range(rounds):
-            order = names[r % 3:] + names[:r % 3]
+            order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
                 f = variant(name)
                 res[name].append(min(_time_calls(f, per_round)))

@@ -325,6 +325,62 @@ class DequantGroup:
         return w
 
 
+    def arm(self) -> None:
+        """Decode now and hand every member its weight as a plain attribute (``_armed``), which its
+        eager forward takes with no check of its own: the pre-hook of the group's root module
+        (``group_dequant(..., prehook=True)``).  The checks :meth:`weight` makes per member are made
+        here once: no capture (none can begin between this hook and the root's own layers), and
+        each member's codes, scale and breakpoint still the ones the buffer is decoded from.  Where
+        a check fails nothing is handed over and the members take the checked path."""
+        if self._check_capture and _capturing_now():
+            return
+        if not self._materialize():
+            return
+        for m, src in zip(self.members, self._sources):
+            if not _same_sources(m._buffers, src):
+                if not self._materialize(check=True):
+                    return
+                break
+        for m, w in zip(self.members, self._views):
+            m.__dict__["_armed"] = w         # (not nn.Module.__setattr__: a plain attribute, set fast)
+
+    def disarm(self) -> None:
+        """The root's forward hook (run even when the forward raised): the members' handed-over
+        weights are taken back and the buffer is let go."""
+        for m in self.members:
+            m.__dict__["_armed"] = None
+        self._release()
+
+
+class _RootHooks:
+    """The forward pre-hook and (always-called) forward hook of a group root, arming and disarming
+    its groups (eager forwards only: under torch.compile the members trace the graph op)."""
+
+    def __init__(self, groups: list[DequantGroup]):
+        self.groups = groups
+
+    def pre(self, module: nn.Module, args) -> None:
+        if torch.compiler.is_compiling():
+            return
+        for g in self.groups:
+            g.arm()
+
+    def post(self, module: nn.Module, args, output) -> None:
+        if torch.compiler.is_compiling():
+            return
+        for g in self.groups:
+            g.disarm()
+
+
+def _same_sources(buffers: dict, src: tuple) -> bool:
+    """Are a member's codes, scale and breakpoint the very tensors (and in-place versions) in
+    ``src`` (:func:`_sources_of`)?"""
+    p, vp, sc, vs, bp, vb = src
+    q, t, c = buffers["weight_packed"], buffers["weight_scale"], buffers["weight_breakpoint"]
+    return (q is p and t is sc and c is bp and (vp < 0 or q._version == vp) and (vs < 0 or t._version == vs)
+            and (vb < 0 or c._version == vb))
+
+
 def _sources_of(buffers: dict) -> tuple:
     """(codes, version, scale, version, breakpoint, version) of a member's buffers (version -1 for
     an inference tensor or no breakpoint: never compared)."""
@@ -337,7 +393,7 @@ def _dense_bytes(m: QuantModule) -> int:
 
 
 def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixed_bits: bool = True,
-                  channels_last: bool = False) -> list[DequantGroup]:
+                  channels_last: bool = False, prehook: bool = False) -> list[DequantGroup]:
     """Group the packed layers below ``module`` for eager forwards; returns the groups.
 
     A group root is the largest non-container module (not a ModuleList/ModuleDict, whose children
@@ -362,7 +418,14 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
     decode writes them so, at its own speed; :func:`ungroup_dequant` (and regrouping) puts the codes
     back in natural order.  A conv layer that would be alone then gets a group of its own (same one
     launch, written channels-last).  Eager convolutions given such a weight run channels-last too
-    (cuDNN follows the weight), so eager models keep the default."""
+    (cuDNN follows the weight), so eager models keep the default.
+
+    ``prehook`` (experimental, eager): a group whose layers all sit below one root module decodes in
+    a forward pre-hook of that root and hands each member its weight as a plain attribute, taken back
+    by a forward hook that runs even if the forward raises (:meth:`DequantGroup.arm`); members then
+    skip the per-call checks of :meth:`DequantGroup.weight`, which are made once per group instead.
+    Groups of several sibling roots, and members called outside their root's forward, keep the
+    checked path.  Same weights, fewer host instructions per eager step."""
     _refuse_cl_decode_env()
     ungroup_dequant(module)
     totals: dict[int, int] = {}
@@ -405,6 +468,7 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
     visit(module)
     groups: list[DequantGroup] = []
     for run in runs:
+        first = len(groups)
         by_kind: dict[tuple, list[QuantModule]] = {}
         for root in run:
             for m in root.modules():
@@ -428,6 +492,10 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
                 # graph's first (warm-up) run they would be allocations the graph does not own
                 g._ready()
                 groups.append(g)
+        if prehook and len(run) == 1 and len(groups) > first:   # one root holds these groups' layers
+            hooks = _RootHooks(groups[first:])
+            run[0].register_forward_pre_hook(hooks.pre)
+            run[0].register_forward_hook(hooks.post, always_call=True)
     if groups:
         install_dedup_pass()   # compiled graphs: one launch per group (see the module docstring)
     return groups
@@ -466,11 +534,18 @@ def _packed_under(layers: list[QuantModule], max_bytes: int) -> list[list[QuantM
 
 def ungroup_dequant(module: nn.Module) -> None:
     """Every packed layer below ``module`` back to its own launch, and its codes back to natural
-    order where its group switched them (the codes path of ``channels_last``)."""
+    order where its group switched them (the codes path of ``channels_last``); the roots' hooks of
+    ``prehook`` groups are removed (found by kind, so a deep copy's are too)."""
+    for m in module.modules():
+        for hooks in (m._forward_pre_hooks, m._forward_hooks):
+            for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), _RootHooks)]:
+                del hooks[key]
+                m._forward_hooks_always_called.pop(key, None)
     for m in module.modules():
         group = getattr(m, "_dq_group", None) if isinstance(m, QuantModule) else None
         if group is not None:
             group.invalidate()
+            m.__dict__.pop("_armed", None)
             m._dq_group = None
             if group.repacked[m._dq_index]:
                 m.set_codes_channels_last(False)
@@ -495,7 +570,9 @@ def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True)
     launches), and the VAE decode is a generation's memory peak, which a group's buffer would raise.
 
     A UNet that will be compiled gets its k x k conv weights written channels-last (see
-    :func:`group_dequant`); ``QUANTSD_DECODE_CHANNELS_LAST=0`` / ``1`` overrides that."""
+    :func:`group_dequant`); ``QUANTSD_DECODE_CHANNELS_LAST=0`` / ``1`` overrides that.  An eager one
+    with ``QUANTSD_EAGER_PREHOOK=1`` gets ``prehook`` groups (experimental, off by default until
+    measured on a GPU)."""
     if max_bytes is None:
         env = os.environ.get("QUANTSD_GROUP_MAX_MIB", "").strip()
         try:
@@ -507,7 +584,17 @@ def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True)
         raise ValueError(f"QUANTSD_DECODE_CHANNELS_LAST must be 0 or 1, got {cl_env!r}")
     channels_last = compiled if cl_env == "" else cl_env == "1"
     unet = getattr(pipe, "unet", None)
-    return len(group_dequant(unet, max_bytes, channels_last=channels_last)) if isinstance(unet, nn.Module) else 0
+    prehook = not compiled and _env_flag("QUANTSD_EAGER_PREHOOK")
+    return (len(group_dequant(unet, max_bytes, channels_last=channels_last, prehook=prehook))
+            if isinstance(unet, nn.Module) else 0)
+
+
+def _env_flag(name: str) -> bool:
+    """An on/off environment setting: unset, "" or "0" off, "1" on; anything else is refused."""
+    value = os.environ.get(name, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 # --------------------------------------------------------------------------- compiled graphs

@@ -177,6 +177,9 @@ class QuantModule(nn.Module):
     _dq_group = None    # quantsd.dequant_groups.DequantGroup of this layer (grouped launches), if any
     _dq_index = 0
     _dq_view = (0, 0, None)   # (offset, numel, channels-last (O, KH, KW, I) or None) of its weight in the group's buffer
+    # its weight, handed over by its group's root pre-hook for the root's forward (eager; see
+    # quantsd.dequant_groups, ``prehook``), else None
+    _armed = None
     _prefetch_slot = None   # (prefetcher id, layer index) under quantsd.prefetch (compiled forwards), if any
     # (O, KH, KW, I) while ``weight_packed`` holds a conv's codes in that order (set_codes_channels_last),
     # else None: the natural (O, I, KH, KW) order, the only one checkpoints ever hold
@@ -463,7 +466,8 @@ class QuantLinear(QuantModule):
             if _fused_rows_ok(self, x, x.numel() // self.in_features, "linear"):
                 return _fused.LINEAR_OP(x, *kernel_args(self), self.bias, self._plan_key)
             return F.linear(x, self._forward_weight(), self.bias)
-        return F.linear(x, self._eager_weight(), _bias(self))
+        w = self._armed
+        return F.linear(x, self._eager_weight() if w is None else w, _bias(self))
 
     def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """This layer's op with a given dense weight (the weight prefetcher's, :mod:`quantsd.prefetch`)."""
@@ -543,7 +547,9 @@ class QuantConv2d(QuantModule):
                 return _fused.CONV_OP(x, *kernel_args(self), self.bias, self._plan_key, self.stride, self.padding,
                                       self.dilation)
             return self.compute(x, self._forward_weight())
-        w = self._eager_weight()
+        w = self._armed
+        if w is None:
+            w = self._eager_weight()
         if self.padding_mode != "zeros":
             return self.compute(x, w)
         return F.conv2d(x, w, _bias(self), self.stride, self.padding, self.dilation, self.groups)   # = compute's

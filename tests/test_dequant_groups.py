@@ -304,6 +304,98 @@ def test_grouped_dequant_under_interpreter():
     assert r.returncode == 0 and "GROUPS OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
 
 
+_PREHOOK_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.dedent("""
+    net = Net().half().eval()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float16)
+    with torch.no_grad():
+        ref = net(x)
+        plain = DG.group_dequant(net, max_bytes=4096)
+        assert torch.equal(net(x), ref)
+        groups = DG.group_dequant(net, max_bytes=4096, prehook=True)
+        assert sorted(len(g.members) for g in groups) == [5, 5]
+        blocks = list(net.blocks)
+        # each block (one root holding its group) got one pre-hook and one always-called hook
+        assert all(len(b._forward_pre_hooks) == 1 and len(b._forward_hooks) == 1 for b in blocks)
+        assert not net._forward_pre_hooks and not net.head._forward_pre_hooks
+        seen = []
+        for g in groups:                       # the members' forwards take the handed-over weight,
+            for m in g.members:                # never the per-member checked path
+                m.register_forward_pre_hook(lambda mod, a: seen.append(mod._armed is not None))
+        real_weight = DG.DequantGroup.weight
+        DG.DequantGroup.weight = lambda self, i: (_ for _ in ()).throw(AssertionError("checked path taken"))
+        try:
+            for _ in range(2):
+                assert torch.equal(net(x), ref)
+        finally:
+            DG.DequantGroup.weight = real_weight
+        assert seen and all(seen) and len(seen) == 2 * 10
+        assert [g.launches for g in groups] == [2, 2]            # one launch per group and forward
+        assert all(m._armed is None for g in groups for m in g.members) and all(g._flat is None for g in groups)
+        # a member called outside its root's forward takes the checked path: same weight
+        t = torch.randn(3, 8, dtype=torch.float16)
+        q = blocks[0].q
+        DG.ungroup_dequant(net)
+        want = q(t)
+        groups = DG.group_dequant(net, max_bytes=4096, prehook=True)
+        assert torch.equal(q(t), want) and q._armed is None
+        # a forward that raises inside the root still takes the weights back
+        try:
+            blocks[0](torch.randn(2, 3, 5, 5, dtype=torch.float16))   # wrong channel count: conv1 raises
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError("expected the forward to raise")
+        assert all(m._armed is None for g in groups for m in g.members) and all(g._flat is None for g in groups)
+        assert torch.equal(net(x), ref)
+        # a scale edited in place between forwards: the pre-hook's check sees it and the value table
+        # is rebuilt (the codes are read where they are, but the table is the group's own copy)
+        k = blocks[1].k
+        before = net(x)
+        k.weight_scale.mul_(2)
+        after = net(x)
+        DG.ungroup_dequant(net)
+        assert torch.equal(after, net(x)) and not torch.equal(before, after)
+        groups = DG.group_dequant(net, max_bytes=4096, prehook=True)
+        # a deep copy works on its own, and ungrouping removes the hooks (the copy's too)
+        import copy
+        twin = copy.deepcopy(net)
+        assert torch.equal(twin(x), net(x)) and all(len(b._forward_pre_hooks) == 1 for b in twin.blocks)
+        for model in (net, twin):
+            DG.ungroup_dequant(model)
+            assert all(not b._forward_pre_hooks and not b._forward_hooks and not b._forward_hooks_always_called
+                       for b in model.blocks)
+            assert torch.equal(model(x), after)
+    print("PREHOOK OK")
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
+def test_prehook_groups_hand_members_their_weights_under_interpreter():
+    """group_dequant(prehook=True): each single-root group decodes in its root's pre-hook and its
+    members take their weights without the per-member check -- same bits as ungrouped, one launch per
+    group and forward, nothing held after the forward (even one that raised), members called
+    outside the root still correct, edits between forwards caught, hooks gone on ungrouping."""
+    r = _run_interpreted(_PREHOOK_SCRIPT)
+    assert r.returncode == 0 and "PREHOOK OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_group_pipeline_reads_the_prehook_flag(monkeypatch):
+    from quantsd import dequant_groups as DG
+
+    calls = []
+    monkeypatch.setattr(DG, "group_dequant", lambda unet, max_bytes, **kw: calls.append(kw) or [])
+    pipe = type("P", (), {"unet": nn.Linear(2, 2)})()
+    monkeypatch.setenv("QUANTSD_EAGER_PREHOOK", "1")
+    DG.group_pipeline(pipe, compiled=False)
+    DG.group_pipeline(pipe, compiled=True)          # compiled UNets never get hooks
+    monkeypatch.setenv("QUANTSD_EAGER_PREHOOK", "0")
+    DG.group_pipeline(pipe, compiled=False)
+    assert [c["prehook"] for c in calls] == [True, False, False]
+    monkeypatch.setenv("QUANTSD_EAGER_PREHOOK", "yes")
+    with pytest.raises(ValueError, match="QUANTSD_EAGER_PREHOOK must be 0 or 1"):
+        DG.group_pipeline(pipe, compiled=False)
+
+
 _LAUNCH_SCRIPT = textwrap.dedent("""
     import torch
     from torch import nn
@@ -579,7 +671,7 @@ def test_group_pipeline_reads_the_size_cap_from_the_environment(monkeypatch):
 
     seen = []
     monkeypatch.setattr(DG, "group_dequant",
-                        lambda unet, max_bytes, channels_last: seen.append((max_bytes, channels_last)) or [])
+                        lambda unet, max_bytes, channels_last, prehook=False: seen.append((max_bytes, channels_last)) or [])
     pipe = type("Pipe", (), {"unet": nn.Linear(2, 2)})()
     monkeypatch.delenv("QUANTSD_GROUP_MAX_MIB", raising=False)
     monkeypatch.delenv("QUANTSD_DECODE_CHANNELS_LAST", raising=False)
