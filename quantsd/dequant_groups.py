@@ -560,7 +560,7 @@ def launch_counts(module: nn.Module) -> dict:
     return {"groups": len(groups), "lone_layers": lone, "launches": len(groups) + lone}
 
 
-def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True) -> int:
+def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True, prehook: bool | None = None) -> int:
     """:func:`group_dequant` on a diffusers pipeline's UNet; returns how many groups were made (0
     where no layer runs the Triton kernel, e.g. on the CPU).  ``max_bytes`` None: the environment's
     ``QUANTSD_GROUP_MAX_MIB`` (MiB, for experiments), else :data:`DEFAULT_MAX_BYTES` for a UNet that
@@ -571,8 +571,8 @@ def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True)
 
     A UNet that will be compiled gets its k x k conv weights written channels-last (see
     :func:`group_dequant`); ``QUANTSD_DECODE_CHANNELS_LAST=0`` / ``1`` overrides that.  An eager one
-    with ``QUANTSD_EAGER_PREHOOK=1`` gets ``prehook`` groups (experimental, off by default until
-    measured on a GPU)."""
+    with ``prehook`` (None: ``QUANTSD_EAGER_PREHOOK=1``) gets ``prehook`` groups (experimental, off by
+    default until measured on a GPU)."""
     if max_bytes is None:
         env = os.environ.get("QUANTSD_GROUP_MAX_MIB", "").strip()
         try:
@@ -584,7 +584,7 @@ def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True)
         raise ValueError(f"QUANTSD_DECODE_CHANNELS_LAST must be 0 or 1, got {cl_env!r}")
     channels_last = compiled if cl_env == "" else cl_env == "1"
     unet = getattr(pipe, "unet", None)
-    prehook = not compiled and _env_flag("QUANTSD_EAGER_PREHOOK")
+    prehook = not compiled and (_env_flag("QUANTSD_EAGER_PREHOOK") if prehook is None else prehook)
     return (len(group_dequant(unet, max_bytes, channels_last=channels_last, prehook=prehook))
             if isinstance(unet, nn.Module) else 0)
 

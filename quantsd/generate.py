@@ -105,7 +105,8 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
                        offload: str | None = None, tiny_vae: str | os.PathLike | None = None,
                        lean_vae: bool = False, drop_vae_encoder: bool = False, ff_chunk: int | None = None,
                        sync_free_scheduler: bool = True, compile_guards: str = "full",
-                       grouped_dequant: bool = True, dense_below: int = 0, prefetch_weights: bool = False):
+                       grouped_dequant: bool = True, dense_below: int = 0, prefetch_weights: bool = False,
+                       eager_prehook: bool | None = None):
     """Apply generation options to a loaded pipeline (in place; returns it).
 
     ``lean_vae``: the VAE decoder's resnet blocks run SiLU and the residual add in place on
@@ -127,6 +128,9 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     dequant launches per step, a few MiB more resident).
     ``prefetch_weights`` (with ``compile``): the compiled UNet decodes its packed weights ahead, on a
     second CUDA stream, while earlier layers compute (:mod:`quantsd.prefetch`; same weights).
+    ``eager_prehook`` (eager, grouped; None: ``QUANTSD_EAGER_PREHOOK``): experimental -- each block's
+    packed weights are decoded in the block's forward pre-hook and handed over without per-layer
+    checks (:func:`quantsd.dequant_groups.group_dequant`'s ``prehook``; same weights).
 
     Order matters: the tiny VAE and memory format first, then offload hooks, then torch.compile
     of the UNet (``compile_mode`` "reduce-overhead" = CUDA graphs where shapes are static).
@@ -189,7 +193,7 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     if grouped_dequant and offload is None:
         from .dequant_groups import group_pipeline
 
-        group_pipeline(pipe, compiled=compile)
+        group_pipeline(pipe, compiled=compile, prehook=eager_prehook)
     if compile:
         if prefetch_weights:
             from .prefetch import enable_weight_prefetch

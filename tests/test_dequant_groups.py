@@ -390,7 +390,8 @@ def test_group_pipeline_reads_the_prehook_flag(monkeypatch):
     DG.group_pipeline(pipe, compiled=True)          # compiled UNets never get hooks
     monkeypatch.setenv("QUANTSD_EAGER_PREHOOK", "0")
     DG.group_pipeline(pipe, compiled=False)
-    assert [c["prehook"] for c in calls] == [True, False, False]
+    DG.group_pipeline(pipe, compiled=False, prehook=True)    # an explicit choice wins over the environment
+    assert [c["prehook"] for c in calls] == [True, False, False, True]
     monkeypatch.setenv("QUANTSD_EAGER_PREHOOK", "yes")
     with pytest.raises(ValueError, match="QUANTSD_EAGER_PREHOOK must be 0 or 1"):
         DG.group_pipeline(pipe, compiled=False)

@@ -141,6 +141,7 @@ class BenchConfig:
     prefetch: bool = False           # compiled packed: decode weights ahead on a side stream (quantsd.prefetch)
     grouped: bool = True             # packed: one dequant launch per group of layers (quantsd.dequant_groups)
     channels_last: bool = False      # parameters in channels-last memory format (configure_pipeline's channels_last)
+    prehook: bool | None = None      # eager packed: the experimental prehook groups (None: QUANTSD_EAGER_PREHOOK)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -150,8 +151,10 @@ class BenchConfig:
 def select_configs(configs: list[BenchConfig], names: Sequence[str] | None,
                    optional: Sequence[BenchConfig] = ()) -> list[BenchConfig]:
     """``configs`` restricted to ``names`` (None: all of ``configs``), in run order; ``optional``
-    configurations (:func:`optional_configs`) run only when named, after the others.  Unknown names
-    are an error that lists the valid ones."""
+    configurations (:func:`optional_configs`) run only when named, after the others of their
+    execution mode (eager ones before every compiled one: the eager pair, which runs before the
+    first compiled configuration, can then include them).  Unknown names are an error that lists
+    the valid ones."""
     if not names:
         return configs
     pool = list(configs) + list(optional)
@@ -159,7 +162,7 @@ def select_configs(configs: list[BenchConfig], names: Sequence[str] | None,
     bad = [n for n in names if n not in known]
     if bad:
         raise ValueError(f"unknown configuration(s) {bad}; this run has {', '.join(known)}")
-    return [c for c in pool if c.name in names]
+    return sorted((c for c in pool if c.name in names), key=lambda c: c.compile)
 
 
 def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
@@ -177,13 +180,17 @@ def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
 
 
 def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
-    """Variants of the packed compiled configuration that run only when named (``--only``): one
-    dequant launch per layer instead of per group (what grouping buys), and weight prefetch
+    """Variants of the packed configurations that run only when named (``--only``): eager with the
+    experimental prehook groups (``packed-prehook``; it joins the eager pair's turns); compiled with
+    one dequant launch per layer instead of per group (what grouping buys), and with weight prefetch
     (:mod:`quantsd.prefetch`, measured slower so far)."""
-    if not (recipe and compile):
+    if not recipe:
         return []
-    return [BenchConfig("packed-compiled-per-layer", packed=True, compile=True, grouped=False, sweep=()),
-            BenchConfig("packed-compiled-prefetch", packed=True, compile=True, prefetch=True, sweep=())]
+    eager = [BenchConfig("packed-prehook", packed=True, prehook=True, sweep=())]
+    if not compile:
+        return eager
+    return eager + [BenchConfig("packed-compiled-per-layer", packed=True, compile=True, grouped=False, sweep=()),
+                    BenchConfig("packed-compiled-prefetch", packed=True, compile=True, prefetch=True, sweep=())]
 
 
 # --------------------------------------------------------------------------- model building
@@ -246,7 +253,8 @@ def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=No
                               channels_last=cfg.channels_last,
                               sync_free_scheduler=sync_free_scheduler,
                               grouped_dequant=cfg.packed and cfg.grouped and grouped_dequant,
-                              dense_below=dense_below if cfg.packed else 0, prefetch_weights=cfg.prefetch)
+                              dense_below=dense_below if cfg.packed else 0, prefetch_weights=cfg.prefetch,
+                              eager_prehook=cfg.prehook)
 
 
 # --------------------------------------------------------------------------- measurements (CUDA)
@@ -722,17 +730,23 @@ class Bench:
         if self.eager_pair_rounds <= 0 or not {"packed", "fp16-sdpa"} <= names:
             return
         self._pair_done = True
-        cfgs = {c.name: c for c in configs if c.name in ("fp16-sdpa", "packed")}
+        extra = [n for n in ("packed-prehook",) if n in names]
+        cfgs = {c.name: c for c in configs if c.name in ("fp16-sdpa", "packed", *extra)}
         entry: dict[str, Any] = {"name": "eager-interleaved"}
         self.results["eager_interleaved"] = entry
         pipes: dict[str, Any] = {}
 
         def measure() -> dict:
-            for name in ("fp16-sdpa", "packed"):
+            for name in ("fp16-sdpa", "packed", *extra):
                 pipes[name] = self._build(cfgs[name], dev, recipe)
             rounds = eager_interleaved(pipes, self.height, self.steps, self.guidance, rounds=self.eager_pair_rounds)
-            return {**rounds, "unet": paired_ratio(rounds["unet_ms_rounds"], "packed", "fp16-sdpa"),
-                    "image": paired_ratio(rounds["image_ms_rounds"], "packed", "fp16-sdpa")}
+            out = {**rounds, "unet": paired_ratio(rounds["unet_ms_rounds"], "packed", "fp16-sdpa"),
+                   "image": paired_ratio(rounds["image_ms_rounds"], "packed", "fp16-sdpa")}
+            for name in extra:    # each variant against fp16 and against the default packed pipeline
+                out[name] = {"unet": paired_ratio(rounds["unet_ms_rounds"], name, "fp16-sdpa"),
+                             "image": paired_ratio(rounds["image_ms_rounds"], name, "fp16-sdpa"),
+                             "unet_vs_packed": paired_ratio(rounds["unet_ms_rounds"], name, "packed")}
+            return out
 
         self._step(entry, "packed_vs_fp16_sdpa", measure)
         for name, pipe in pipes.items():
@@ -860,11 +874,16 @@ def markdown_report(results: dict) -> str:
     pair = _get(results, "eager_interleaved", "packed_vs_fp16_sdpa")
     if isinstance(pair, dict) and "unet" in pair:
         u, im = pair["unet"], pair["image"]
-        lines += ["", f"Eager packed / fp16-sdpa, the two pipelines taking turns ({u['rounds']} rounds of "
+        lines += ["", f"Eager packed / fp16-sdpa, the pipelines taking turns ({u['rounds']} rounds of "
                   f"{pair['calls']} UNet steps, {im['rounds']} of one image): UNet step {u['ratio_median']:.3f}x "
                   f"(per round {u['ratio_min']:.3f}-{u['ratio_max']:.3f}; fastest rounds {u['ratio_of_minima']:.3f}x; "
                   f"{u['packed_ms']:.1f} vs {u['fp16-sdpa_ms']:.1f} ms), image {im['ratio_median']:.3f}x "
                   f"(per round {im['ratio_min']:.3f}-{im['ratio_max']:.3f})"]
+        for name in ("packed-prehook",):
+            v = pair.get(name)
+            if isinstance(v, dict):
+                lines[-1] += (f"; {name} in the same turns: UNet step {v['unet']['ratio_median']:.3f}x fp16-sdpa, "
+                              f"{v['unet_vs_packed']['ratio_median']:.3f}x packed, image {v['image']['ratio_median']:.3f}x")
     launches = [(c["name"], c["unet_dequant_launches"]) for c in results.get("configs", [])
                 if isinstance(c.get("unet_dequant_launches"), dict)]
     if launches:
