@@ -374,7 +374,8 @@ class _RootHooks:
 
 def _same_sources(buffers: dict, src: tuple) -> bool:
     """Are a member's codes, scale and breakpoint the very tensors (and in-place versions) in
-    ``src`` (:func:`_sources_of`)?"""
+    ``src`` (:func:`_sources_of`)?  (:meth:`DequantGroup.weight` makes the same test inline, on the
+    eager hot path where a call costs; change both together.)"""
     p, vp, sc, vs, bp, vb = src
     q, t, c = buffers["weight_packed"], buffers["weight_scale"], buffers["weight_breakpoint"]
     return (q is p and t is sc and c is bp and (vp < 0 or q._version == vp) and (vs < 0 or t._version == vs)
@@ -541,7 +542,6 @@ def ungroup_dequant(module: nn.Module) -> None:
             for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), _RootHooks)]:
                 del hooks[key]
                 m._forward_hooks_always_called.pop(key, None)
-    for m in module.modules():
         group = getattr(m, "_dq_group", None) if isinstance(m, QuantModule) else None
         if group is not None:
             group.invalidate()

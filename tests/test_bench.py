@@ -373,9 +373,11 @@ def test_eager_pair_runs_once_both_eager_rows_built(monkeypatch, tmp_path):
         "image_ms_rounds": {"fp16-sdpa": [100.0], "packed": [90.0]}, "calls": 5})
     monkeypatch.setattr(core.torch.cuda, "empty_cache", lambda: None)
     cfgs = core.default_configs(True, True)
-    b._eager_pair([{"name": "fp16-sdpa"}], cfgs, None, None)          # packed not built: nothing
+    b.results["configs"] = [{"name": "fp16-sdpa", "build": {"ok": True}}] + [{"name": "packed", "build": {"error": "OOM"}}]
+    b._eager_pair(cfgs, None, None)          # packed not built: nothing
     assert built == [] and "eager_interleaved" not in b.results and not b._pair_done
-    b._eager_pair([{"name": "fp16-sdpa"}, {"name": "packed"}], cfgs, None, None)
+    b.results["configs"] = [{"name": "fp16-sdpa", "build": {"ok": True}}, {"name": "packed", "build": {"ok": True}}]
+    b._eager_pair(cfgs, None, None)
     assert built == ["fp16-sdpa", "packed"] and sorted(released) == ["fp16-sdpa", "packed"] and b._pair_done
     pair = b.results["eager_interleaved"]["packed_vs_fp16_sdpa"]
     assert pair["unet"]["ratio_median"] == pytest.approx((1.1 + 1.0) / 2) and pair["image"]["ratio_median"] == 0.9
@@ -387,7 +389,8 @@ def test_eager_pair_runs_once_both_eager_rows_built(monkeypatch, tmp_path):
         "unet_ms_rounds": {"fp16-sdpa": [10.0, 12.0], "packed": [11.0, 12.0], "packed-prehook": [10.5, 12.0]},
         "image_ms_rounds": {"fp16-sdpa": [100.0], "packed": [90.0], "packed-prehook": [95.0]}, "calls": 5})
     cfgs3 = cfgs + core.optional_configs(True, True)
-    b._eager_pair([{"name": "fp16-sdpa"}, {"name": "packed"}, {"name": "packed-prehook"}], cfgs3, None, None)
+    b.results["configs"] = [{"name": "fp16-sdpa", "build": {"ok": True}}, {"name": "packed", "build": {"ok": True}}, {"name": "packed-prehook", "build": {"ok": True}}]
+    b._eager_pair(cfgs3, None, None)
     assert built == ["fp16-sdpa", "packed", "packed-prehook"]
     pre = b.results["eager_interleaved"]["packed_vs_fp16_sdpa"]["packed-prehook"]
     assert pre["unet"]["ratio_median"] == pytest.approx((1.05 + 1.0) / 2)
@@ -396,5 +399,6 @@ def test_eager_pair_runs_once_both_eager_rows_built(monkeypatch, tmp_path):
         in markdown_report(b.results)
     b.eager_pair_rounds = 0
     b.results.pop("eager_interleaved")
-    b._eager_pair([{"name": "fp16-sdpa"}, {"name": "packed"}], cfgs, None, None)
+    b.results["configs"] = [{"name": "fp16-sdpa", "build": {"ok": True}}, {"name": "packed", "build": {"ok": True}}]
+    b._eager_pair(cfgs, None, None)
     assert "eager_interleaved" not in b.results

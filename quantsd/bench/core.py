@@ -639,8 +639,7 @@ class Bench:
         self._pair_done = False
         for cfg in configs:
             if cfg.compile and not self._pair_done:   # the eager pair before the (long) compiled configurations
-                self._eager_pair([e for e in self.results["configs"] if isinstance(e.get("build"), dict)
-                                  and e["build"].get("ok")], configs, dev, recipe)
+                self._eager_pair(configs, dev, recipe)
             entry: dict[str, Any] = {"name": cfg.name, "dtype": cfg.dtype, "attention": cfg.attention,
                                      "packed": cfg.packed, "compile": cfg.compile}
             self.results["configs"].append(entry)
@@ -706,8 +705,7 @@ class Bench:
             torch.cuda.empty_cache()
             entry["left_allocated_bytes"] = torch.cuda.memory_allocated(dev)
         if not self._pair_done:
-            self._eager_pair([e for e in self.results["configs"] if isinstance(e.get("build"), dict)
-                              and e["build"].get("ok")], configs, dev, recipe)
+            self._eager_pair(configs, dev, recipe)
         # max-resolution searches last (the most expensive), most important first
         for mode in self.max_res_modes:
             for cfg, entry in sorted(deferred, key=lambda ce: not ce[0].packed):
@@ -721,12 +719,13 @@ class Bench:
     _deadline: float | None = None
     _pair_done: bool = False
 
-    def _eager_pair(self, built: list[dict], configs: list[BenchConfig], dev, recipe) -> None:
+    def _eager_pair(self, configs: list[BenchConfig], dev, recipe) -> None:
         """The eager packed / fp16-sdpa comparison taking turns (:func:`eager_interleaved`) on both
-        pipelines built again side by side, when both configurations ran: the table's eager rows
-        were measured minutes apart, and the eager target (packed no slower than fp16) is a ratio
-        near 1 that host drift alone moves by more than 10%."""
-        names = {e["name"] for e in built}
+        pipelines built again side by side, when both configurations were built in this run: the
+        table's eager rows were measured minutes apart, and the eager target (packed no slower than
+        fp16) is a ratio near 1 that host drift alone moves by more than 10%."""
+        names = {e["name"] for e in self.results.get("configs", [])
+                 if isinstance(e.get("build"), dict) and e["build"].get("ok")}
         if self.eager_pair_rounds <= 0 or not {"packed", "fp16-sdpa"} <= names:
             return
         self._pair_done = True
