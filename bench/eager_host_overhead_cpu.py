@@ -147,10 +147,14 @@ def _launch_into(plan, packed, scale, breakpoint, lut, out) -> None:
                        plan.pwlq, plan.gmode, dequant.BLOCK, bf16, plan.wide, plan.table)
 
 
-def _group_run(self):
+def _group_run(self, out=None):
     """GroupLaunch.run as it runs on CUDA (same device, direct launcher cached)."""
     self.device.type == "cuda" and self.device.index != _fake_get_device()   # the device check (its cost)
-    out = _out(self.numel, self.dtype, self.device)
+    if out is None:
+        out = _out(self.numel, self.dtype, self.device)
+    elif (out.dtype != self.dtype or out.device != self.device or out.numel() < self.numel
+          or not out.is_contiguous()):      # the checks of a given buffer (their cost)
+        raise ValueError("bad out")
     if not self.programs:
         return out
     bf16 = self.dtype == torch.bfloat16
@@ -305,11 +309,12 @@ def _profile_rows(unet, inputs, forwards: int) -> dict:
     return rows
 
 
-def profile(dense, packed, inputs, forwards: int, top: int) -> dict:
-    """cProfile of dense and packed (grouped) forwards (cProfile inflates every Python call, so read
-    the us as relative): the functions whose own time per forward grew most, and the quantsd ones."""
+def profile(dense, packed, inputs, forwards: int, top: int, prehook: bool = False) -> dict:
+    """cProfile of dense and packed (grouped; ``prehook``: prehook groups) forwards (cProfile inflates
+    every Python call, so read the us as relative): the functions whose own time per forward grew
+    most, and the quantsd ones."""
     d = _profile_rows(dense, inputs, forwards)
-    group(packed)
+    group(packed, prehook=prehook)
     p = _profile_rows(packed, inputs, forwards)
     ungroup_dequant(packed)
     diff = []
@@ -369,6 +374,7 @@ def main() -> None:
            "threads": a.threads, "torch": torch.__version__}
     res.update(measure(dense, packed, inputs, a.rounds, a.per_round, layers))
     res["profile_packed_grouped"] = profile(dense, packed, inputs, a.profile_forwards, a.top)
+    res["profile_packed_prehook"] = profile(dense, packed, inputs, a.profile_forwards, a.top, prehook=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
     short = {k: res[k] for k in ("forward_ms", "extra_us_per_layer", "extra_ms_per_forward", "forward_weight_us")}
     print(json.dumps({"model": res["model"], **short}, indent=1))

@@ -135,6 +135,11 @@ class DequantGroup:
         self._generation = 0
         self._remaining = 0
         self._ref = weakref.ref(self)            # this group's entry in _LIVE while it holds a buffer
+        self._slot: int | None = None            # the pool slot it is armed in (prehook groups)
+        self._pool: _SlotPool | None = None
+        self._slot_views: dict[int, tuple] = {}  # slot -> (the launch the views were made for, views)
+        self._member_bufs: list[dict] | None = None    # the members' _buffers and __dict__, once armed in a slot
+        self._member_dicts: list[dict] | None = None
 
     def __getstate__(self) -> dict:
         return {"members": self.members, "launches": self.launches, "offsets": self.offsets, "numel": self.numel,
@@ -165,6 +170,7 @@ class DequantGroup:
         self._launch = None
         self._signature = None
         self._checked_sources = None
+        self._slot_views = {}
 
     def _current_signature(self) -> list | None:
         """Every member's codes and table tensors, and its dtype (the launch constants hold their
@@ -325,14 +331,21 @@ class DequantGroup:
         return w
 
 
-    def arm(self) -> None:
+    def arm(self, pool: "_SlotPool | None" = None) -> None:
         """Decode now and hand every member its weight as a plain attribute (``_armed``), which its
         eager forward takes with no check of its own: the pre-hook of the group's root module
         (``group_dequant(..., prehook=True)``).  The checks :meth:`weight` makes per member are made
         here once: no capture (none can begin between this hook and the root's own layers), and
         each member's codes, scale and breakpoint still the ones the buffer is decoded from.  Where
-        a check fails nothing is handed over and the members take the checked path."""
+        a check fails nothing is handed over and the members take the checked path.
+
+        With ``pool`` and autograd off (a pipeline's ``__call__``), the decode goes into one of the
+        pool's reused buffers, whose member views were made once (:class:`_SlotPool`): no allocation
+        and no view per member in the step.  With autograd on, a fresh buffer as :meth:`weight`
+        makes: a weight saved for backward must never be overwritten by a later group's decode."""
         if self._check_capture and _capturing_now():
+            return
+        if pool is not None and not torch.is_grad_enabled() and self._arm_in_slot(pool):
             return
         if not self._materialize():
             return
@@ -344,26 +357,163 @@ class DequantGroup:
         for m, w in zip(self.members, self._views):
             m.__dict__["_armed"] = w         # (not nn.Module.__setattr__: a plain attribute, set fast)
 
+    def _arm_in_slot(self, pool: "_SlotPool") -> bool:
+        """:meth:`arm` into a pool slot: the launch constants checked as :meth:`_materialize` checks
+        them, every member's sources compared (a mismatch: the full check, then compared again),
+        then one launch into the slot and the slot's views handed over.  False: not armed (the caller
+        takes the fresh-buffer way, which reports the reason by not arming either).  Once per group
+        and eager step, so the per-member loops are written out (no call per member)."""
+        checked = self._checked_sources
+        if checked is None or self._launch is None:
+            if not self._ready() or (self._check_capture and _capturing_now()):
+                return False
+            checked = self._checked_sources = [_sources_of(m._buffers) for m in self.members]
+        bufs = self._member_bufs
+        if bufs is None:
+            bufs = self._member_bufs = [m._buffers for m in self.members]
+            self._member_dicts = [m.__dict__ for m in self.members]
+        # = _same_sources, inline, less the codes' version: every arm decodes the codes as they are now
+        # (the kernel reads them in place), and only the scale and breakpoint feed a derived copy, the
+        # value table.  (Reading ~830 version counters per SD1.5 step, cache-cold, was ~2.5% of an
+        # eager forward in bench/eager_host_overhead_cpu.py; the codes' third of it is saved.)
+        for b, (p, _, sc, vs, bp, vb) in zip(bufs, checked):
+            q, t, c = b["weight_packed"], b["weight_scale"], b["weight_breakpoint"]
+            if (q is not p or t is not sc or c is not bp or (vs >= 0 and t._version != vs)
+                    or (vb >= 0 and c._version != vb)):
+                if not self._ready():
+                    return False
+                checked = self._checked_sources = [_sources_of(m._buffers) for m in self.members]
+                break
+        launch = self._launch
+        if launch.dtype is not pool.dtype or self.numel > pool.numel:
+            return False
+        slot = pool.acquire()
+        if slot is None:
+            return False
+        flat = pool.flats[slot]
+        launch.run(flat)
+        cached = self._slot_views.get(slot)
+        if cached is None or cached[0] is not launch:
+            cached = self._slot_views[slot] = (launch, launch.views(flat))
+        self._sources = checked
+        self._slot = slot
+        self._pool = pool
+        self.launches += 1
+        for d, w in zip(self._member_dicts, cached[1]):
+            d["_armed"] = w
+        return True
+
     def disarm(self) -> None:
         """The root's forward hook (run even when the forward raised): the members' handed-over
-        weights are taken back and the buffer is let go."""
-        for m in self.members:
-            m.__dict__["_armed"] = None
-        self._release()
+        weights are taken back and the buffer (or pool slot) is let go."""
+        dicts = self._member_dicts
+        if dicts is None:
+            for m in self.members:
+                m.__dict__["_armed"] = None
+        else:
+            for d in dicts:
+                d["_armed"] = None
+        if self._slot is not None:
+            self._pool.busy[self._slot] = False
+            self._slot = None
+        if self._flat is not None:      # a fresh buffer: this arm's, or one a checked call left held
+            self._release()
+
+
+class _SlotPool:
+    """Reused flat buffers for the eager weights of ``prehook`` groups of one dtype and device
+    (:meth:`DequantGroup.arm`).  Why: the fresh-buffer way costs, per group and step, an allocation
+    and one ``as_strided`` view per member (~280 views per SD1.5 step, host-bound); a slot's views are
+    made once per group and reused.
+
+    A group takes a free slot in its root's pre-hook and gives it back in its forward hook, so on
+    one stream one slot serves every group in turn (the next decode is ordered after the last
+    reader by the stream itself); a group armed while another's root is still running (nested roots)
+    takes a second slot.  A slot last used on another stream is first waited for (a device sync,
+    rare).  The model's own forward hook (:meth:`free`) returns the slots' memory to the caching
+    allocator after every forward, keeping the views (``UntypedStorage.resize_``: the views follow
+    the storage), so between UNet steps -- and during the VAE decode, a generation's memory peak --
+    no slot memory is held.  Runtime state is never copied: a deep copy starts with no slots."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device):
+        self.numel, self.dtype, self.device = int(numel), dtype, device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.flats: list[torch.Tensor] = []
+        self.busy: list[bool] = []
+        self.live: list[bool] = []          # the slot's memory is allocated (not returned by free)
+        self._stream: list[int] = []
+
+    def __getstate__(self) -> dict:
+        return {"numel": self.numel, "dtype": self.dtype, "device": self.device}
+
+    def __setstate__(self, state: dict) -> None:
+        self.numel, self.dtype, self.device = state["numel"], state["dtype"], state["device"]
+        self._reset()
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def acquire(self) -> int | None:
+        """A free slot's index, its memory allocated (None: out of memory; the caller decodes into a
+        fresh buffer, which then fails the usual way)."""
+        busy = self.busy
+        i = 0
+        while i < len(busy) and busy[i]:
+            i += 1
+        if i == len(busy):
+            try:
+                self.flats.append(torch.empty(self.numel, dtype=self.dtype, device=self.device))
+            except torch.OutOfMemoryError:
+                return None
+            busy.append(False)
+            self.live.append(True)
+            self._stream.append(0)
+        elif not self.live[i]:
+            try:
+                self.flats[i].untyped_storage().resize_(self.nbytes)
+            except torch.OutOfMemoryError:
+                return None
+            self.live[i] = True
+        if self.device.type == "cuda":
+            stream = torch._C._cuda_getCurrentRawStream(self.device.index)
+            if self._stream[i] != stream:
+                if self._stream[i]:            # readers of its last decode may still run on the other stream
+                    torch.cuda.synchronize(self.device)
+                self._stream[i] = stream
+        busy[i] = True
+        return i
+
+    def release(self, slot: int) -> None:
+        self.busy[slot] = False
+
+    def free(self, module: nn.Module | None = None, args=None, output=None) -> None:
+        """Every idle slot's memory back to the caching allocator, views kept (the model's
+        always-called forward hook).  Not while a CUDA graph is being captured on this device."""
+        if self.device.type == "cuda" and _capturing_now():
+            return
+        for i, busy in enumerate(self.busy):
+            if not busy and self.live[i]:
+                self.flats[i].untyped_storage().resize_(0)
+                self.live[i] = False
 
 
 class _RootHooks:
     """The forward pre-hook and (always-called) forward hook of a group root, arming and disarming
     its groups (eager forwards only: under torch.compile the members trace the graph op)."""
 
-    def __init__(self, groups: list[DequantGroup]):
+    def __init__(self, groups: list[DequantGroup], pool: _SlotPool | None = None):
         self.groups = groups
+        self.pool = pool
 
     def pre(self, module: nn.Module, args) -> None:
         if torch.compiler.is_compiling():
             return
+        pool = self.pool
         for g in self.groups:
-            g.arm()
+            g.arm(pool)
 
     def post(self, module: nn.Module, args, output) -> None:
         if torch.compiler.is_compiling():
@@ -468,6 +618,7 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
 
     visit(module)
     groups: list[DequantGroup] = []
+    hooked: list[tuple[nn.Module, list[DequantGroup]]] = []   # (root, its groups) of prehook roots
     for run in runs:
         first = len(groups)
         by_kind: dict[tuple, list[QuantModule]] = {}
@@ -494,9 +645,23 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
                 g._ready()
                 groups.append(g)
         if prehook and len(run) == 1 and len(groups) > first:   # one root holds these groups' layers
-            hooks = _RootHooks(groups[first:])
-            run[0].register_forward_pre_hook(hooks.pre)
-            run[0].register_forward_hook(hooks.post, always_call=True)
+            hooked.append((run[0], groups[first:]))
+    if hooked:
+        # one slot pool per dtype and device, sized to its largest group (the roots' groups share it)
+        pools: dict[tuple, _SlotPool] = {}
+        for _, gs in hooked:
+            for g in gs:
+                m0 = g.members[0]
+                key = (m0._dtype, m0.weight_packed.device)
+                if key not in pools or pools[key].numel < g.numel:
+                    pools[key] = _SlotPool(max(g.numel, pools[key].numel if key in pools else 0), *key)
+        for root, gs in hooked:
+            keys = {(g.members[0]._dtype, g.members[0].weight_packed.device) for g in gs}
+            hooks = _RootHooks(gs, pools[keys.pop()] if len(keys) == 1 else None)
+            root.register_forward_pre_hook(hooks.pre)
+            root.register_forward_hook(hooks.post, always_call=True)
+        for pool in pools.values():     # registered last: runs after a root hook on ``module`` itself
+            module.register_forward_hook(pool.free, always_call=True)
     if groups:
         install_dedup_pass()   # compiled graphs: one launch per group (see the module docstring)
     return groups
@@ -539,7 +704,8 @@ def ungroup_dequant(module: nn.Module) -> None:
     ``prehook`` groups are removed (found by kind, so a deep copy's are too)."""
     for m in module.modules():
         for hooks in (m._forward_pre_hooks, m._forward_hooks):
-            for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), _RootHooks)]:
+            for key in [k for k, h in hooks.items()
+                        if isinstance(getattr(h, "__self__", None), (_RootHooks, _SlotPool))]:
                 del hooks[key]
                 m._forward_hooks_always_called.pop(key, None)
         group = getattr(m, "_dq_group", None) if isinstance(m, QuantModule) else None

@@ -379,6 +379,119 @@ def test_prehook_groups_hand_members_their_weights_under_interpreter():
     assert r.returncode == 0 and "PREHOOK OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+_SLOTS_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.dedent("""
+    import copy
+    net = Net().half().eval()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float16)
+    with torch.no_grad():
+        ref = net(x)
+        groups = DG.group_dequant(net, max_bytes=4096, prehook=True)
+        hooks = [h.__self__ for b in net.blocks for h in b._forward_pre_hooks.values()]
+        pool = hooks[0].pool
+        # one pool for the model's one dtype, sized to its largest group, shared by both roots, and its
+        # release hook on the model itself
+        assert all(h.pool is pool for h in hooks) and pool.numel == max(g.numel for g in groups)
+        assert [h.__self__ for h in net._forward_hooks.values()] == [pool]
+        for _ in range(3):
+            assert torch.equal(net(x), ref)
+        # one stream, no nesting: one slot serves every group in turn; its memory is returned after
+        # each forward, and each group's views were made once and are reused
+        assert len(pool.flats) == 1 and pool.flats[0].untyped_storage().nbytes() == 0 and pool.busy == [False]
+        views = [g._slot_views[0][1] for g in groups]
+        assert torch.equal(net(x), ref)
+        assert all(g._slot_views[0][1] is v for g, v in zip(groups, views))
+        assert [g.launches for g in groups] == [4, 4] and all(g._flat is None for g in groups)
+        assert all(m._armed is None for g in groups for m in g.members)
+        # a slot still held (a root running around another, say) is never written: a second slot is made
+        held = pool.acquire()
+        assert torch.equal(net(x), ref) and len(pool.flats) == 2 and pool.busy == [True, False]
+        pool.release(held)
+        # new codes in a member between forwards: the pre-hook's check rebuilds, the slot path follows
+        k = net.blocks[1].k
+        before = net(x)
+        k.weight_scale.mul_(2)
+        after = net(x)
+        assert not torch.equal(before, after)
+        DG.ungroup_dequant(net)
+        assert torch.equal(net(x), after)
+        groups = DG.group_dequant(net, max_bytes=4096, prehook=True)
+        # codes edited in place: not compared (every arm decodes the codes as they are), still seen
+        assert torch.equal(net(x), after)
+        net.blocks[0].q.weight_packed.bitwise_xor_(3)
+        edited = net(x)
+        DG.ungroup_dequant(net)
+        assert torch.equal(net(x), edited) and not torch.equal(edited, after)
+        net.blocks[0].q.weight_packed.bitwise_xor_(3)
+        groups = DG.group_dequant(net, max_bytes=4096, prehook=True)
+        pool = net.blocks[0]._forward_pre_hooks[next(iter(net.blocks[0]._forward_pre_hooks))].__self__.pool
+    # autograd on: never a slot (a weight saved for backward must not be overwritten later): fresh buffers
+    used = len(pool.flats)
+    assert torch.equal(net(x), after) and len(pool.flats) == used
+    assert all(g._flat is None for g in groups) and all(m._armed is None for g in groups for m in g.members)
+    with torch.no_grad():
+        # a deep copy gets a pool of its own, empty; ungrouping removes every hook, the pool's too
+        twin = copy.deepcopy(net)
+        tpool = [h.__self__ for h in twin._forward_hooks.values()][0]
+        assert tpool is not pool and tpool.flats == [] and torch.equal(twin(x), after) and len(tpool.flats) == 1
+        for model in (net, twin):
+            DG.ungroup_dequant(model)
+            assert not model._forward_hooks and not model._forward_hooks_always_called
+            assert torch.equal(model(x), after)
+    print("SLOTS OK")
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
+def test_prehook_groups_decode_into_reused_slots_under_interpreter():
+    """Prehook groups with autograd off decode into a pool slot whose views were made once: one slot
+    on one stream, its memory returned after every forward, a held slot never overwritten, edits
+    caught, a fresh buffer with autograd on, deep copies with a pool of their own, hooks removed."""
+    r = _run_interpreted(_SLOTS_SCRIPT)
+    assert r.returncode == 0 and "SLOTS OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prehook_slots_on_cuda_give_the_per_layer_weights_and_hold_no_memory(packed_tiny_unet_cuda):
+    """Prehook groups on CUDA with autograd off: every member computes with exactly its per-layer
+    decode, one slot serves every group, the slot's memory is returned after each forward, a
+    forward on another stream is still right, and with autograd on no slot is used."""
+    from quantsd import dequant_groups as DG
+
+    unet, lat, ctx = packed_tiny_unet_cuda
+    t = torch.tensor([10.0], device="cuda")
+    layers = [m for m in unet.modules() if DG._eligible(m)]
+    with torch.inference_mode():
+        ref = unet(lat, t, encoder_hidden_states=ctx).sample
+        want = {id(m): m.dequantized_weight() for m in layers}
+        groups = DG.group_dequant(unet, 64 << 10, prehook=True)
+        pool = next(h.__self__ for h in unet._forward_hooks.values() if isinstance(h.__self__, DG._SlotPool))
+        bad = []
+        for m in layers:
+            m.register_forward_pre_hook(
+                lambda mod, a: bad.append(mod) if mod._armed is not None and not torch.equal(mod._armed, want[id(mod)])
+                else None)
+        armed = [g for g in groups if any(g in h.__self__.groups for r in unet.modules()
+                                          for h in r._forward_pre_hooks.values() if isinstance(h.__self__, DG._RootHooks))]
+        assert armed, "no group got a root pre-hook"
+        base = torch.cuda.memory_allocated()
+        for _ in range(2):
+            out = unet(lat, t, encoder_hidden_states=ctx).sample
+        torch.cuda.synchronize()
+        assert not bad and torch.allclose(out, ref, rtol=1e-3, atol=1e-3)
+        assert len(pool.flats) == 1 and pool.flats[0].untyped_storage().nbytes() == 0
+        assert torch.cuda.memory_allocated() - base == out.numel() * out.element_size()
+        assert all(g.launches == 2 for g in armed)
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            out2 = unet(lat, t, encoder_hidden_states=ctx).sample
+        side.synchronize()
+        assert not bad and torch.allclose(out2, out, rtol=1e-3, atol=1e-3) and pool._stream == [side.cuda_stream]
+    out3 = unet(lat, t, encoder_hidden_states=ctx).sample   # autograd on: fresh buffers, same weights
+    assert not bad and torch.allclose(out3, out, rtol=1e-3, atol=1e-3) and len(pool.flats) == 1 and all(g.launches == 4 for g in armed)
+    DG.ungroup_dequant(unet)
+
+
 def test_group_pipeline_reads_the_prehook_flag(monkeypatch):
     from quantsd import dequant_groups as DG
 

@@ -116,8 +116,10 @@ class GroupLaunch:
         self.prog_layer = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
                                                   torch.tensor(progs)).to(self.device)
 
-    def run(self) -> torch.Tensor:
-        """The flat buffer of every layer's dense weight (layer i at ``offsets[i]``).
+    def run(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The flat buffer of every layer's dense weight (layer i at ``offsets[i]``); ``out``: a
+        contiguous buffer of at least ``numel`` elements of ``dtype`` on the device to write into
+        (reused slots, :class:`quantsd.dequant_groups._SlotPool`), else a fresh one.
 
         After the first launch (Triton's own, whose output a direct launch must then reproduce) the
         compiled kernel is launched directly: every argument but the fresh output is fixed, and the
@@ -126,8 +128,13 @@ class GroupLaunch:
 
         if self.device.type == "cuda" and self.device.index != torch._C._cuda_getDevice():
             with torch.cuda.device(self.device):     # Triton launches on the current device
-                return self.run()
-        out = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+                return self.run(out)
+        if out is None:
+            out = torch.empty(self.numel, dtype=self.dtype, device=self.device)
+        elif (out.dtype != self.dtype or out.device != self.device or out.numel() < self.numel
+              or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous {self.dtype} buffer of at least {self.numel} elements on "
+                             f"{self.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
         if not self.programs:
             return out
         bf16 = self.dtype == torch.bfloat16
