@@ -104,11 +104,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--prehook", action="store_true", help="also the packed pipeline with prehook groups")
     a = ap.parse_args()
     dev = torch.device("cuda")
     variants = {"fp16": build_pipeline("sd15-arch", BenchConfig("fp16-sdpa"), dev),
                 "packed": build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev,
                                          recipe=load_recipe(a.recipe))}
+    if a.prehook:
+        variants["packed-prehook"] = build_pipeline("sd15-arch", BenchConfig("packed-prehook", packed=True, prehook=True),
+                                                    dev, recipe=load_recipe(a.recipe))
     res: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                  "launches_per_step": launch_counts(variants["packed"].unet)}
     calls = {}
@@ -125,7 +129,7 @@ def main() -> None:
         names = list(variants)
         alloc: dict = {k: {"device_allocs": 0, "device_frees": 0, "alloc_retries": 0} for k in variants}
         for r in range(a.rounds):
-            for name in names[r % 2:] + names[:r % 2]:
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 u = variants[name].unet
                 before = torch.cuda.memory_stats()
                 for _ in range(5):
@@ -147,6 +151,9 @@ def main() -> None:
         res["step_ms"] = {k: round(statistics.median(v), 2) for k, v in gpu.items()}
         res["packed_over_fp16"] = {"host": round(res["host_ms"]["packed"] / res["host_ms"]["fp16"], 3),
                                    "step": round(res["step_ms"]["packed"] / res["step_ms"]["fp16"], 3)}
+        if "packed-prehook" in variants:
+            res["prehook_over_fp16"] = {k: round(res[f"{k}_ms"]["packed-prehook"] / res[f"{k}_ms"]["fp16"], 3)
+                                        for k in ("host", "step")}
         res["conv_host_us"] = _conv_host_us(dev)
         res["aten_self_cpu"] = {name: _aten_self_cpu(lambda: calls[name](variants[name].unet), 2, a.top)
                                 for name in names}

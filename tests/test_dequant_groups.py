@@ -465,14 +465,15 @@ def test_prehook_slots_on_cuda_give_the_per_layer_weights_and_hold_no_memory(pac
         ref = unet(lat, t, encoder_hidden_states=ctx).sample
         want = {id(m): m.dequantized_weight() for m in layers}
         groups = DG.group_dequant(unet, 64 << 10, prehook=True)
-        pool = next(h.__self__ for h in unet._forward_hooks.values() if isinstance(h.__self__, DG._SlotPool))
+        owners = lambda hooks: [getattr(h, "__self__", None) for h in hooks.values()]  # noqa: E731
+        pool = next(o for o in owners(unet._forward_hooks) if isinstance(o, DG._SlotPool))
         bad = []
         for m in layers:
             m.register_forward_pre_hook(
                 lambda mod, a: bad.append(mod) if mod._armed is not None and not torch.equal(mod._armed, want[id(mod)])
                 else None)
-        armed = [g for g in groups if any(g in h.__self__.groups for r in unet.modules()
-                                          for h in r._forward_pre_hooks.values() if isinstance(h.__self__, DG._RootHooks))]
+        armed = [g for g in groups if any(g in o.groups for r in unet.modules() for o in owners(r._forward_pre_hooks)
+                                          if isinstance(o, DG._RootHooks))]
         assert armed, "no group got a root pre-hook"
         base = torch.cuda.memory_allocated()
         for _ in range(2):
