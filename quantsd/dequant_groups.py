@@ -737,8 +737,9 @@ def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True,
 
     A UNet that will be compiled gets its k x k conv weights written channels-last (see
     :func:`group_dequant`); ``QUANTSD_DECODE_CHANNELS_LAST=0`` / ``1`` overrides that.  An eager one
-    with ``prehook`` (None: ``QUANTSD_EAGER_PREHOOK=1``) gets ``prehook`` groups (experimental, off by
-    default until measured on a GPU)."""
+    gets ``prehook`` groups decoding into reused slots (``prehook`` None: on unless
+    ``QUANTSD_EAGER_PREHOOK=0``): on the H200 the eager packed step took 0.96-0.98x the time of
+    checked groups, the pipelines taking turns (BENCHMARKS.md, session 13)."""
     if max_bytes is None:
         env = os.environ.get("QUANTSD_GROUP_MAX_MIB", "").strip()
         try:
@@ -750,17 +751,17 @@ def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True,
         raise ValueError(f"QUANTSD_DECODE_CHANNELS_LAST must be 0 or 1, got {cl_env!r}")
     channels_last = compiled if cl_env == "" else cl_env == "1"
     unet = getattr(pipe, "unet", None)
-    prehook = not compiled and (_env_flag("QUANTSD_EAGER_PREHOOK") if prehook is None else prehook)
+    prehook = not compiled and (_env_flag("QUANTSD_EAGER_PREHOOK", default=True) if prehook is None else prehook)
     return (len(group_dequant(unet, max_bytes, channels_last=channels_last, prehook=prehook))
             if isinstance(unet, nn.Module) else 0)
 
 
-def _env_flag(name: str) -> bool:
-    """An on/off environment setting: unset, "" or "0" off, "1" on; anything else is refused."""
+def _env_flag(name: str, default: bool = False) -> bool:
+    """An on/off environment setting: "0" off, "1" on, unset or "" ``default``; anything else is refused."""
     value = os.environ.get(name, "").strip()
     if value not in ("", "0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-    return value == "1"
+    return default if value == "" else value == "1"
 
 
 # --------------------------------------------------------------------------- compiled graphs

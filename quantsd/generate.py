@@ -128,9 +128,10 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     dequant launches per step, a few MiB more resident).
     ``prefetch_weights`` (with ``compile``): the compiled UNet decodes its packed weights ahead, on a
     second CUDA stream, while earlier layers compute (:mod:`quantsd.prefetch`; same weights).
-    ``eager_prehook`` (eager, grouped; None: ``QUANTSD_EAGER_PREHOOK``): experimental -- each block's
-    packed weights are decoded in the block's forward pre-hook and handed over without per-layer
-    checks (:func:`quantsd.dequant_groups.group_dequant`'s ``prehook``; same weights).
+    ``eager_prehook`` (eager, grouped; None: on unless ``QUANTSD_EAGER_PREHOOK=0``): each block's
+    packed weights are decoded in the block's forward pre-hook, into a reused buffer while autograd
+    is off, and handed over without per-layer checks (:func:`quantsd.dequant_groups.group_dequant`'s
+    ``prehook``; same weights, less host time per eager step).
 
     Order matters: the tiny VAE and memory format first, then offload hooks, then torch.compile
     of the UNet (``compile_mode`` "reduce-overhead" = CUDA graphs where shapes are static).

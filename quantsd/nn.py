@@ -460,16 +460,16 @@ class QuantLinear(QuantModule):
                    breakpoint=qt.breakpoint, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self._armed       # handed over by a prehook group's root (eager only; checked first: hot path)
-        if w is not None:
-            return F.linear(x, w, _bias(self))
+        # (the compile test first: a traced read of ``_armed`` would be one more Dynamo guard per layer,
+        # re-checked on every compiled call)
         if torch.compiler.is_compiling():
             if self._prefetch_slot is not None:
                 return _PREFETCH_OP(x, *self._prefetch_slot)
             if _fused_rows_ok(self, x, x.numel() // self.in_features, "linear"):
                 return _fused.LINEAR_OP(x, *kernel_args(self), self.bias, self._plan_key)
             return F.linear(x, self._forward_weight(), self.bias)
-        return F.linear(x, self._eager_weight(), _bias(self))
+        w = self._armed       # handed over by a prehook group's root (eager)
+        return F.linear(x, self._eager_weight() if w is None else w, _bias(self))
 
     def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """This layer's op with a given dense weight (the weight prefetcher's, :mod:`quantsd.prefetch`)."""
@@ -542,15 +542,15 @@ class QuantConv2d(QuantModule):
                    breakpoint=qt.breakpoint, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self._armed       # handed over by a prehook group's root (eager only; checked first: hot path)
+        if torch.compiler.is_compiling():     # (first: see QuantLinear.forward)
+            if self._prefetch_slot is not None:
+                return _PREFETCH_OP(x, *self._prefetch_slot)
+            if x.dim() == 4 and _fused_rows_ok(self, x, self._output_rows(x), "conv"):
+                return _fused.CONV_OP(x, *kernel_args(self), self.bias, self._plan_key, self.stride, self.padding,
+                                      self.dilation)
+            return self.compute(x, self._forward_weight())
+        w = self._armed       # handed over by a prehook group's root (eager)
         if w is None:
-            if torch.compiler.is_compiling():
-                if self._prefetch_slot is not None:
-                    return _PREFETCH_OP(x, *self._prefetch_slot)
-                if x.dim() == 4 and _fused_rows_ok(self, x, self._output_rows(x), "conv"):
-                    return _fused.CONV_OP(x, *kernel_args(self), self.bias, self._plan_key, self.stride,
-                                          self.padding, self.dilation)
-                return self.compute(x, self._forward_weight())
             w = self._eager_weight()
         if self.padding_mode != "zeros":
             return self.compute(x, w)

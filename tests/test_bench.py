@@ -76,9 +76,9 @@ def test_default_configs():
     assert names == ["fp16-sdpa", "packed", "fp32-classic", "fp16-sdpa-compiled", "fp16-sdpa-compiled-cl",
                      "packed-compiled"]
     assert [(c.name, c.grouped, c.prefetch, c.prehook, c.compile) for c in optional_configs(True, True)] == [
-        ("packed-prehook", True, False, True, False), ("packed-compiled-per-layer", False, False, None, True),
+        ("packed-checked", True, False, False, False), ("packed-compiled-per-layer", False, False, None, True),
         ("packed-compiled-prefetch", True, True, None, True)]
-    assert [c.name for c in optional_configs(True, False)] == ["packed-prehook"] and optional_configs(False, True) == []
+    assert [c.name for c in optional_configs(True, False)] == ["packed-checked"] and optional_configs(False, True) == []
     assert [c.name for c in default_configs(False, False)] == ["fp16-sdpa", "fp32-classic"]
     fp32 = default_configs(False, False)[1]
     assert fp32.attention == "classic" and fp32.torch_dtype == torch.float32
@@ -139,8 +139,8 @@ def test_select_configs_keeps_run_order_and_names_the_valid_ones():
         select_configs(cfgs, ["packed-compiled-prefetchh"], opt)
     # an eager optional configuration runs before every compiled one (so the eager pair, which runs
     # before the first compiled configuration, can take it into its turns)
-    got = select_configs(cfgs, ["fp16-sdpa", "packed", "packed-compiled", "packed-prehook"], opt)
-    assert [c.name for c in got] == ["fp16-sdpa", "packed", "packed-prehook", "packed-compiled"]
+    got = select_configs(cfgs, ["fp16-sdpa", "packed", "packed-compiled", "packed-checked"], opt)
+    assert [c.name for c in got] == ["fp16-sdpa", "packed", "packed-checked", "packed-compiled"]
 
 
 def test_markdown_names_lean_runs():
@@ -282,8 +282,8 @@ def test_build_pipeline_applies_the_configuration_options():
 
 
 def test_build_pipeline_passes_the_prehook_choice_to_grouping(monkeypatch):
-    """The packed-prehook configuration reaches group_pipeline as prehook=True (eager); the others
-    leave it to the environment (None)."""
+    """The packed-checked configuration reaches group_pipeline as prehook=False (eager); the others
+    leave it to the default and the environment (None)."""
     from quantsd import dequant_groups as DG
     from quantsd.bench.core import build_pipeline
     from quantsd.recipe import load_recipe
@@ -291,10 +291,10 @@ def test_build_pipeline_passes_the_prehook_choice_to_grouping(monkeypatch):
     seen = []
     monkeypatch.setattr(DG, "group_pipeline", lambda pipe, **kw: seen.append(kw) or 0)
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "paper-final.yaml")
-    pre = [c for c in optional_configs(True, False) if c.name == "packed-prehook"][0]
+    pre = [c for c in optional_configs(True, False) if c.name == "packed-checked"][0]
     build_pipeline("tiny", pre, torch.device("cpu"), recipe=recipe)
     build_pipeline("tiny", BenchConfig("packed", packed=True), torch.device("cpu"), recipe=recipe)
-    assert seen == [{"compiled": False, "prehook": True}, {"compiled": False, "prehook": None}]
+    assert seen == [{"compiled": False, "prehook": False}, {"compiled": False, "prehook": None}]
 
 
 def test_packed_ratios_against_each_dense_baseline_of_the_same_mode():
@@ -382,20 +382,20 @@ def test_eager_pair_runs_once_both_eager_rows_built(monkeypatch, tmp_path):
     pair = b.results["eager_interleaved"]["packed_vs_fp16_sdpa"]
     assert pair["unet"]["ratio_median"] == pytest.approx((1.1 + 1.0) / 2) and pair["image"]["ratio_median"] == 0.9
     assert "taking turns (2 rounds of 5 UNet steps" in markdown_report(b.results)
-    # with packed-prehook built too, it joins the same turns and is compared with both
+    # with packed-checked built too, it joins the same turns and is compared with both
     b._pair_done = False
     built.clear()
     monkeypatch.setattr(core, "eager_interleaved", lambda pipes, *a, **k: {
-        "unet_ms_rounds": {"fp16-sdpa": [10.0, 12.0], "packed": [11.0, 12.0], "packed-prehook": [10.5, 12.0]},
-        "image_ms_rounds": {"fp16-sdpa": [100.0], "packed": [90.0], "packed-prehook": [95.0]}, "calls": 5})
+        "unet_ms_rounds": {"fp16-sdpa": [10.0, 12.0], "packed": [11.0, 12.0], "packed-checked": [10.5, 12.0]},
+        "image_ms_rounds": {"fp16-sdpa": [100.0], "packed": [90.0], "packed-checked": [95.0]}, "calls": 5})
     cfgs3 = cfgs + core.optional_configs(True, True)
-    b.results["configs"] = [{"name": "fp16-sdpa", "build": {"ok": True}}, {"name": "packed", "build": {"ok": True}}, {"name": "packed-prehook", "build": {"ok": True}}]
+    b.results["configs"] = [{"name": "fp16-sdpa", "build": {"ok": True}}, {"name": "packed", "build": {"ok": True}}, {"name": "packed-checked", "build": {"ok": True}}]
     b._eager_pair(cfgs3, None, None)
-    assert built == ["fp16-sdpa", "packed", "packed-prehook"]
-    pre = b.results["eager_interleaved"]["packed_vs_fp16_sdpa"]["packed-prehook"]
+    assert built == ["fp16-sdpa", "packed", "packed-checked"]
+    pre = b.results["eager_interleaved"]["packed_vs_fp16_sdpa"]["packed-checked"]
     assert pre["unet"]["ratio_median"] == pytest.approx((1.05 + 1.0) / 2)
     assert pre["unet_vs_packed"]["ratio_median"] == pytest.approx((10.5 / 11 + 1.0) / 2)
-    assert "packed-prehook in the same turns: UNet step 1.025x fp16-sdpa, 0.977x packed, image 0.950x" \
+    assert "packed-checked in the same turns: UNet step 1.025x fp16-sdpa, 0.977x packed, image 0.950x" \
         in markdown_report(b.results)
     b.eager_pair_rounds = 0
     b.results.pop("eager_interleaved")

@@ -493,19 +493,49 @@ def test_prehook_slots_on_cuda_give_the_per_layer_weights_and_hold_no_memory(pac
     DG.ungroup_dequant(unet)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_eager_generate_on_cuda_gives_the_same_image_with_prehook_slots(tmp_path, monkeypatch):
+    """quantsd generate, eager on CUDA, from a packed checkpoint: the default (prehook groups,
+    reused slots) makes the image of the checked groups and of one launch per layer."""
+    import numpy as np
+
+    import quantsd
+    from quantsd.export import export
+    from quantsd.generate import generate
+
+    out = tmp_path / "ck"
+    export(quantsd.load_pipeline("tiny"), str(REPO / "recipes" / "paper-final.yaml"), str(out), dtype="keep")
+    kw = dict(steps=3, seed=3, weights="packed", device="cuda", dtype="float16", height=32, width=32)
+    monkeypatch.delenv("QUANTSD_EAGER_PREHOOK", raising=False)
+    images = {"prehook": generate(str(out), "a blue circle", **kw)}
+    monkeypatch.setenv("QUANTSD_EAGER_PREHOOK", "0")
+    images["checked"] = generate(str(out), "a blue circle", **kw)
+    images["per_layer"] = generate(str(out), "a blue circle", grouped_dequant=False, **kw)
+    assert images["prehook"][1]["dequant_groups"] > 0 and images["per_layer"][1]["dequant_groups"] == 0
+    a = np.asarray(images["prehook"][0]).astype(int)
+    for name in ("checked", "per_layer"):
+        b = np.asarray(images[name][0]).astype(int)
+        assert np.abs(a - b).max() <= 1, name
+
+
 def test_group_pipeline_reads_the_prehook_flag(monkeypatch):
     from quantsd import dequant_groups as DG
 
     calls = []
     monkeypatch.setattr(DG, "group_dequant", lambda unet, max_bytes, **kw: calls.append(kw) or [])
     pipe = type("P", (), {"unet": nn.Linear(2, 2)})()
+    monkeypatch.delenv("QUANTSD_EAGER_PREHOOK", raising=False)
+    DG.group_pipeline(pipe, compiled=False)         # eager: on by default
     monkeypatch.setenv("QUANTSD_EAGER_PREHOOK", "1")
     DG.group_pipeline(pipe, compiled=False)
     DG.group_pipeline(pipe, compiled=True)          # compiled UNets never get hooks
     monkeypatch.setenv("QUANTSD_EAGER_PREHOOK", "0")
     DG.group_pipeline(pipe, compiled=False)
     DG.group_pipeline(pipe, compiled=False, prehook=True)    # an explicit choice wins over the environment
-    assert [c["prehook"] for c in calls] == [True, False, False, True]
+    monkeypatch.setenv("QUANTSD_EAGER_PREHOOK", "")
+    DG.group_pipeline(pipe, compiled=False, prehook=False)
+    assert [c["prehook"] for c in calls] == [True, True, False, False, True, False]
     monkeypatch.setenv("QUANTSD_EAGER_PREHOOK", "yes")
     with pytest.raises(ValueError, match="QUANTSD_EAGER_PREHOOK must be 0 or 1"):
         DG.group_pipeline(pipe, compiled=False)

@@ -141,7 +141,7 @@ class BenchConfig:
     prefetch: bool = False           # compiled packed: decode weights ahead on a side stream (quantsd.prefetch)
     grouped: bool = True             # packed: one dequant launch per group of layers (quantsd.dequant_groups)
     channels_last: bool = False      # parameters in channels-last memory format (configure_pipeline's channels_last)
-    prehook: bool | None = None      # eager packed: the experimental prehook groups (None: QUANTSD_EAGER_PREHOOK)
+    prehook: bool | None = None      # eager packed: prehook groups (None: QUANTSD_EAGER_PREHOOK, on unless 0)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -179,14 +179,19 @@ def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
     return cfgs
 
 
+# optional eager packed configurations that join the eager pair's turns (compared with fp16-sdpa and packed)
+EAGER_VARIANTS = ("packed-checked",)
+
+
 def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
     """Variants of the packed configurations that run only when named (``--only``): eager with the
-    experimental prehook groups (``packed-prehook``; it joins the eager pair's turns); compiled with
+    checked groups that were the default until the prehook groups (``packed-checked``; it joins the
+    eager pair's turns, for the comparison); compiled with
     one dequant launch per layer instead of per group (what grouping buys), and with weight prefetch
     (:mod:`quantsd.prefetch`, measured slower so far)."""
     if not recipe:
         return []
-    eager = [BenchConfig("packed-prehook", packed=True, prehook=True, sweep=())]
+    eager = [BenchConfig(name, packed=True, prehook=False, sweep=()) for name in EAGER_VARIANTS]
     if not compile:
         return eager
     return eager + [BenchConfig("packed-compiled-per-layer", packed=True, compile=True, grouped=False, sweep=()),
@@ -729,7 +734,7 @@ class Bench:
         if self.eager_pair_rounds <= 0 or not {"packed", "fp16-sdpa"} <= names:
             return
         self._pair_done = True
-        extra = [n for n in ("packed-prehook",) if n in names]
+        extra = [n for n in EAGER_VARIANTS if n in names]
         cfgs = {c.name: c for c in configs if c.name in ("fp16-sdpa", "packed", *extra)}
         entry: dict[str, Any] = {"name": "eager-interleaved"}
         self.results["eager_interleaved"] = entry
@@ -878,7 +883,7 @@ def markdown_report(results: dict) -> str:
                   f"(per round {u['ratio_min']:.3f}-{u['ratio_max']:.3f}; fastest rounds {u['ratio_of_minima']:.3f}x; "
                   f"{u['packed_ms']:.1f} vs {u['fp16-sdpa_ms']:.1f} ms), image {im['ratio_median']:.3f}x "
                   f"(per round {im['ratio_min']:.3f}-{im['ratio_max']:.3f})"]
-        for name in ("packed-prehook",):
+        for name in EAGER_VARIANTS:
             v = pair.get(name)
             if isinstance(v, dict):
                 lines[-1] += (f"; {name} in the same turns: UNet step {v['unet']['ratio_median']:.3f}x fp16-sdpa, "
