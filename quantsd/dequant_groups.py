@@ -421,7 +421,7 @@ class DequantGroup:
             for d in dicts:
                 d["_armed"] = None
         if self._slot is not None:
-            self._pool.busy[self._slot] = False
+            self._pool.release(self._slot)
             self._slot = None
         if self._flat is not None:      # a fresh buffer: this arm's, or one a checked call left held
             self._release()

@@ -432,6 +432,7 @@ _SLOTS_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.dedent(
         # a deep copy gets a pool of its own, empty; ungrouping removes every hook, the pool's too
         twin = copy.deepcopy(net)
         tpool = [h.__self__ for h in twin._forward_hooks.values()][0]
+        assert all(h.__self__.pool is tpool for b in twin.blocks for h in b._forward_pre_hooks.values())
         assert tpool is not pool and tpool.flats == [] and torch.equal(twin(x), after) and len(tpool.flats) == 1
         for model in (net, twin):
             DG.ungroup_dequant(model)
