@@ -218,13 +218,17 @@ def sd15_group_sizes(packed, recipe) -> None:
         _SD15_BYTES[id(m)] = full["unet." + name] * 2
 
 
+MAX_BYTES = dg.EAGER_MAX_BYTES   # --group-max-mib
+
+
 def group(packed, prehook: bool = False):
-    """group_dequant(packed) as eager generation groups (``EAGER_MAX_BYTES``), with SD1.5's fp16 layer
-    sizes (see :func:`sd15_group_sizes`); ``prehook``: the experimental root pre-hook groups."""
+    """group_dequant(packed) as eager generation groups (``EAGER_MAX_BYTES``, or ``--group-max-mib``),
+    with SD1.5's fp16 layer sizes (see :func:`sd15_group_sizes`); ``prehook``: the block pre-hook groups
+    (the eager default since session 13; ``packed_grouped`` measures the checked groups)."""
     real = dg._dense_bytes
     dg._dense_bytes = lambda m: _SD15_BYTES[id(m)]
     try:
-        return group_dequant(packed, dg.EAGER_MAX_BYTES, prehook=prehook)
+        return group_dequant(packed, MAX_BYTES, prehook=prehook)
     finally:
         dg._dense_bytes = real
 
@@ -346,9 +350,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: least noise)")
     ap.add_argument("--fresh-weights", action="store_true",
                     help="compute with each launch's own fresh output (cache-cold weights: a CPU-only cost)")
+    ap.add_argument("--group-max-mib", type=float, default=None,
+                    help="eager group cap in MiB of SD1.5 fp16 weights (default: EAGER_MAX_BYTES, 96)")
     a = ap.parse_args()
-    global FRESH_WEIGHTS
+    global FRESH_WEIGHTS, MAX_BYTES
     FRESH_WEIGHTS = a.fresh_weights
+    if a.group_max_mib is not None:
+        MAX_BYTES = int(a.group_max_mib * (1 << 20))
 
     torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)
@@ -371,7 +379,7 @@ def main() -> None:
                      "groups": len(groups), "grouped_layers": sum(len(x.members) for x in groups),
                      "launches_per_forward_grouped": counts["launches"],
                      "launches_per_forward_per_layer": len(layers)},
-           "threads": a.threads, "torch": torch.__version__}
+           "threads": a.threads, "torch": torch.__version__, "group_max_bytes": MAX_BYTES}
     res.update(measure(dense, packed, inputs, a.rounds, a.per_round, layers))
     res["profile_packed_grouped"] = profile(dense, packed, inputs, a.profile_forwards, a.top)
     res["profile_packed_prehook"] = profile(dense, packed, inputs, a.profile_forwards, a.top, prehook=True)

@@ -76,9 +76,10 @@ def test_default_configs():
     assert names == ["fp16-sdpa", "packed", "fp32-classic", "fp16-sdpa-compiled", "fp16-sdpa-compiled-cl",
                      "packed-compiled"]
     assert [(c.name, c.grouped, c.prefetch, c.prehook, c.compile) for c in optional_configs(True, True)] == [
-        ("packed-checked", True, False, False, False), ("packed-compiled-per-layer", False, False, None, True),
+        ("packed-checked", True, False, False, False), ("packed-groups-256", True, False, None, False),
+        ("packed-compiled-per-layer", False, False, None, True),
         ("packed-compiled-prefetch", True, True, None, True)]
-    assert [c.name for c in optional_configs(True, False)] == ["packed-checked"] and optional_configs(False, True) == []
+    assert [c.name for c in optional_configs(True, False)] == ["packed-checked", "packed-groups-256"] and optional_configs(False, True) == []
     assert [c.name for c in default_configs(False, False)] == ["fp16-sdpa", "fp32-classic"]
     fp32 = default_configs(False, False)[1]
     assert fp32.attention == "classic" and fp32.torch_dtype == torch.float32
@@ -282,19 +283,24 @@ def test_build_pipeline_applies_the_configuration_options():
 
 
 def test_build_pipeline_passes_the_prehook_choice_to_grouping(monkeypatch):
-    """The packed-checked configuration reaches group_pipeline as prehook=False (eager); the others
-    leave it to the default and the environment (None)."""
+    """The packed-checked configuration reaches group_pipeline as prehook=False (eager), and
+    packed-groups-256 as a 256 MiB cap; the others leave both to the default and the environment."""
     from quantsd import dequant_groups as DG
     from quantsd.bench.core import build_pipeline
     from quantsd.recipe import load_recipe
 
     seen = []
-    monkeypatch.setattr(DG, "group_pipeline", lambda pipe, **kw: seen.append(kw) or 0)
+    seen_args = []
+    monkeypatch.setattr(DG, "group_pipeline",
+                        lambda pipe, *a, **kw: seen.append(kw) or seen_args.append((a, kw)) or 0)
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "paper-final.yaml")
     pre = [c for c in optional_configs(True, False) if c.name == "packed-checked"][0]
     build_pipeline("tiny", pre, torch.device("cpu"), recipe=recipe)
     build_pipeline("tiny", BenchConfig("packed", packed=True), torch.device("cpu"), recipe=recipe)
-    assert seen == [{"compiled": False, "prehook": False}, {"compiled": False, "prehook": None}]
+    big = [c for c in optional_configs(True, False) if c.name == "packed-groups-256"][0]
+    build_pipeline("tiny", big, torch.device("cpu"), recipe=recipe)
+    assert [kw.get("prehook") for kw in seen] == [False, None, None]
+    assert [a for a, _ in seen_args] == [(None,), (None,), (256 << 20,)]
 
 
 def test_packed_ratios_against_each_dense_baseline_of_the_same_mode():

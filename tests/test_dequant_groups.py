@@ -1297,3 +1297,18 @@ def test_channels_last_codes_group_decodes_by_the_flat_path():
     pytest.importorskip("triton")
     r = _run_interpreted(_CL_CODES_SCRIPT)
     assert r.returncode == 0 and "CL CODES OK" in r.stdout, (r.stdout[-2000:], r.stderr[-3000:])
+
+
+def test_configure_pipeline_passes_the_group_cap(monkeypatch):
+    """configure_pipeline(group_max_bytes=...) (the bench's packed-groups-256) reaches group_pipeline
+    as its cap; None leaves it to the environment and the defaults."""
+    import quantsd
+    from quantsd import dequant_groups as DG
+    from quantsd.generate import configure_pipeline
+
+    seen = []
+    monkeypatch.setattr(DG, "group_pipeline", lambda pipe, max_bytes=None, **kw: seen.append((max_bytes, kw)) or 0)
+    pipe = quantsd.load_pipeline("tiny")
+    configure_pipeline(pipe, group_max_bytes=256 << 20)
+    configure_pipeline(pipe)
+    assert seen == [(256 << 20, {"compiled": False, "prehook": None}), (None, {"compiled": False, "prehook": None})]

@@ -142,6 +142,7 @@ class BenchConfig:
     grouped: bool = True             # packed: one dequant launch per group of layers (quantsd.dequant_groups)
     channels_last: bool = False      # parameters in channels-last memory format (configure_pipeline's channels_last)
     prehook: bool | None = None      # eager packed: prehook groups (None: QUANTSD_EAGER_PREHOOK, on unless 0)
+    group_max_mib: float | None = None   # packed, grouped: group cap (None: QUANTSD_GROUP_MAX_MIB, else the default)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -180,18 +181,20 @@ def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
 
 
 # optional eager packed configurations that join the eager pair's turns (compared with fp16-sdpa and packed)
-EAGER_VARIANTS = ("packed-checked",)
+EAGER_VARIANTS = ("packed-checked", "packed-groups-256")
 
 
 def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
     """Variants of the packed configurations that run only when named (``--only``): eager with the
-    checked groups that were the default until the prehook groups (``packed-checked``; it joins the
-    eager pair's turns, for the comparison); compiled with
+    checked groups that were the default until the prehook groups (``packed-checked``), and with
+    eager groups of up to 256 MiB instead of 96 (``packed-groups-256``: fewer launches and block
+    hooks, a larger buffer held during each UNet call); both join the eager pair's turns; compiled with
     one dequant launch per layer instead of per group (what grouping buys), and with weight prefetch
     (:mod:`quantsd.prefetch`, measured slower so far)."""
     if not recipe:
         return []
-    eager = [BenchConfig(name, packed=True, prehook=False, sweep=()) for name in EAGER_VARIANTS]
+    eager = [BenchConfig("packed-checked", packed=True, prehook=False, sweep=()),
+             BenchConfig("packed-groups-256", packed=True, group_max_mib=256, sweep=())]
     if not compile:
         return eager
     return eager + [BenchConfig("packed-compiled-per-layer", packed=True, compile=True, grouped=False, sweep=()),
@@ -259,7 +262,8 @@ def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=No
                               sync_free_scheduler=sync_free_scheduler,
                               grouped_dequant=cfg.packed and cfg.grouped and grouped_dequant,
                               dense_below=dense_below if cfg.packed else 0, prefetch_weights=cfg.prefetch,
-                              eager_prehook=cfg.prehook)
+                              eager_prehook=cfg.prehook,
+                              group_max_bytes=None if cfg.group_max_mib is None else int(cfg.group_max_mib * (1 << 20)))
 
 
 # --------------------------------------------------------------------------- measurements (CUDA)

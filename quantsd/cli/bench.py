@@ -28,8 +28,10 @@ def _caps(ctx, param, value):
 @click.option("--compile", "compile_", is_flag=True, help="Also bench torch.compile (reduce-overhead) variants.")
 @click.option("--only", default="", metavar="NAMES",
               help="Run only these configurations (comma-separated: fp16-sdpa, packed, fp32-classic, "
-                   "fp16-sdpa-compiled, packed-compiled; and, only when named, packed-compiled-per-layer, "
-                   "packed-compiled-prefetch); the default is all but the last two.")
+                   "fp16-sdpa-compiled, fp16-sdpa-compiled-cl, packed-compiled; and, only when named, "
+                   "packed-checked, packed-groups-256 (eager, they join the eager pair), "
+                   "packed-compiled-per-layer, packed-compiled-prefetch); the default is all but the "
+                   "named-only ones.")
 @click.option("--compile-guards", type=click.Choice(["full", "minimal"]), default="full", show_default=True,
               help="Compiled configurations: 'minimal' skips Dynamo's per-call module-attribute checks.")
 @click.option("--max-res-cap-gb", "caps", default="8,4", show_default=True, callback=_caps,
