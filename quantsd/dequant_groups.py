@@ -392,7 +392,8 @@ class DequantGroup:
                 checked = self._checked_sources = [_sources_of(m._buffers) for m in self.members]
                 break
         launch = self._launch
-        if launch.dtype is not pool.dtype or self.numel > pool.numel:
+        # (the members cast or moved since grouping: their launch no longer fits the pool's buffers)
+        if launch.dtype is not pool.dtype or self.numel > pool.numel or launch.device != pool.device:
             return False
         slot = pool.acquire()
         if slot is None:
@@ -658,15 +659,13 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
             hooked.append((run[0], groups[first:]))
     if hooked:
         # one slot pool per dtype and device, sized to its largest group (the roots' groups share it)
-        pools: dict[tuple, _SlotPool] = {}
+        sizes: dict[tuple, int] = {}
         for _, gs in hooked:
             for g in gs:
-                m0 = g.members[0]
-                key = (m0._dtype, m0.weight_packed.device)
-                if key not in pools or pools[key].numel < g.numel:
-                    pools[key] = _SlotPool(max(g.numel, pools[key].numel if key in pools else 0), *key)
+                sizes[_pool_key(g)] = max(sizes.get(_pool_key(g), 0), g.numel)
+        pools = {key: _SlotPool(numel, *key) for key, numel in sizes.items()}
         for root, gs in hooked:
-            keys = {(g.members[0]._dtype, g.members[0].weight_packed.device) for g in gs}
+            keys = {_pool_key(g) for g in gs}
             hooks = _RootHooks(gs, pools[keys.pop()] if len(keys) == 1 else None)
             root.register_forward_pre_hook(hooks.pre)
             root.register_forward_hook(hooks.post, always_call=True)
@@ -675,6 +674,12 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
     if groups:
         install_dedup_pass()   # compiled graphs: one launch per group (see the module docstring)
     return groups
+
+
+def _pool_key(g: DequantGroup) -> tuple:
+    """(dtype, device) of a group's weights when grouped: its slot pool's."""
+    m = g.members[0]
+    return m._dtype, m.weight_packed.device
 
 
 def _cl_candidate(m: QuantModule) -> bool:

@@ -424,6 +424,15 @@ _SLOTS_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.dedent(
         net.blocks[0].q.weight_packed.bitwise_xor_(3)
         groups = DG.group_dequant(net, max_bytes=4096, prehook=True)
         pool = net.blocks[0]._forward_pre_hooks[next(iter(net.blocks[0]._forward_pre_hooks))].__self__.pool
+        # cast after grouping: the groups rebuild in the new dtype and no longer fit the pool's slots,
+        # so they decode into fresh buffers (same weights as ungrouped)
+        net.float()
+        cast = net(x.float())
+        DG.ungroup_dequant(net)
+        assert torch.equal(net(x.float()), cast) and all(g._slot is None for g in groups)
+        net.half()
+        groups = DG.group_dequant(net, max_bytes=4096, prehook=True)
+        pool = net.blocks[0]._forward_pre_hooks[next(iter(net.blocks[0]._forward_pre_hooks))].__self__.pool
     # autograd on: never a slot (a weight saved for backward must not be overwritten later): fresh buffers
     used = len(pool.flats)
     assert torch.equal(net(x), after) and len(pool.flats) == used
