@@ -197,7 +197,7 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     if grouped_dequant and offload is None:
         from .dequant_groups import group_pipeline
 
-        group_pipeline(pipe, group_max_bytes, compiled=compile, prehook=eager_prehook)
+        group_pipeline(pipe, max_bytes=group_max_bytes, compiled=compile, prehook=eager_prehook)
     if compile:
         if prefetch_weights:
             from .prefetch import enable_weight_prefetch

@@ -290,17 +290,15 @@ def test_build_pipeline_passes_the_prehook_choice_to_grouping(monkeypatch):
     from quantsd.recipe import load_recipe
 
     seen = []
-    seen_args = []
-    monkeypatch.setattr(DG, "group_pipeline",
-                        lambda pipe, *a, **kw: seen.append(kw) or seen_args.append((a, kw)) or 0)
+    monkeypatch.setattr(DG, "group_pipeline", lambda pipe, **kw: seen.append(kw) or 0)
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "paper-final.yaml")
     pre = [c for c in optional_configs(True, False) if c.name == "packed-checked"][0]
     build_pipeline("tiny", pre, torch.device("cpu"), recipe=recipe)
     build_pipeline("tiny", BenchConfig("packed", packed=True), torch.device("cpu"), recipe=recipe)
     big = [c for c in optional_configs(True, False) if c.name == "packed-groups-256"][0]
     build_pipeline("tiny", big, torch.device("cpu"), recipe=recipe)
-    assert [kw.get("prehook") for kw in seen] == [False, None, None]
-    assert [a for a, _ in seen_args] == [(None,), (None,), (256 << 20,)]
+    assert [kw["prehook"] for kw in seen] == [False, None, None]
+    assert [kw["max_bytes"] for kw in seen] == [None, None, 256 << 20]
 
 
 def test_packed_ratios_against_each_dense_baseline_of_the_same_mode():

@@ -1316,7 +1316,7 @@ def test_configure_pipeline_passes_the_group_cap(monkeypatch):
     from quantsd.generate import configure_pipeline
 
     seen = []
-    monkeypatch.setattr(DG, "group_pipeline", lambda pipe, max_bytes=None, **kw: seen.append((max_bytes, kw)) or 0)
+    monkeypatch.setattr(DG, "group_pipeline", lambda pipe, max_bytes, **kw: seen.append((max_bytes, kw)) or 0)
     pipe = quantsd.load_pipeline("tiny")
     configure_pipeline(pipe, group_max_bytes=256 << 20)
     configure_pipeline(pipe)
