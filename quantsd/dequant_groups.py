@@ -145,7 +145,7 @@ class DequantGroup:
         self._slot: int | None = None            # the pool slot it is armed in (prehook groups)
         self._pool: _SlotPool | None = None
         self._slot_views: dict[int, tuple] = {}  # slot -> (the launch the views were made for, views)
-        self._member_bufs: list[dict] | None = None    # the members' _buffers and __dict__, once armed in a slot
+        self._member_bufs: list[dict] | None = None    # the members' _buffers and __dict__ (_handles)
         self._member_dicts: list[dict] | None = None
 
     def __getstate__(self) -> dict:
@@ -278,11 +278,8 @@ class DequantGroup:
         The constants' tensors stay referenced (``_signature``, ``_sources``), so a launch from
         outdated constants reads memory that is still allocated, and its result is never returned."""
         self._release()                    # the old buffer goes before the new one is allocated
-        if check or self._checked_sources is None or self._launch is None:
-            # (_ready may have just learnt that the device captures: weight() asked before that)
-            if not self._ready() or (self._check_capture and _capturing_now()):
-                return False
-            self._checked_sources = [_sources_of(m._buffers) for m in self.members]
+        if (check or self._checked_sources is None or self._launch is None) and not self._check_launch():
+            return False
         self._sources = self._checked_sources
         self._flat = self._launch.run()
         self._views = self._launch.views(self._flat)
@@ -295,6 +292,23 @@ class DequantGroup:
             if old is not None and old is not self:
                 old._release()
         return True
+
+    def _check_launch(self) -> bool:
+        """The full check before a launch: the launch constants current (:meth:`_ready`), no capture
+        begun (``_ready`` may have just learnt that the device captures: a caller asked before that),
+        and every member's codes, scale and breakpoint recorded as checked.  False: no launch now."""
+        if not self._ready() or (self._check_capture and _capturing_now()):
+            return False
+        self._checked_sources = [_sources_of(m._buffers) for m in self.members]
+        return True
+
+    def _handles(self) -> tuple[list[dict], list[dict]]:
+        """The members' ``_buffers`` and ``__dict__`` (the hand-over's hot loops read and write them
+        directly), made at first use: a group being unpickled or deep-copied may not read its members."""
+        if self._member_dicts is None:
+            self._member_bufs = [m._buffers for m in self.members]
+            self._member_dicts = [m.__dict__ for m in self.members]
+        return self._member_bufs, self._member_dicts
 
     def _release(self) -> None:
         if self._flat is not None:
@@ -361,35 +375,28 @@ class DequantGroup:
                 if not self._materialize(check=True):
                     return
                 break
-        for m, w in zip(self.members, self._views):
-            m.__dict__["_armed"] = w         # (not nn.Module.__setattr__: a plain attribute, set fast)
+        for d, w in zip(self._handles()[1], self._views):
+            d["_armed"] = w         # (not nn.Module.__setattr__: a plain attribute, set fast)
 
     def _arm_in_slot(self, pool: "_SlotPool") -> bool:
-        """:meth:`arm` into a pool slot: the launch constants checked as :meth:`_materialize` checks
-        them, every member's sources compared (a mismatch: the full check, then compared again),
+        """:meth:`arm` into a pool slot: the full check (:meth:`_check_launch`) where none is recorded,
+        every member's sources compared with the recorded ones (a mismatch: the full check again),
         then one launch into the slot and the slot's views handed over.  False: not armed (the caller
         takes the fresh-buffer way, which reports the reason by not arming either).  Once per group
         and eager step, so the per-member loops are written out (no call per member)."""
-        checked = self._checked_sources
-        if checked is None or self._launch is None:
-            if not self._ready() or (self._check_capture and _capturing_now()):
-                return False
-            checked = self._checked_sources = [_sources_of(m._buffers) for m in self.members]
-        bufs = self._member_bufs
-        if bufs is None:
-            bufs = self._member_bufs = [m._buffers for m in self.members]
-            self._member_dicts = [m.__dict__ for m in self.members]
+        if (self._checked_sources is None or self._launch is None) and not self._check_launch():
+            return False
+        bufs, dicts = self._handles()
         # = _same_sources, inline, less the codes' version: every arm decodes the codes as they are now
         # (the kernel reads them in place), and only the scale and breakpoint feed a derived copy, the
         # value table.  (Reading ~830 version counters per SD1.5 step, cache-cold, was ~2.5% of an
         # eager forward in bench/eager_host_overhead_cpu.py; the codes' third of it is saved.)
-        for b, (p, _, sc, vs, bp, vb) in zip(bufs, checked):
+        for b, (p, _, sc, vs, bp, vb) in zip(bufs, self._checked_sources):
             q, t, c = b["weight_packed"], b["weight_scale"], b["weight_breakpoint"]
             if (q is not p or t is not sc or c is not bp or (vs >= 0 and t._version != vs)
                     or (vb >= 0 and c._version != vb)):
-                if not self._ready():
+                if not self._check_launch():
                     return False
-                checked = self._checked_sources = [_sources_of(m._buffers) for m in self.members]
                 break
         launch = self._launch
         # (the members cast or moved since grouping: their launch no longer fits the pool's buffers)
@@ -403,24 +410,19 @@ class DequantGroup:
         cached = self._slot_views.get(slot)
         if cached is None or cached[0] is not launch:
             cached = self._slot_views[slot] = (launch, launch.views(flat))
-        self._sources = checked
+        self._sources = self._checked_sources
         self._slot = slot
         self._pool = pool
         self.launches += 1
-        for d, w in zip(self._member_dicts, cached[1]):
+        for d, w in zip(dicts, cached[1]):
             d["_armed"] = w
         return True
 
     def disarm(self) -> None:
         """The root's forward hook (run even when the forward raised): the members' handed-over
         weights are taken back and the buffer (or pool slot) is let go."""
-        dicts = self._member_dicts
-        if dicts is None:
-            for m in self.members:
-                m.__dict__["_armed"] = None
-        else:
-            for d in dicts:
-                d["_armed"] = None
+        for d in self._handles()[1]:
+            d["_armed"] = None
         if self._slot is not None:
             self._pool.release(self._slot)
             self._slot = None
@@ -662,7 +664,8 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
         sizes: dict[tuple, int] = {}
         for _, gs in hooked:
             for g in gs:
-                sizes[_pool_key(g)] = max(sizes.get(_pool_key(g), 0), g.numel)
+                key = _pool_key(g)
+                sizes[key] = max(sizes.get(key, 0), g.numel)
         pools = {key: _SlotPool(numel, *key) for key, numel in sizes.items()}
         for root, gs in hooked:
             keys = {_pool_key(g) for g in gs}
@@ -753,18 +756,15 @@ def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True,
     A UNet that will be compiled gets its k x k conv weights written channels-last (see
     :func:`group_dequant`); ``QUANTSD_DECODE_CHANNELS_LAST=0`` / ``1`` overrides that.  An eager one
     gets ``prehook`` groups decoding into reused slots (``prehook`` None: on unless
-    ``QUANTSD_EAGER_PREHOOK=0``): on the H200 the eager packed step took 0.96-0.98x the time of
-    checked groups, the pipelines taking turns (BENCHMARKS.md, session 13)."""
+    ``QUANTSD_EAGER_PREHOOK=0``): on the H200 the eager packed step took 0.95x the time of checked
+    groups, the pipelines taking turns (BENCHMARKS.md, session 13)."""
     if max_bytes is None:
         env = os.environ.get("QUANTSD_GROUP_MAX_MIB", "").strip()
         try:
             max_bytes = int(float(env) * (1 << 20)) if env else (DEFAULT_MAX_BYTES if compiled else EAGER_MAX_BYTES)
         except ValueError:
             raise ValueError(f"QUANTSD_GROUP_MAX_MIB must be a number of MiB, got {env!r}") from None
-    cl_env = os.environ.get("QUANTSD_DECODE_CHANNELS_LAST", "").strip()
-    if cl_env not in ("", "0", "1"):
-        raise ValueError(f"QUANTSD_DECODE_CHANNELS_LAST must be 0 or 1, got {cl_env!r}")
-    channels_last = compiled if cl_env == "" else cl_env == "1"
+    channels_last = _env_flag("QUANTSD_DECODE_CHANNELS_LAST", default=compiled)
     unet = getattr(pipe, "unet", None)
     prehook = not compiled and (_env_flag("QUANTSD_EAGER_PREHOOK", default=True) if prehook is None else prehook)
     return (len(group_dequant(unet, max_bytes, channels_last=channels_last, prehook=prehook))
