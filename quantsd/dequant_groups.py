@@ -20,8 +20,8 @@ buffer (never one a previous weight still reads), so nothing is overwritten unde
 on other streams.
 
 Eager UNets grouped by :func:`group_pipeline` (generation, the bench) go one step further by
-default (``prehook``; ``QUANTSD_EAGER_PREHOOK=0`` turns it off): each block decodes its group in its
-forward pre-hook, once, into a reused slot whose member views were made once, and hands the members
+default (``prehook``; ``QUANTSD_EAGER_PREHOOK=0`` turns it off): each block decodes its group as its
+forward begins (an arming forward set on the block, no hook), once, into a reused slot whose member views were made once, and hands the members
 their weights; the per-member checks above are made once per group.  Why: the checked way's Python
 per member (the capture query, the staleness test, a view per step) was most of the eager packed
 step's extra host time; on the H200 the eager packed step went from 1.136x to 1.072x the fp16 step.
@@ -39,6 +39,7 @@ Without Inductor (another backend) the calls stay separate: correct, each decode
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import weakref
 from collections import deque
@@ -147,6 +148,7 @@ class DequantGroup:
         self._slot_views: dict[int, tuple] = {}  # slot -> (the launch the views were made for, views)
         self._member_bufs: list[dict] | None = None    # the members' _buffers and __dict__ (_handles)
         self._member_dicts: list[dict] | None = None
+        self._expected: tuple | None = None      # the slot arm's check, made from _checked_sources (_expect)
 
     def __getstate__(self) -> dict:
         return {"members": self.members, "launches": self.launches, "offsets": self.offsets, "numel": self.numel,
@@ -354,8 +356,8 @@ class DequantGroup:
 
     def arm(self, pool: "_SlotPool | None" = None) -> None:
         """Decode now and hand every member its weight as a plain attribute (``_armed``), which its
-        eager forward takes with no check of its own: the pre-hook of the group's root module
-        (``group_dequant(..., prehook=True)``).  The checks :meth:`weight` makes per member are made
+        eager forward takes with no check of its own: called as the group's root module's forward
+        begins (:class:`_ArmingForward`, ``group_dequant(..., prehook=True)``).  The checks :meth:`weight` makes per member are made
         here once: no capture (none can begin between this hook and the root's own layers), and
         each member's codes, scale and breakpoint still the ones the buffer is decoded from.  Where
         a check fails nothing is handed over and the members take the checked path.
@@ -378,26 +380,42 @@ class DequantGroup:
         for d, w in zip(self._handles()[1], self._views):
             d["_armed"] = w         # (not nn.Module.__setattr__: a plain attribute, set fast)
 
+    def _expect(self) -> tuple:
+        """The slot arm's check, made once from ``_checked_sources``: (those sources, every member's
+        codes, scale and breakpoint in order, the scales and breakpoints that have in-place versions,
+        those versions).  The codes' versions are not in it: every arm decodes the codes as they are
+        (the kernel reads them in place); only the scale and breakpoint feed a derived copy, the value
+        table."""
+        src = self._checked_sources
+        exp = self._expected
+        if exp is None or exp[0] is not src:
+            tensors, versioned, versions = [], [], []
+            for p, _, sc, vs, bp, vb in src:
+                tensors += (p, sc, bp)
+                for t, v in ((sc, vs), (bp, vb)):
+                    if v >= 0:
+                        versioned.append(t)
+                        versions.append(v)
+            exp = self._expected = (src, tensors, versioned, versions)
+        return exp
+
     def _arm_in_slot(self, pool: "_SlotPool") -> bool:
         """:meth:`arm` into a pool slot: the full check (:meth:`_check_launch`) where none is recorded,
         every member's sources compared with the recorded ones (a mismatch: the full check again),
         then one launch into the slot and the slot's views handed over.  False: not armed (the caller
-        takes the fresh-buffer way, which reports the reason by not arming either).  Once per group
-        and eager step, so the per-member loops are written out (no call per member)."""
+        takes the fresh-buffer way, which reports the reason by not arming either).
+
+        Once per group and eager step, on the host-bound path: the comparison runs in C iterators
+        (``map``/``operator``), not a Python loop over the members -- the loop was the largest item
+        of the prehook step's extra host time (H200 profile, session 13)."""
         if (self._checked_sources is None or self._launch is None) and not self._check_launch():
             return False
         bufs, dicts = self._handles()
-        # = _same_sources, inline, less the codes' version: every arm decodes the codes as they are now
-        # (the kernel reads them in place), and only the scale and breakpoint feed a derived copy, the
-        # value table.  (Reading ~830 version counters per SD1.5 step, cache-cold, was ~2.5% of an
-        # eager forward in bench/eager_host_overhead_cpu.py; the codes' third of it is saved.)
-        for b, (p, _, sc, vs, bp, vb) in zip(bufs, self._checked_sources):
-            q, t, c = b["weight_packed"], b["weight_scale"], b["weight_breakpoint"]
-            if (q is not p or t is not sc or c is not bp or (vs >= 0 and t._version != vs)
-                    or (vb >= 0 and c._version != vb)):
-                if not self._check_launch():
-                    return False
-                break
+        _, tensors, versioned, versions = self._expect()
+        if not (all(map(operator.is_, itertools.chain.from_iterable(map(_MEMBER_SOURCES, bufs)), tensors))
+                and list(map(_VERSION, versioned)) == versions):
+            if not self._check_launch():
+                return False
         launch = self._launch
         # (the members cast or moved since grouping: their launch no longer fits the pool's buffers)
         if launch.dtype is not pool.dtype or self.numel > pool.numel or launch.device != pool.device:
@@ -406,7 +424,10 @@ class DequantGroup:
         if slot is None:
             return False
         flat = pool.flats[slot]
-        launch.run(flat)
+        if pool.index is None or pool.index == torch._C._cuda_getDevice():
+            launch.run_into(flat)    # (a slot of this pool: of the launch's dtype and device, large enough)
+        else:
+            launch.run(flat)         # (makes the weights' device current)
         cached = self._slot_views.get(slot)
         if cached is None or cached[0] is not launch:
             cached = self._slot_views[slot] = (launch, launch.views(flat))
@@ -436,7 +457,7 @@ class _SlotPool:
     and one ``as_strided`` view per member (~280 views per SD1.5 step, host-bound); a slot's views are
     made once per group and reused.
 
-    A group takes a free slot in its root's pre-hook and gives it back in its forward hook, so on
+    A group takes a free slot as its root's forward begins and gives it back as it ends, so on
     one stream one slot serves every group in turn (the next decode is ordered after the last
     reader by the stream itself); a group armed while another's root is still running (nested roots)
     takes a second slot.  A slot last used on another stream is first waited for (a device sync,
@@ -450,6 +471,7 @@ class _SlotPool:
         self._reset()
 
     def _reset(self) -> None:
+        self.index = self.device.index if self.device.type == "cuda" else None   # CUDA device index
         self.flats: list[torch.Tensor] = []
         self.busy: list[bool] = []
         self.live: list[bool] = []          # the slot's memory is allocated (not returned by free)
@@ -510,26 +532,67 @@ class _SlotPool:
                 self.live[i] = False
 
 
-class _RootHooks:
-    """The forward pre-hook and (always-called) forward hook of a group root, arming and disarming
-    its groups (eager forwards only: under torch.compile the members trace the graph op)."""
+class _ArmingForward:
+    """A prehook root's forward, set on the root instance (``root.forward``): arm the root's groups,
+    run the root's own forward, disarm them even if it raised (eager forwards only: under
+    torch.compile the members trace the graph op).
 
-    def __init__(self, groups: list[DequantGroup], pool: _SlotPool | None = None):
+    Why not a forward pre-hook and an always-called forward hook: any hook sends
+    ``nn.Module.__call__`` down its slow path, and with 28 roots that was ~0.66 ms of an eager SD1.5
+    step's host time on the H200 box (session 13 profile); a forward on the instance keeps the fast
+    path.  A forward already set on the instance (accelerate's hooks) is kept and called inside.  A
+    deep copy or an unpickled model gets its own: the module, the groups and the pool are copied
+    with it."""
+
+    def __init__(self, module: nn.Module, groups: list[DequantGroup], pool: "_SlotPool | None" = None):
+        self.module = module
+        self.inner = module.__dict__.get("forward")      # None: the class's forward
         self.groups = groups
         self.pool = pool
 
-    def pre(self, module: nn.Module, args) -> None:
+    def __call__(self, *args, **kwargs):
+        inner, module = self.inner, self.module
         if torch.compiler.is_compiling():
-            return
+            return type(module).forward(module, *args, **kwargs) if inner is None else inner(*args, **kwargs)
         pool = self.pool
-        for g in self.groups:
+        groups = self.groups
+        for g in groups:
             g.arm(pool)
+        try:
+            return type(module).forward(module, *args, **kwargs) if inner is None else inner(*args, **kwargs)
+        finally:
+            for g in groups:
+                g.disarm()
 
-    def post(self, module: nn.Module, args, output) -> None:
-        if torch.compiler.is_compiling():
-            return
-        for g in self.groups:
-            g.disarm()
+    @staticmethod
+    def install(module: nn.Module, groups: list[DequantGroup], pool: "_SlotPool | None") -> "_ArmingForward":
+        armer = _ArmingForward(module, groups, pool)
+        module.__dict__["forward"] = armer      # (not nn.Module.__setattr__: no module, parameter or buffer)
+        return armer
+
+    @staticmethod
+    def remove(module: nn.Module) -> None:
+        """Take ``module``'s arming forward off (nothing if it has none), restoring what it wrapped."""
+        armer = module.__dict__.get("forward")
+        if isinstance(armer, _ArmingForward):
+            if armer.inner is None:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = armer.inner
+
+
+def arming_forwards(module: nn.Module) -> list[_ArmingForward]:
+    """The prehook roots' arming forwards below ``module`` (itself included), in module order."""
+    return [f for m in module.modules() if isinstance(f := m.__dict__.get("forward"), _ArmingForward)]
+
+
+def slot_pools(module: nn.Module) -> list["_SlotPool"]:
+    """The slot pools whose memory ``module``'s forward hook returns after every forward."""
+    return [h.__self__ for h in module._forward_hooks.values() if isinstance(getattr(h, "__self__", None), _SlotPool)]
+
+
+_MEMBER_SOURCES = operator.itemgetter("weight_packed", "weight_scale", "weight_breakpoint")
+_VERSION = operator.attrgetter("_version")
 
 
 def _same_sources(buffers: dict, src: tuple) -> bool:
@@ -582,9 +645,10 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
     (cuDNN follows the weight), so eager models keep the default.
 
     ``prehook`` (eager; :func:`group_pipeline`'s default for eager UNets): a group whose layers all
-    sit below one root module decodes in a forward pre-hook of that root and hands each member its
-    weight as a plain attribute, taken back by a forward hook that runs even if the forward raises
-    (:meth:`DequantGroup.arm`); members then skip the per-call checks of :meth:`DequantGroup.weight`,
+    sit below one root module decodes as that root's forward begins (the root's forward is wrapped on
+    the instance, :class:`_ArmingForward`: no hook, so ``nn.Module.__call__`` keeps its fast path) and
+    hands each member its weight as a plain attribute, taken back as the forward ends, even if it
+    raises (:meth:`DequantGroup.arm`); members then skip the per-call checks of :meth:`DequantGroup.weight`,
     which are made once per group instead.  With autograd off the decode goes into a reused slot of
     a pool shared by the model's roots, whose member views were made once (:class:`_SlotPool`; its
     memory is returned after every forward of ``module``).  Groups of several sibling roots, and
@@ -669,10 +733,8 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
         pools = {key: _SlotPool(numel, *key) for key, numel in sizes.items()}
         for root, gs in hooked:
             keys = {_pool_key(g) for g in gs}
-            hooks = _RootHooks(gs, pools[keys.pop()] if len(keys) == 1 else None)
-            root.register_forward_pre_hook(hooks.pre)
-            root.register_forward_hook(hooks.post, always_call=True)
-        for pool in pools.values():     # registered last: runs after a root hook on ``module`` itself
+            _ArmingForward.install(root, gs, pools[keys.pop()] if len(keys) == 1 else None)
+        for pool in pools.values():     # a hook: runs after the forward of ``module`` (a root itself, maybe) disarmed
             module.register_forward_hook(pool.free, always_call=True)
     if groups:
         install_dedup_pass()   # compiled graphs: one launch per group (see the module docstring)
@@ -719,13 +781,14 @@ def _packed_under(layers: list[QuantModule], max_bytes: int) -> list[list[QuantM
 def ungroup_dequant(module: nn.Module) -> None:
     """Every packed layer below ``module`` back to its own launch, and its codes back to natural
     order where its group switched them (the codes path of ``channels_last``); the roots' hooks of
-    ``prehook`` groups are removed (found by kind, so a deep copy's are too)."""
+    ``prehook`` groups lose their arming forwards and the pools' hooks are removed (found by kind, so
+    a deep copy's are too)."""
     for m in module.modules():
-        for hooks in (m._forward_pre_hooks, m._forward_hooks):
-            for key in [k for k, h in hooks.items()
-                        if isinstance(getattr(h, "__self__", None), (_RootHooks, _SlotPool))]:
-                del hooks[key]
-                m._forward_hooks_always_called.pop(key, None)
+        _ArmingForward.remove(m)
+        hooks = m._forward_hooks
+        for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), _SlotPool)]:
+            del hooks[key]
+            m._forward_hooks_always_called.pop(key, None)
         group = getattr(m, "_dq_group", None) if isinstance(m, QuantModule) else None
         if group is not None:
             group.invalidate()

@@ -314,9 +314,12 @@ _PREHOOK_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.deden
         groups = DG.group_dequant(net, max_bytes=4096, prehook=True)
         assert sorted(len(g.members) for g in groups) == [5, 5]
         blocks = list(net.blocks)
-        # each block (one root holding its group) got one pre-hook and one always-called hook
-        assert all(len(b._forward_pre_hooks) == 1 and len(b._forward_hooks) == 1 for b in blocks)
-        assert not net._forward_pre_hooks and not net.head._forward_pre_hooks
+        # each block (one root holding its group) got an arming forward and no hook (nn.Module.__call__
+        # keeps its fast path); the model itself, only its pool's release hook
+        armers = DG.arming_forwards(net)
+        assert [a.module for a in armers] == blocks and all(b.forward is a for b, a in zip(blocks, armers))
+        assert all(not b._forward_pre_hooks and not b._forward_hooks for b in blocks)
+        assert not net._forward_pre_hooks and "forward" not in net.head.__dict__ and len(net._forward_hooks) == 1
         seen = []
         for g in groups:                       # the members' forwards take the handed-over weight,
             for m in g.members:                # never the per-member checked path
@@ -359,11 +362,14 @@ _PREHOOK_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.deden
         # a deep copy works on its own, and ungrouping removes the hooks (the copy's too)
         import copy
         twin = copy.deepcopy(net)
-        assert torch.equal(twin(x), net(x)) and all(len(b._forward_pre_hooks) == 1 for b in twin.blocks)
+        tw = DG.arming_forwards(twin)
+        assert [a.module for a in tw] == list(twin.blocks) and all(a.groups[0].members[0] in a.module.modules()
+                                                                    for a in tw)
+        assert torch.equal(twin(x), net(x))
         for model in (net, twin):
             DG.ungroup_dequant(model)
-            assert all(not b._forward_pre_hooks and not b._forward_hooks and not b._forward_hooks_always_called
-                       for b in model.blocks)
+            assert all("forward" not in b.__dict__ and not b._forward_hooks and not b._forward_hooks_always_called
+                       for b in model.blocks) and not model._forward_hooks
             assert torch.equal(model(x), after)
     print("PREHOOK OK")
 """)
@@ -386,12 +392,12 @@ _SLOTS_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.dedent(
     with torch.no_grad():
         ref = net(x)
         groups = DG.group_dequant(net, max_bytes=4096, prehook=True)
-        hooks = [h.__self__ for b in net.blocks for h in b._forward_pre_hooks.values()]
+        hooks = DG.arming_forwards(net)
         pool = hooks[0].pool
         # one pool for the model's one dtype, sized to its largest group, shared by both roots, and its
         # release hook on the model itself
-        assert all(h.pool is pool for h in hooks) and pool.numel == max(g.numel for g in groups)
-        assert [h.__self__ for h in net._forward_hooks.values()] == [pool]
+        assert len(hooks) == 2 and all(h.pool is pool for h in hooks) and pool.numel == max(g.numel for g in groups)
+        assert DG.slot_pools(net) == [pool]
         for _ in range(3):
             assert torch.equal(net(x), ref)
         # one stream, no nesting: one slot serves every group in turn; its memory is returned after
@@ -423,7 +429,7 @@ _SLOTS_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.dedent(
         assert torch.equal(net(x), edited) and not torch.equal(edited, after)
         net.blocks[0].q.weight_packed.bitwise_xor_(3)
         groups = DG.group_dequant(net, max_bytes=4096, prehook=True)
-        pool = net.blocks[0]._forward_pre_hooks[next(iter(net.blocks[0]._forward_pre_hooks))].__self__.pool
+        pool = DG.arming_forwards(net)[0].pool
         # cast after grouping: the groups rebuild in the new dtype and no longer fit the pool's slots,
         # so they decode into fresh buffers (same weights as ungrouped)
         net.float()
@@ -432,7 +438,7 @@ _SLOTS_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.dedent(
         assert torch.equal(net(x.float()), cast) and all(g._slot is None for g in groups)
         net.half()
         groups = DG.group_dequant(net, max_bytes=4096, prehook=True)
-        pool = net.blocks[0]._forward_pre_hooks[next(iter(net.blocks[0]._forward_pre_hooks))].__self__.pool
+        pool = DG.arming_forwards(net)[0].pool
     # autograd on: never a slot (a weight saved for backward must not be overwritten later): fresh buffers
     used = len(pool.flats)
     assert torch.equal(net(x), after) and len(pool.flats) == used
@@ -440,8 +446,8 @@ _SLOTS_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.dedent(
     with torch.no_grad():
         # a deep copy gets a pool of its own, empty; ungrouping removes every hook, the pool's too
         twin = copy.deepcopy(net)
-        tpool = [h.__self__ for h in twin._forward_hooks.values()][0]
-        assert all(h.__self__.pool is tpool for b in twin.blocks for h in b._forward_pre_hooks.values())
+        tpool = DG.slot_pools(twin)[0]
+        assert all(h.pool is tpool for h in DG.arming_forwards(twin)) and len(DG.arming_forwards(twin)) == 2
         assert tpool is not pool and tpool.flats == [] and torch.equal(twin(x), after) and len(tpool.flats) == 1
         for model in (net, twin):
             DG.ungroup_dequant(model)
@@ -475,16 +481,14 @@ def test_prehook_slots_on_cuda_give_the_per_layer_weights_and_hold_no_memory(pac
         ref = unet(lat, t, encoder_hidden_states=ctx).sample
         want = {id(m): m.dequantized_weight() for m in layers}
         groups = DG.group_dequant(unet, 64 << 10, prehook=True)
-        owners = lambda hooks: [getattr(h, "__self__", None) for h in hooks.values()]  # noqa: E731
-        pool = next(o for o in owners(unet._forward_hooks) if isinstance(o, DG._SlotPool))
+        pool = DG.slot_pools(unet)[0]
         bad = []
         for m in layers:
             m.register_forward_pre_hook(
                 lambda mod, a: bad.append(mod) if mod._armed is not None and not torch.equal(mod._armed, want[id(mod)])
                 else None)
-        armed = [g for g in groups if any(g in o.groups for r in unet.modules() for o in owners(r._forward_pre_hooks)
-                                          if isinstance(o, DG._RootHooks))]
-        assert armed, "no group got a root pre-hook"
+        armed = [g for g in groups if any(g in a.groups for a in DG.arming_forwards(unet))]
+        assert armed, "no group got an arming forward"
         base = torch.cuda.memory_allocated()
         for _ in range(2):
             out = unet(lat, t, encoder_hidden_states=ctx).sample

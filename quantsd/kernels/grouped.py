@@ -25,6 +25,7 @@ from typing import Sequence
 
 import torch
 
+from . import dequant
 from .dequant import HAS_TRITON, LAUNCH_OPTIONS
 
 __all__ = ["GroupLaunch", "ALIGN", "flat_layout"]
@@ -115,6 +116,22 @@ class GroupLaunch:
         self.desc = torch.tensor(rows, dtype=torch.int64).to(self.device)
         self.prog_layer = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
                                                   torch.tensor(progs)).to(self.device)
+        # a direct launch's fixed arguments: the addresses as integers (Triton's launcher then asks
+        # neither the tensors for their addresses nor the driver about them; the tensors stay referenced
+        # above) and the constexprs; the output's address is the one argument read per launch
+        self._index = self.device.index if self.device.type == "cuda" else None
+        self._addresses = (pb, lb, self.desc.data_ptr(), self.prog_layer.data_ptr())
+        self._constexprs = (self.bits, BLOCK, dtype == torch.bfloat16, ALIGN, self.aligned, self.bits2)
+        self._direct = None    # the compiled kernel, once adopted (run_into); never copied or pickled
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_direct": None}
+
+    def _launch_direct(self, k, out_address: int) -> None:
+        """Compiled kernel ``k`` into the buffer at ``out_address``, on the current stream."""
+        pb, lb, dp, pp = self._addresses
+        k.run(self.programs, 1, 1, torch._C._cuda_getCurrentRawStream(self._index), k.function, k.packed_metadata,
+              None, None, None, pb, lb, out_address, dp, pp, *self._constexprs)
 
     def run(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The flat buffer of every layer's dense weight (layer i at ``offsets[i]``); ``out``: a
@@ -124,39 +141,48 @@ class GroupLaunch:
         After the first launch (Triton's own, whose output a direct launch must then reproduce) the
         compiled kernel is launched directly: every argument but the fresh output is fixed, and the
         output is a new caching-allocator block (aligned), so the specialization cannot change."""
-        from . import dequant
-
         if self.device.type == "cuda" and self.device.index != torch._C._cuda_getDevice():
             with torch.cuda.device(self.device):     # Triton launches on the current device
                 return self.run(out)
         if out is None:
             out = torch.empty(self.numel, dtype=self.dtype, device=self.device)
         elif (out.dtype != self.dtype or out.device != self.device or out.numel() < self.numel
-              or not out.is_contiguous()):
-            raise ValueError(f"out must be a contiguous {self.dtype} buffer of at least {self.numel} elements on "
-                             f"{self.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+              or not out.is_contiguous() or out.data_ptr() % 16):
+            raise ValueError(f"out must be a contiguous, 16-byte aligned {self.dtype} buffer of at least {self.numel} "
+                             f"elements on {self.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
         if not self.programs:
             return out
         bf16 = self.dtype == torch.bfloat16
-        o = out.view(torch.int16) if bf16 else out
         direct = self.device.type == "cuda" and dequant.direct_ok()
         if direct:
             k = _KERNELS.get(self._key)
             if k is not None:
-                dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base, o,
-                                      self.desc, self.prog_layer, self.bits, BLOCK, bf16, ALIGN, self.aligned, self.bits2)
+                self._launch_direct(k, out.data_ptr())
                 return out
+        o = out.view(torch.int16) if bf16 else out
         k = dequant._group_table_kernel[(self.programs,)](
             self._packed_base, self._lut_base, o, self.desc, self.prog_layer, BITS=self.bits, BLOCK=BLOCK,
             OUT_BF16=bf16, ALIGN=ALIGN, ALIGNED=self.aligned, BITS2=self.bits2, **LAUNCH_OPTIONS)
         if direct and hasattr(k, "run") and not torch.cuda.is_current_stream_capturing():
-            def launch_into(check):
-                dequant.direct_launch(k, self.programs, self.device.index, self._packed_base, self._lut_base,
-                                      check.view(torch.int16) if bf16 else check, self.desc, self.prog_layer,
-                                      self.bits, BLOCK, bf16, ALIGN, self.aligned, self.bits2)
-
-            dequant.adopt_checked(_KERNELS, self._key, k, launch_into, out, self.same_weights)
+            dequant.adopt_checked(_KERNELS, self._key, k, lambda check: self._launch_direct(k, check.data_ptr()),
+                                  out, self.same_weights)
         return out
+
+    def run_into(self, out: torch.Tensor) -> None:
+        """:meth:`run` into ``out`` without its per-call work, for a caller that guarantees what
+        ``run`` checks: ``out`` a contiguous ``dtype`` buffer of at least ``numel`` elements on
+        ``device``, which is the current device (a pool slot made for this launch,
+        :class:`quantsd.dequant_groups._SlotPool`).  Once ``run`` has checked a direct launch against
+        Triton's own, a call is that one direct launch with its arguments fixed at construction.
+        Why: once per block and eager step on the host-bound path (session 13's H200 profile: the
+        checks and the kernel-cache lookup in ``run`` were ~20 us of host time per launch)."""
+        k = self._direct
+        if k is None or not dequant.direct_ok():
+            self.run(out)
+            if self._index is not None and dequant.direct_ok():
+                self._direct = _KERNELS.get(self._key)
+            return
+        self._launch_direct(k, out.data_ptr())
 
     def same_weights(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         """Do flat buffers ``a`` and ``b`` hold the same bits in every layer's weight?  (The padding
