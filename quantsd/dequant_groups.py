@@ -100,8 +100,8 @@ class DequantGroup:
         # which members' weights are written channels-last: with ``channels_last``, the conv weights
         # whose codes can be stored in (O, KH, KW, I) order
         self.channels_last = [channels_last and _cl_candidate(m) for m in members]
-        if len(members) < 2 and not any(self.channels_last):
-            raise ValueError("a group has two or more layers, or one written channels-last")
+        if not members:
+            raise ValueError("a group has one or more layers")
         # the flat buffer's layout, GroupLaunch's own
         self.offsets, self.numel = flat_layout([m._plan.numel for m in members])
         # those members' codes go to (O, KH, KW, I) order, and the decode (which writes every layer in
@@ -651,9 +651,11 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
     raises (:meth:`DequantGroup.arm`); members then skip the per-call checks of :meth:`DequantGroup.weight`,
     which are made once per group instead.  With autograd off the decode goes into a reused slot of
     a pool shared by the model's roots, whose member views were made once (:class:`_SlotPool`; its
-    memory is returned after every forward of ``module``).  Groups of several sibling roots, and
-    members called outside their root's forward, keep the checked path.  Same weights, fewer host
-    instructions per eager step: 0.95x the checked groups' UNet step on the H200 (session 13)."""
+    memory is returned after every forward of ``module``).  Every root gets groups of its own (sibling
+    roots are not taken together), a layer alone in its root included (a group of one), so no layer
+    keeps the checked path or its own launch; members called outside their root's forward take the
+    checked path.  Same weights, fewer host instructions per eager step: 0.95x the checked groups'
+    UNet step on the H200 (session 13)."""
     _refuse_cl_decode_env()
     ungroup_dequant(module)
     totals: dict[int, int] = {}
@@ -694,6 +696,11 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
             runs.append(run)
 
     visit(module)
+    if prehook:
+        # every root its own run, so that each group is armed by its own root's forward: a group of
+        # several sibling roots would take the checked path, and siblings need not run in module
+        # order (SD's conv_in runs after time_embedding)
+        runs = [[root] for run in runs for root in run]
     groups: list[DequantGroup] = []
     hooked: list[tuple[nn.Module, list[DequantGroup]]] = []   # (root, its groups) of prehook roots
     for run in runs:
@@ -712,7 +719,9 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
                 split.update({kind + (b,): [m for m in ms if m.bits == b] for b in widths})
         for layers in split.values():
             for members in _packed_under(layers, max_bytes):
-                if len(members) < 2 and not (channels_last and _cl_candidate(members[0])):
+                # (a layer alone in its root: a group of one where its root arms it -- one launch into
+                # the slot instead of the layer's own checked launch -- or channels-last; else its own)
+                if len(members) < 2 and not (prehook or (channels_last and _cl_candidate(members[0]))):
                     continue
                 g = DequantGroup(members, channels_last=channels_last)
                 for i, m in enumerate(members):

@@ -312,18 +312,21 @@ _PREHOOK_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.deden
         plain = DG.group_dequant(net, max_bytes=4096)
         assert torch.equal(net(x), ref)
         groups = DG.group_dequant(net, max_bytes=4096, prehook=True)
-        assert sorted(len(g.members) for g in groups) == [5, 5]
+        # the head, a layer alone in its root (itself), gets a group of one instead of its own launch
+        assert sorted(len(g.members) for g in groups) == [1, 5, 5] and groups[-1].members == [net.head]
         blocks = list(net.blocks)
-        # each block (one root holding its group) got an arming forward and no hook (nn.Module.__call__
-        # keeps its fast path); the model itself, only its pool's release hook
+        # each root got an arming forward and no hook (nn.Module.__call__ keeps its fast path); the
+        # model itself, only its pool's release hook
         armers = DG.arming_forwards(net)
-        assert [a.module for a in armers] == blocks and all(b.forward is a for b, a in zip(blocks, armers))
+        assert [a.module for a in armers] == blocks + [net.head]
+        assert all(r.forward is a for r, a in zip(blocks + [net.head], armers))
         assert all(not b._forward_pre_hooks and not b._forward_hooks for b in blocks)
-        assert not net._forward_pre_hooks and "forward" not in net.head.__dict__ and len(net._forward_hooks) == 1
+        assert not net._forward_pre_hooks and len(net._forward_hooks) == 1
         seen = []
         for g in groups:                       # the members' forwards take the handed-over weight,
-            for m in g.members:                # never the per-member checked path
-                m.register_forward_pre_hook(lambda mod, a: seen.append(mod._armed is not None))
+            for m in g.members:                # never the per-member checked path (the head, its own
+                if m is not net.head:          # root, is armed inside its forward, after pre-hooks)
+                    m.register_forward_pre_hook(lambda mod, a: seen.append(mod._armed is not None))
         real_weight = DG.DequantGroup.weight
         DG.DequantGroup.weight = lambda self, i: (_ for _ in ()).throw(AssertionError("checked path taken"))
         try:
@@ -332,7 +335,7 @@ _PREHOOK_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.deden
         finally:
             DG.DequantGroup.weight = real_weight
         assert seen and all(seen) and len(seen) == 2 * 10
-        assert [g.launches for g in groups] == [2, 2]            # one launch per group and forward
+        assert [g.launches for g in groups] == [2, 2, 2]          # one launch per group and forward
         assert all(m._armed is None for g in groups for m in g.members) and all(g._flat is None for g in groups)
         # a member called outside its root's forward takes the checked path: same weight
         t = torch.randn(3, 8, dtype=torch.float16)
@@ -363,8 +366,8 @@ _PREHOOK_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.deden
         import copy
         twin = copy.deepcopy(net)
         tw = DG.arming_forwards(twin)
-        assert [a.module for a in tw] == list(twin.blocks) and all(a.groups[0].members[0] in a.module.modules()
-                                                                    for a in tw)
+        assert [a.module for a in tw] == list(twin.blocks) + [twin.head]
+        assert all(a.groups[0].members[0] in a.module.modules() for a in tw)
         assert torch.equal(twin(x), net(x))
         for model in (net, twin):
             DG.ungroup_dequant(model)
@@ -396,7 +399,7 @@ _SLOTS_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.dedent(
         pool = hooks[0].pool
         # one pool for the model's one dtype, sized to its largest group, shared by both roots, and its
         # release hook on the model itself
-        assert len(hooks) == 2 and all(h.pool is pool for h in hooks) and pool.numel == max(g.numel for g in groups)
+        assert len(hooks) == 3 and all(h.pool is pool for h in hooks) and pool.numel == max(g.numel for g in groups)
         assert DG.slot_pools(net) == [pool]
         for _ in range(3):
             assert torch.equal(net(x), ref)
@@ -406,7 +409,7 @@ _SLOTS_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.dedent(
         views = [g._slot_views[0][1] for g in groups]
         assert torch.equal(net(x), ref)
         assert all(g._slot_views[0][1] is v for g, v in zip(groups, views))
-        assert [g.launches for g in groups] == [4, 4] and all(g._flat is None for g in groups)
+        assert [g.launches for g in groups] == [4, 4, 4] and all(g._flat is None for g in groups)
         assert all(m._armed is None for g in groups for m in g.members)
         # a slot still held (a root running around another, say) is never written: a second slot is made
         held = pool.acquire()
@@ -447,7 +450,7 @@ _SLOTS_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.dedent(
         # a deep copy gets a pool of its own, empty; ungrouping removes every hook, the pool's too
         twin = copy.deepcopy(net)
         tpool = DG.slot_pools(twin)[0]
-        assert all(h.pool is tpool for h in DG.arming_forwards(twin)) and len(DG.arming_forwards(twin)) == 2
+        assert all(h.pool is tpool for h in DG.arming_forwards(twin)) and len(DG.arming_forwards(twin)) == 3
         assert tpool is not pool and tpool.flats == [] and torch.equal(twin(x), after) and len(tpool.flats) == 1
         for model in (net, twin):
             DG.ungroup_dequant(model)
@@ -699,7 +702,7 @@ def test_layers_without_the_kernel_are_not_grouped():
 def test_group_needs_two_layers():
     from quantsd.dequant_groups import DequantGroup
 
-    with pytest.raises(ValueError, match="two or more"):
+    with pytest.raises(ValueError, match="one or more"):
         DequantGroup([])
 
 
