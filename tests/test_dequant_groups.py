@@ -699,7 +699,7 @@ def test_layers_without_the_kernel_are_not_grouped():
     assert torch.equal(net(x), net[1](net[0](x)))
 
 
-def test_group_needs_two_layers():
+def test_group_needs_a_layer():
     from quantsd.dequant_groups import DequantGroup
 
     with pytest.raises(ValueError, match="one or more"):
@@ -733,6 +733,17 @@ def test_grouped_dequant_on_cuda_equals_per_layer():
         from quantsd.kernels.grouped import _KERNELS
 
         assert all(g._launch._key in _KERNELS for g in groups) and all(g.launches == 2 for g in groups)
+        # run_into (the slots' launch): the direct launch with the addresses as integers, adopted
+        # after one checked run, writes the same bits into a reused buffer (stale contents overwritten)
+        from quantsd.kernels import dequant
+
+        for g in groups:
+            flat = torch.full((g.numel + 64,), float("nan"), dtype=dtype, device="cuda")
+            for _ in range(2):
+                g._launch.run_into(flat)
+                assert all(torch.equal(v, m.dequantized_weight()) for v, m in zip(g._launch.views(flat), g.members))
+                flat.fill_(7)
+            assert g._launch._direct is _KERNELS[g._launch._key] and dequant._direct_enabled
 
 
 _GENERATE_SCRIPT = textwrap.dedent("""
