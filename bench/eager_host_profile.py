@@ -97,6 +97,54 @@ def _conv_host_us(dev: torch.device, reps: int = 200) -> dict:
     return out
 
 
+def _prearmed(pipe) -> None:
+    """The packed UNet with every member's weight decoded once and handed over for good (its root's
+    arming forward removed): the same modules and layer forwards as ``packed`` without the per-step
+    decode machinery -- the step's remaining gap to fp16, if any, is not the machinery's."""
+    from quantsd.dequant_groups import _ArmingForward, arming_forwards
+
+    for armer in arming_forwards(pipe.unet):
+        for g in armer.groups:
+            for m in g.members:
+                m.__dict__["_armed"] = m.dequantized_weight()
+        _ArmingForward.remove(armer.module)
+
+
+def _machinery_us(unet, reps: int = 50) -> dict:
+    """Host time of one step's arming and disarming (every root's groups armed into the slot and
+    disarmed, as the roots' forwards do), with the GPU idle (a sync after each, outside the timing),
+    and the same with the launches replaced by nothing: how much of the packed step's extra host
+    time is the per-block machinery, and how much of that the launches."""
+    from quantsd.dequant_groups import arming_forwards
+    from quantsd.kernels.grouped import GroupLaunch
+
+    armers = arming_forwards(unet)
+
+    def one_step() -> float:
+        t = 0.0
+        for armer in armers:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for g in armer.groups:
+                g.arm(armer.pool)
+            for g in armer.groups:
+                g.disarm()
+            t += time.perf_counter() - t0
+        for pool in {id(a.pool): a.pool for a in armers if a.pool is not None}.values():
+            pool.free()
+        return t * 1e6
+
+    out = {"roots": len(armers), "groups": sum(len(a.groups) for a in armers)}
+    out["with_launch_us_per_step"] = round(statistics.median(one_step() for _ in range(reps)), 1)
+    real = GroupLaunch.run_into
+    GroupLaunch.run_into = lambda self, flat: None
+    try:
+        out["without_launch_us_per_step"] = round(statistics.median(one_step() for _ in range(reps)), 1)
+    finally:
+        GroupLaunch.run_into = real
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", default="recipes/paper-final.yaml")
@@ -106,11 +154,18 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--checked", action="store_true",
                     help="also the packed pipeline with checked groups (no prehook groups: the default until session 13)")
+    ap.add_argument("--prearmed", action="store_true",
+                    help="also the packed UNet with every weight decoded once and kept (no per-step machinery), and "
+                         "the host time of one step's arming and disarming")
     a = ap.parse_args()
     dev = torch.device("cuda")
     variants = {"fp16": build_pipeline("sd15-arch", BenchConfig("fp16-sdpa"), dev),
                 "packed": build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev,
                                          recipe=load_recipe(a.recipe))}
+    if a.prearmed:
+        variants["packed-prearmed"] = build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev,
+                                                     recipe=load_recipe(a.recipe))
+        _prearmed(variants["packed-prearmed"])
     if a.checked:
         variants["packed-checked"] = build_pipeline("sd15-arch", BenchConfig("packed-checked", packed=True, prehook=False),
                                                     dev, recipe=load_recipe(a.recipe))
@@ -152,6 +207,13 @@ def main() -> None:
         res["step_ms"] = {k: round(statistics.median(v), 2) for k, v in gpu.items()}
         res["packed_over_fp16"] = {"host": round(res["host_ms"]["packed"] / res["host_ms"]["fp16"], 3),
                                    "step": round(res["step_ms"]["packed"] / res["step_ms"]["fp16"], 3)}
+        for other in ("packed-prearmed",):
+            if other in variants:
+                res[f"{other}_over_fp16"] = {k: round(res[f"{k}_ms"][other] / res[f"{k}_ms"]["fp16"], 3)
+                                             for k in ("host", "step")}
+        if a.prearmed:
+            res["machinery"] = _machinery_us(variants["packed"].unet)
+            print("machinery:", res["machinery"])
         if "packed-checked" in variants:
             res["checked_over_fp16"] = {k: round(res[f"{k}_ms"]["packed-checked"] / res[f"{k}_ms"]["fp16"], 3)
                                         for k in ("host", "step")}

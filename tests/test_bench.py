@@ -227,12 +227,14 @@ def test_cli_bench_help_and_errors(tmp_path):
         # the new options parse and validate before the CUDA check: only the missing GPU stops them
         r = CliRunner().invoke(main, ["bench", "-m", "tiny", "--lean", "--schedulers", "dpm,ddim", "--max-res-ff-chunk", "0",
                                       "--only", "fp16-sdpa", "--no-grouped-dequant", "--dense-below", "262144",
-                                      "--eager-pair-rounds", "3", "-o", str(tmp_path / "b")])
+                                      "--eager-pair-rounds", "3", "--eager-pair-calls", "1", "-o", str(tmp_path / "b")])
         assert r.exit_code != 0 and "no CUDA device" in r.output and not (tmp_path / "b").exists()
     r = CliRunner().invoke(main, ["bench", "--dense-below", "-1", "-o", str(tmp_path / "c")])
     assert r.exit_code != 0 and "--dense-below" in r.output and not (tmp_path / "c").exists()
     r = CliRunner().invoke(main, ["bench", "--eager-pair-rounds", "-1", "-o", str(tmp_path / "d")])
     assert r.exit_code != 0 and "--eager-pair-rounds" in r.output and not (tmp_path / "d").exists()
+    r = CliRunner().invoke(main, ["bench", "--eager-pair-calls", "0", "-o", str(tmp_path / "e")])
+    assert r.exit_code != 0 and "--eager-pair-calls" in r.output and not (tmp_path / "e").exists()
 
 
 def test_release_frees_a_minimal_guard_compiled_unet():
@@ -372,7 +374,8 @@ def test_eager_pair_runs_once_both_eager_rows_built(monkeypatch, tmp_path):
     built, released = [], []
     monkeypatch.setattr(b, "_build", lambda cfg, dev, recipe: built.append(cfg.name) or cfg.name)
     monkeypatch.setattr(core, "_release", lambda pipe, compiled: released.append(pipe))
-    monkeypatch.setattr(core, "eager_interleaved", lambda pipes, *a, **k: {
+    seen_calls = []
+    monkeypatch.setattr(core, "eager_interleaved", lambda pipes, *a, **k: seen_calls.append(k.get("calls")) or {
         "unet_ms_rounds": {"fp16-sdpa": [10.0, 12.0], "packed": [11.0, 12.0]},
         "image_ms_rounds": {"fp16-sdpa": [100.0], "packed": [90.0]}, "calls": 5})
     monkeypatch.setattr(core.torch.cuda, "empty_cache", lambda: None)
@@ -386,6 +389,7 @@ def test_eager_pair_runs_once_both_eager_rows_built(monkeypatch, tmp_path):
     pair = b.results["eager_interleaved"]["packed_vs_fp16_sdpa"]
     assert pair["unet"]["ratio_median"] == pytest.approx((1.1 + 1.0) / 2) and pair["image"]["ratio_median"] == 0.9
     assert "taking turns (2 rounds of 5 UNet steps" in markdown_report(b.results)
+    assert seen_calls == [5]      # the bench's eager_pair_calls reach the measurement
     # with packed-checked built too, it joins the same turns and is compared with both
     b._pair_done = False
     built.clear()

@@ -526,6 +526,7 @@ class Bench:
     grouped_dequant: bool = True       # packed: one dequant launch per block (quantsd.dequant_groups)
     dense_below: int = 0               # packed: UNet layers of at most this many weights kept dense (0: off)
     eager_pair_rounds: int = 9         # packed vs fp16-sdpa eager, taking turns (eager_interleaved; 0: off)
+    eager_pair_calls: int = 5          # UNet steps per pipeline and round (1: the pipelines alternate step by step)
     configs: list[BenchConfig] | None = None
     log: Callable[[str], None] = print
     results: dict = field(default_factory=dict)
@@ -747,7 +748,8 @@ class Bench:
         def measure() -> dict:
             for name in ("fp16-sdpa", "packed", *extra):
                 pipes[name] = self._build(cfgs[name], dev, recipe)
-            rounds = eager_interleaved(pipes, self.height, self.steps, self.guidance, rounds=self.eager_pair_rounds)
+            rounds = eager_interleaved(pipes, self.height, self.steps, self.guidance, rounds=self.eager_pair_rounds,
+                                       calls=self.eager_pair_calls)
             out = {**rounds, "unet": paired_ratio(rounds["unet_ms_rounds"], "packed", "fp16-sdpa"),
                    "image": paired_ratio(rounds["image_ms_rounds"], "packed", "fp16-sdpa")}
             for name in extra:    # each variant against fp16 and against the default packed pipeline
