@@ -212,7 +212,10 @@ def main() -> None:
                 res[f"{other}_over_fp16"] = {k: round(res[f"{k}_ms"][other] / res[f"{k}_ms"]["fp16"], 3)
                                              for k in ("host", "step")}
         if a.prearmed:
-            res["machinery"] = _machinery_us(variants["packed"].unet)
+            try:
+                res["machinery"] = _machinery_us(variants["packed"].unet)
+            except Exception as e:  # a diagnostic: keep the rest of the run
+                res["machinery"] = {"error": repr(e)}
             print("machinery:", res["machinery"])
         if "packed-checked" in variants:
             res["checked_over_fp16"] = {k: round(res[f"{k}_ms"]["packed-checked"] / res[f"{k}_ms"]["fp16"], 3)
