@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quantsd.bench.core import BenchConfig, _unet_inputs, build_pipeline  # noqa: E402
-from quantsd.dequant_groups import launch_counts  # noqa: E402
+from quantsd.dequant_groups import launch_counts, slot_pools  # noqa: E402
 from quantsd.recipe import load_recipe  # noqa: E402
 
 
@@ -97,16 +97,31 @@ def _conv_host_us(dev: torch.device, reps: int = 200) -> dict:
     return out
 
 
-def _prearmed(pipe) -> None:
+def _prearmed(pipe, kind: str = "fresh") -> None:
     """The packed UNet with every member's weight decoded once and handed over for good (its root's
     arming forward removed): the same modules and layer forwards as ``packed`` without the per-step
-    decode machinery -- the step's remaining gap to fp16, if any, is not the machinery's."""
+    decode machinery -- the step's remaining gap to fp16, if any, is not the machinery's.  ``kind``:
+    each weight a tensor of its own (``fresh``), an ``as_strided`` view of its group's flat buffer
+    (``views``, what the slots hand over), or a tensor set on that buffer's storage (``aliases``:
+    ``Tensor.set_``, no view) -- does the kind of tensor handed over change the ops' host time?"""
     from quantsd.dequant_groups import _ArmingForward, arming_forwards
 
     for armer in arming_forwards(pipe.unet):
         for g in armer.groups:
-            for m in g.members:
-                m.__dict__["_armed"] = m.dequantized_weight()
+            if kind == "fresh":
+                weights = [m.dequantized_weight() for m in g.members]
+            else:
+                g._ready()
+                launch = g._launch
+                flat = launch.run()
+                if kind == "views":
+                    weights = launch.views(flat)
+                else:
+                    weights = [torch.empty(0, dtype=flat.dtype, device=flat.device).set_(flat.untyped_storage(), o, sh, st)
+                               for sh, st, o in launch._view_args]
+            for m, w in zip(g.members, weights):
+                assert torch.equal(w, m.dequantized_weight())
+                m.__dict__["_armed"] = w
         _ArmingForward.remove(armer.module)
 
 
@@ -163,9 +178,15 @@ def main() -> None:
                 "packed": build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev,
                                          recipe=load_recipe(a.recipe))}
     if a.prearmed:
-        variants["packed-prearmed"] = build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev,
-                                                     recipe=load_recipe(a.recipe))
-        _prearmed(variants["packed-prearmed"])
+        for kind in ("fresh", "views", "aliases"):
+            name = "packed-prearmed" + ("" if kind == "fresh" else f"-{kind}")
+            variants[name] = build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev,
+                                            recipe=load_recipe(a.recipe))
+            _prearmed(variants[name], kind)
+        variants["packed-aliases"] = build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev,
+                                                    recipe=load_recipe(a.recipe))
+        for pool in slot_pools(variants["packed-aliases"].unet):
+            pool.aliases = True
     if a.checked:
         variants["packed-checked"] = build_pipeline("sd15-arch", BenchConfig("packed-checked", packed=True, prehook=False),
                                                     dev, recipe=load_recipe(a.recipe))
@@ -207,7 +228,7 @@ def main() -> None:
         res["step_ms"] = {k: round(statistics.median(v), 2) for k, v in gpu.items()}
         res["packed_over_fp16"] = {"host": round(res["host_ms"]["packed"] / res["host_ms"]["fp16"], 3),
                                    "step": round(res["step_ms"]["packed"] / res["step_ms"]["fp16"], 3)}
-        for other in ("packed-prearmed",):
+        for other in ("packed-prearmed", "packed-prearmed-views", "packed-prearmed-aliases", "packed-aliases"):
             if other in variants:
                 res[f"{other}_over_fp16"] = {k: round(res[f"{k}_ms"][other] / res[f"{k}_ms"]["fp16"], 3)
                                              for k in ("host", "step")}

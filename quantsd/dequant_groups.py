@@ -430,7 +430,7 @@ class DequantGroup:
             launch.run(flat)         # (makes the weights' device current)
         cached = self._slot_views.get(slot)
         if cached is None or cached[0] is not launch:
-            cached = self._slot_views[slot] = (launch, launch.views(flat))
+            cached = self._slot_views[slot] = (launch, launch.aliases(flat) if pool.aliases else launch.views(flat))
         self._sources = self._checked_sources
         self._slot = slot
         self._pool = pool
@@ -472,6 +472,7 @@ class _SlotPool:
 
     def _reset(self) -> None:
         self.index = self.device.index if self.device.type == "cuda" else None   # CUDA device index
+        self.aliases = False    # hand over tensors set on a slot's storage instead of views (experiment)
         self.flats: list[torch.Tensor] = []
         self.busy: list[bool] = []
         self.live: list[bool] = []          # the slot's memory is allocated (not returned by free)
