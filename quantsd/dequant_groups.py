@@ -51,8 +51,9 @@ from . import nn as _nn
 from .kernels.grouped import flat_layout
 from .nn import QuantConv2d, QuantLinear, QuantModule, _version_of
 
-__all__ = ["DequantGroup", "group_dequant", "group_pipeline", "ungroup_dequant", "launch_counts", "DEFAULT_MAX_BYTES",
-           "EAGER_MAX_BYTES", "DEDUP_PASS", "install_dedup_pass"]
+__all__ = ["DequantGroup", "group_dequant", "group_pipeline", "regroup_pipeline", "eager_max_bytes", "ungroup_dequant",
+           "launch_counts", "DEFAULT_MAX_BYTES", "EAGER_MAX_BYTES", "EAGER_LARGE_MAX_BYTES", "DEDUP_PASS",
+           "install_dedup_pass"]
 
 # Group caps (dense bytes).  Compiled graphs: 32 MiB -- a group's weights are read by the GEMMs right
 # after their decode, and a larger group made the compiled step no faster on the H200 (session 7).
@@ -61,6 +62,12 @@ __all__ = ["DequantGroup", "group_dequant", "group_pipeline", "ungroup_dequant",
 # from 85 to 33, and two such buffers (at most _MAX_LIVE) stay under the VAE decode's own peak.
 DEFAULT_MAX_BYTES = 32 << 20
 EAGER_MAX_BYTES = 96 << 20
+# Eager groups where the process may use at least LARGE_DEVICE_BYTES of the device: a quarter fewer
+# launches and roots per SD1.5 step (25 instead of 34), 0.968-0.983x the 96 MiB step with the pipelines
+# taking turns (H200, session 14, three runs), for a slot of up to 256 MiB during each UNet call --
+# which cost the 4 GiB card's largest image 4224² -> 3840², so smaller devices keep 96 MiB.
+EAGER_LARGE_MAX_BYTES = 256 << 20
+LARGE_DEVICE_BYTES = 16 << 30
 _LIVE: deque = deque()      # weak references to the groups whose buffer is held, oldest first
 _MAX_LIVE = 2
 _REGISTRY: "weakref.WeakValueDictionary[int, DequantGroup]" = weakref.WeakValueDictionary()  # key -> group
@@ -430,7 +437,7 @@ class DequantGroup:
             launch.run(flat)         # (makes the weights' device current)
         cached = self._slot_views.get(slot)
         if cached is None or cached[0] is not launch:
-            cached = self._slot_views[slot] = (launch, launch.aliases(flat) if pool.aliases else launch.views(flat))
+            cached = self._slot_views[slot] = (launch, launch.views(flat))
         self._sources = self._checked_sources
         self._slot = slot
         self._pool = pool
@@ -472,7 +479,6 @@ class _SlotPool:
 
     def _reset(self) -> None:
         self.index = self.device.index if self.device.type == "cuda" else None   # CUDA device index
-        self.aliases = False    # hand over tensors set on a slot's storage instead of views (experiment)
         self.flats: list[torch.Tensor] = []
         self.busy: list[bool] = []
         self.live: list[bool] = []          # the slot's memory is allocated (not returned by free)
@@ -817,11 +823,27 @@ def launch_counts(module: nn.Module) -> dict:
     return {"groups": len(groups), "lone_layers": lone, "launches": len(groups) + lone}
 
 
+def eager_max_bytes(device: torch.device) -> int:
+    """The eager group cap for ``device``: :data:`EAGER_LARGE_MAX_BYTES` where this process may use
+    at least :data:`LARGE_DEVICE_BYTES` of it (its memory times the per-process fraction, which
+    ``torch.cuda.set_per_process_memory_fraction`` lowers), else :data:`EAGER_MAX_BYTES` -- fewer,
+    larger groups are faster, and a small card's memory is better spent on the image."""
+    if device.type != "cuda":
+        return EAGER_MAX_BYTES
+    usable = torch.cuda.get_device_properties(device).total_memory
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if fraction is not None:
+        usable *= fraction(device)
+    return EAGER_LARGE_MAX_BYTES if usable >= LARGE_DEVICE_BYTES else EAGER_MAX_BYTES
+
+
 def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True, prehook: bool | None = None) -> int:
     """:func:`group_dequant` on a diffusers pipeline's UNet; returns how many groups were made (0
     where no layer runs the Triton kernel, e.g. on the CPU).  ``max_bytes`` None: the environment's
     ``QUANTSD_GROUP_MAX_MIB`` (MiB, for experiments), else :data:`DEFAULT_MAX_BYTES` for a UNet that
-    will be compiled and :data:`EAGER_MAX_BYTES` for one that runs eager (``compiled=False``).
+    will be compiled and :func:`eager_max_bytes` of the UNet's device for one that runs eager
+    (``compiled=False``).  The arguments are kept on the UNet, so :func:`regroup_pipeline` can make
+    the same choice again after the memory the process may use has changed.
 
     Only the UNet: it runs once per step, the text encoder and the VAE once per image (a few ms of
     launches), and the VAE decode is a generation's memory peak, which a group's buffer would raise.
@@ -831,17 +853,45 @@ def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True,
     gets ``prehook`` groups decoding into reused slots (``prehook`` None: on unless
     ``QUANTSD_EAGER_PREHOOK=0``): on the H200 the eager packed step took 0.95x the time of checked
     groups, the pipelines taking turns (BENCHMARKS.md, session 13)."""
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, nn.Module):
+        return 0
+    asked = max_bytes
     if max_bytes is None:
         env = os.environ.get("QUANTSD_GROUP_MAX_MIB", "").strip()
         try:
-            max_bytes = int(float(env) * (1 << 20)) if env else (DEFAULT_MAX_BYTES if compiled else EAGER_MAX_BYTES)
+            max_bytes = int(float(env) * (1 << 20)) if env else None
         except ValueError:
             raise ValueError(f"QUANTSD_GROUP_MAX_MIB must be a number of MiB, got {env!r}") from None
+        if max_bytes is None:
+            max_bytes = DEFAULT_MAX_BYTES if compiled else eager_max_bytes(_device_of(unet))
     channels_last = _env_flag("QUANTSD_DECODE_CHANNELS_LAST", default=compiled)
+    prehook_on = not compiled and (_env_flag("QUANTSD_EAGER_PREHOOK", default=True) if prehook is None else prehook)
+    groups = group_dequant(unet, max_bytes, channels_last=channels_last, prehook=prehook_on)
+    unet.__dict__["_quantsd_grouping"] = ({"prehook": prehook, "max_bytes": max_bytes}
+                                          if asked is None and not compiled and not os.environ.get("QUANTSD_GROUP_MAX_MIB", "").strip()
+                                          else None)
+    return len(groups)
+
+
+def regroup_pipeline(pipe) -> bool:
+    """Group an eager UNet again when :func:`group_pipeline` chose its cap from the device's memory
+    (:func:`eager_max_bytes`) and that choice has changed since -- after
+    ``torch.cuda.set_per_process_memory_fraction`` changed what the process may use (the bench's
+    maximum-resolution search emulates a smaller card this way).  True if it regrouped.  A cap that
+    was given, and a UNet grouped for compiling (whose graphs hold its groups), are left alone."""
     unet = getattr(pipe, "unet", None)
-    prehook = not compiled and (_env_flag("QUANTSD_EAGER_PREHOOK", default=True) if prehook is None else prehook)
-    return (len(group_dequant(unet, max_bytes, channels_last=channels_last, prehook=prehook))
-            if isinstance(unet, nn.Module) else 0)
+    args = getattr(unet, "__dict__", {}).get("_quantsd_grouping")
+    if args is None or eager_max_bytes(_device_of(unet)) == args["max_bytes"]:
+        return False
+    group_pipeline(pipe, compiled=False, prehook=args["prehook"])
+    return True
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def _env_flag(name: str, default: bool = False) -> bool:

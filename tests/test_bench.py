@@ -77,9 +77,11 @@ def test_default_configs():
                      "packed-compiled"]
     assert [(c.name, c.grouped, c.prefetch, c.prehook, c.compile) for c in optional_configs(True, True)] == [
         ("packed-checked", True, False, False, False), ("packed-groups-256", True, False, None, False),
+        ("packed-groups-96", True, False, None, False),
         ("packed-compiled-per-layer", False, False, None, True),
         ("packed-compiled-prefetch", True, True, None, True)]
-    assert [c.name for c in optional_configs(True, False)] == ["packed-checked", "packed-groups-256"] and optional_configs(False, True) == []
+    assert [c.name for c in optional_configs(True, False)] == ["packed-checked", "packed-groups-256", "packed-groups-96"]
+    assert optional_configs(False, True) == []
     assert [c.name for c in default_configs(False, False)] == ["fp16-sdpa", "fp32-classic"]
     fp32 = default_configs(False, False)[1]
     assert fp32.attention == "classic" and fp32.torch_dtype == torch.float32

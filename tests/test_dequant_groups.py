@@ -1339,3 +1339,45 @@ def test_configure_pipeline_passes_the_group_cap(monkeypatch):
     configure_pipeline(pipe, group_max_bytes=256 << 20)
     configure_pipeline(pipe)
     assert seen == [(256 << 20, {"compiled": False, "prehook": None}), (None, {"compiled": False, "prehook": None})]
+
+
+def test_eager_cap_follows_the_memory_the_process_may_use(monkeypatch):
+    """Eager UNets grouped with no cap given take 256 MiB groups where the process may use at least
+    16 GiB of the device and 96 MiB below that (the per-process fraction counts: the bench's max-res
+    search emulates a small card with it); regroup_pipeline follows a change of that choice, and
+    leaves a given cap, the environment's and a compiled grouping alone."""
+    from types import SimpleNamespace
+
+    from quantsd import dequant_groups as DG
+
+    frac = [1.0]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=24 << 30))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda d: frac[0], raising=False)
+    cuda = torch.device("cuda", 0)
+    assert DG.eager_max_bytes(cuda) == DG.EAGER_LARGE_MAX_BYTES > DG.EAGER_MAX_BYTES
+    frac[0] = 8 / 24
+    assert DG.eager_max_bytes(cuda) == DG.EAGER_MAX_BYTES
+    assert DG.eager_max_bytes(torch.device("cpu")) == DG.EAGER_MAX_BYTES
+    seen = []
+    monkeypatch.setattr(DG, "group_dequant",
+                        lambda unet, max_bytes, channels_last, prehook=False: seen.append(max_bytes) or [])
+    monkeypatch.setattr(DG, "_device_of", lambda m: cuda)
+    monkeypatch.delenv("QUANTSD_GROUP_MAX_MIB", raising=False)
+    pipe = SimpleNamespace(unet=nn.Linear(2, 2))
+    frac[0] = 1.0
+    DG.group_pipeline(pipe, compiled=False)
+    assert seen == [DG.EAGER_LARGE_MAX_BYTES] and not DG.regroup_pipeline(pipe)   # nothing changed
+    frac[0] = 4 / 24
+    assert DG.regroup_pipeline(pipe) and seen[-1] == DG.EAGER_MAX_BYTES
+    frac[0] = 1.0
+    assert DG.regroup_pipeline(pipe) and seen[-1] == DG.EAGER_LARGE_MAX_BYTES
+    for kw in ({"compiled": False, "max_bytes": 5 << 20}, {"compiled": True}):
+        DG.group_pipeline(pipe, **kw)
+        frac[0], n = 4 / 24, len(seen)
+        assert not DG.regroup_pipeline(pipe) and len(seen) == n
+        frac[0] = 1.0
+    monkeypatch.setenv("QUANTSD_GROUP_MAX_MIB", "64")
+    DG.group_pipeline(pipe, compiled=False)
+    frac[0] = 4 / 24
+    assert seen[-1] == 64 << 20 and not DG.regroup_pipeline(pipe)
+    assert not DG.regroup_pipeline(SimpleNamespace(unet=nn.Linear(2, 2)))   # never grouped

@@ -181,20 +181,22 @@ def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
 
 
 # optional eager packed configurations that join the eager pair's turns (compared with fp16-sdpa and packed)
-EAGER_VARIANTS = ("packed-checked", "packed-groups-256")
+EAGER_VARIANTS = ("packed-checked", "packed-groups-256", "packed-groups-96")
 
 
 def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
     """Variants of the packed configurations that run only when named (``--only``): eager with the
     checked groups that were the default until the prehook groups (``packed-checked``), and with
-    eager groups of up to 256 MiB instead of 96 (``packed-groups-256``: fewer launches and block
-    hooks, a larger buffer held during each UNet call); both join the eager pair's turns; compiled with
+    eager groups capped at 256 or 96 MiB whatever the device (``packed-groups-256`` /
+    ``packed-groups-96``; the default takes 256 MiB on a device of 16 GiB or more, 96 below:
+    :func:`quantsd.dequant_groups.eager_max_bytes`); all join the eager pair's turns; compiled with
     one dequant launch per layer instead of per group (what grouping buys), and with weight prefetch
     (:mod:`quantsd.prefetch`, measured slower so far)."""
     if not recipe:
         return []
     eager = [BenchConfig("packed-checked", packed=True, prehook=False, sweep=()),
-             BenchConfig("packed-groups-256", packed=True, group_max_mib=256, sweep=())]
+             BenchConfig("packed-groups-256", packed=True, group_max_mib=256, sweep=()),
+             BenchConfig("packed-groups-96", packed=True, group_max_mib=96, sweep=())]
     if not compile:
         return eager
     return eager + [BenchConfig("packed-compiled-per-layer", packed=True, compile=True, grouped=False, sweep=()),
@@ -440,6 +442,8 @@ def max_resolution(pipe, cap_gb: float, cfg_mode: str, lo: int = 256, hi: int = 
     """Largest square side (multiple of 64) whose probe fits with the caching allocator capped at
     ``cap_gb`` GiB (``torch.cuda.set_per_process_memory_fraction``; resident weights count).
     ``lo_fits``: ``lo`` is known to fit (the answer under a smaller cap), so it is not probed."""
+    from ..dequant_groups import regroup_pipeline
+
     total = torch.cuda.get_device_properties(pipe.unet.device).total_memory
     frac = min(1.0, cap_gb * 2**30 / total)
     gc.collect()
@@ -450,9 +454,11 @@ def max_resolution(pipe, cap_gb: float, cfg_mode: str, lo: int = 256, hi: int = 
              "reserved_bytes": torch.cuda.memory_reserved(pipe.unet.device)}
     torch.cuda.set_per_process_memory_fraction(frac, pipe.unet.device)
     try:
+        regroup_pipeline(pipe)    # a grouping that depends on the device's memory sees the cap, as on such a card
         res = binary_search_max(lambda s: fits_under_cap(pipe, s, cfg_mode), lo, hi, 64, deadline, lo_fits)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, pipe.unet.device)
+        regroup_pipeline(pipe)
         pipe.vae.disable_tiling()
     return {**res, "cap_gb": cap_gb, "cfg_mode": cfg_mode, "fraction": frac, "start": start}
 
@@ -887,7 +893,7 @@ def markdown_report(results: dict) -> str:
         lines += ["", f"Eager packed / fp16-sdpa, the pipelines taking turns ({u['rounds']} rounds of "
                   f"{pair['calls']} UNet steps, {im['rounds']} of one image): UNet step {u['ratio_median']:.3f}x "
                   f"(per round {u['ratio_min']:.3f}-{u['ratio_max']:.3f}; fastest rounds {u['ratio_of_minima']:.3f}x; "
-                  f"{u['packed_ms']:.1f} vs {u['fp16-sdpa_ms']:.1f} ms), image {im['ratio_median']:.3f}x "
+                  f"median steps {u['packed_ms']:.1f} vs {u['fp16-sdpa_ms']:.1f} ms), image {im['ratio_median']:.3f}x "
                   f"(per round {im['ratio_min']:.3f}-{im['ratio_max']:.3f})"]
         for name in EAGER_VARIANTS:
             v = pair.get(name)

@@ -198,13 +198,6 @@ class GroupLaunch:
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat.as_strided(*args) for args in self._view_args]
 
-    def aliases(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """:meth:`views`' weights as tensors set on ``flat``'s storage (``Tensor.set_``): the same
-        memory, following the storage when it is resized, but no views (no base, no view metadata)."""
-        storage = flat.untyped_storage()
-        return [torch.empty(0, dtype=flat.dtype, device=flat.device).set_(storage, flat.storage_offset() + o, sh, st)
-                for sh, st, o in self._view_args]
-
 
 def _strides(shape: tuple, channels_last: bool) -> tuple:
     """A weight's strides in the flat buffer: contiguous, or channels-last ((O, KH, KW, I) order)."""
