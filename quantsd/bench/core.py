@@ -442,7 +442,7 @@ def max_resolution(pipe, cap_gb: float, cfg_mode: str, lo: int = 256, hi: int = 
     """Largest square side (multiple of 64) whose probe fits with the caching allocator capped at
     ``cap_gb`` GiB (``torch.cuda.set_per_process_memory_fraction``; resident weights count).
     ``lo_fits``: ``lo`` is known to fit (the answer under a smaller cap), so it is not probed."""
-    from ..dequant_groups import regroup_pipeline
+    from ..dequant_groups import launch_counts, regroup_pipeline
 
     total = torch.cuda.get_device_properties(pipe.unet.device).total_memory
     frac = min(1.0, cap_gb * 2**30 / total)
@@ -454,13 +454,14 @@ def max_resolution(pipe, cap_gb: float, cfg_mode: str, lo: int = 256, hi: int = 
              "reserved_bytes": torch.cuda.memory_reserved(pipe.unet.device)}
     torch.cuda.set_per_process_memory_fraction(frac, pipe.unet.device)
     try:
-        regroup_pipeline(pipe)    # a grouping that depends on the device's memory sees the cap, as on such a card
+        # a grouping that depends on the device's memory sees the cap, as on such a card
+        grouping = {"regrouped": regroup_pipeline(pipe), "dequant_launches": launch_counts(pipe.unet)}
         res = binary_search_max(lambda s: fits_under_cap(pipe, s, cfg_mode), lo, hi, 64, deadline, lo_fits)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, pipe.unet.device)
         regroup_pipeline(pipe)
         pipe.vae.disable_tiling()
-    return {**res, "cap_gb": cap_gb, "cfg_mode": cfg_mode, "fraction": frac, "start": start}
+    return {**res, "cap_gb": cap_gb, "cfg_mode": cfg_mode, "fraction": frac, "start": start, **grouping}
 
 
 def sdpa_report(device, dtype=torch.float16, heads: int = 8, tokens: int = 4096,
