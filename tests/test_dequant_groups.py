@@ -1381,3 +1381,48 @@ def test_eager_cap_follows_the_memory_the_process_may_use(monkeypatch):
     frac[0] = 4 / 24
     assert seen[-1] == 64 << 20 and not DG.regroup_pipeline(pipe)
     assert not DG.regroup_pipeline(SimpleNamespace(unet=nn.Linear(2, 2)))   # never grouped
+
+
+def test_arming_forward_wraps_what_was_there_and_disarms_on_error():
+    """A prehook root's forward is set on the instance (no hook: nn.Module.__call__ keeps its fast
+    path): it arms the groups, runs the forward that was there -- the class's, or one already set on
+    the instance (accelerate's hooks do that) -- and disarms even when that raises; removing it
+    restores exactly what was there, and a deep copy arms its own groups."""
+    import copy
+
+    from quantsd.dequant_groups import _ArmingForward, arming_forwards
+
+    log = []
+
+    class Group:
+        def arm(self, pool):
+            log.append(("arm", pool))
+
+        def disarm(self):
+            log.append("disarm")
+
+    lin = nn.Linear(2, 2)
+    x = torch.ones(1, 2)
+    want = lin(x)
+    armer = _ArmingForward.install(lin, [Group()], "pool")
+    assert lin.forward is armer and not lin._forward_pre_hooks and arming_forwards(lin) == [armer]
+    assert torch.equal(lin(x), want) and log == [("arm", "pool"), "disarm"]
+    twin = copy.deepcopy(lin)
+    assert twin.forward.module is twin and twin.forward.groups[0] is not armer.groups[0]
+    _ArmingForward.remove(lin)
+    assert "forward" not in lin.__dict__ and torch.equal(lin(x), want) and arming_forwards(lin) == []
+    # a forward already on the instance is kept inside, and comes back on removal
+    log.clear()
+    own = lambda t: t * 3  # noqa: E731
+    lin.forward = own
+    _ArmingForward.install(lin, [Group()], None)
+    assert torch.equal(lin(x), x * 3) and log == [("arm", None), "disarm"]
+    _ArmingForward.remove(lin)
+    assert lin.forward is own
+    # the forward raises: the groups are still disarmed
+    del lin.forward
+    log.clear()
+    _ArmingForward.install(lin, [Group()], None)
+    with pytest.raises(RuntimeError):
+        lin(torch.ones(1, 3))        # wrong width: F.linear raises inside the class's forward
+    assert log == [("arm", None), "disarm"]
