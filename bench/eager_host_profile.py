@@ -164,11 +164,13 @@ def _machinery_us(unet, reps: int = 50) -> dict:
 
 def _machinery_in_situ_us(unet, call, steps: int = 20) -> dict:
     """Host time per step spent arming and disarming inside real forwards of ``unet`` (the same
-    work as :func:`_machinery_us`, timed where it runs: between the blocks' own ops, caches cold)."""
+    work as :func:`_machinery_us`, timed where it runs: between the blocks' own ops, caches cold),
+    and the part of the arming spent in the decode launch (``GroupLaunch.run_into``)."""
     from quantsd.dequant_groups import DequantGroup
+    from quantsd.kernels.grouped import GroupLaunch
 
-    spent = {"arm": 0.0, "disarm": 0.0}
-    real_arm, real_disarm = DequantGroup.arm, DequantGroup.disarm
+    spent = {"arm": 0.0, "disarm": 0.0, "launch": 0.0}
+    real_arm, real_disarm, real_run_into = DequantGroup.arm, DequantGroup.disarm, GroupLaunch.run_into
 
     def arm(self, pool=None):
         t0 = time.perf_counter()
@@ -180,14 +182,34 @@ def _machinery_in_situ_us(unet, call, steps: int = 20) -> dict:
         real_disarm(self)
         spent["disarm"] += time.perf_counter() - t0
 
-    DequantGroup.arm, DequantGroup.disarm = arm, disarm
+    def run_into(self, out):
+        t0 = time.perf_counter()
+        real_run_into(self, out)
+        spent["launch"] += time.perf_counter() - t0
+
+    DequantGroup.arm, DequantGroup.disarm, GroupLaunch.run_into = arm, disarm, run_into
     try:
         for _ in range(steps):
             call(unet)
         torch.cuda.synchronize()
     finally:
-        DequantGroup.arm, DequantGroup.disarm = real_arm, real_disarm
+        DequantGroup.arm, DequantGroup.disarm, GroupLaunch.run_into = real_arm, real_disarm, real_run_into
     return {k: round(v / steps * 1e6, 1) for k, v in spent.items()}
+
+
+def _machinery_only(recipe: str, out: str) -> None:
+    """``--machinery-only``: the packed pipeline alone, the arming's host time isolated and in situ."""
+    dev = torch.device("cuda")
+    pipe = build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev, recipe=load_recipe(recipe))
+    lat, t, ctx = _unet_inputs(pipe, 2, 512, dev, pipe.unet.dtype)
+    call = lambda u: u(lat, t, encoder_hidden_states=ctx, return_dict=False)  # noqa: E731
+    with torch.inference_mode():
+        for _ in range(5):
+            call(pipe.unet)
+        res = {"machinery": _machinery_us(pipe.unet)}
+        res["machinery"]["in_situ_us_per_step"] = [_machinery_in_situ_us(pipe.unet, call) for _ in range(3)]
+    print("machinery:", res["machinery"])
+    Path(out).write_text(json.dumps(res, indent=1))
 
 
 def main() -> None:
@@ -202,7 +224,11 @@ def main() -> None:
     ap.add_argument("--prearmed", action="store_true",
                     help="also the packed UNet with every weight decoded once and kept (no per-step machinery), and "
                          "the host time of one step's arming and disarming")
+    ap.add_argument("--machinery-only", action="store_true",
+                    help="only the packed pipeline's arming host time, isolated and in situ")
     a = ap.parse_args()
+    if a.machinery_only:
+        return _machinery_only(a.recipe, a.out)
     dev = torch.device("cuda")
     variants = {"fp16": build_pipeline("sd15-arch", BenchConfig("fp16-sdpa"), dev),
                 "packed": build_pipeline("sd15-arch", BenchConfig("packed", packed=True), dev,
