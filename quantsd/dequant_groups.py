@@ -21,10 +21,12 @@ on other streams.
 
 Eager UNets grouped by :func:`group_pipeline` (generation, the bench) go one step further by
 default (``prehook``; ``QUANTSD_EAGER_PREHOOK=0`` turns it off): each block decodes its group as its
-forward begins (an arming forward set on the block, no hook), once, into a reused slot whose member views were made once, and hands the members
-their weights; the per-member checks above are made once per group.  Why: the checked way's Python
-per member (the capture query, the staleness test, a view per step) was most of the eager packed
-step's extra host time; on the H200 the eager packed step went from 1.136x to 1.072x the fp16 step.
+forward begins (an arming forward set on the block, no hook), once, into a reused slot whose member
+views were made once, and hands the members their weights; the per-member checks above are made once
+per group, and every layer is in such a group (a lone layer in a group of one).  Why: the checked
+way's Python per member (the capture query, the staleness test, a view per step) was most of the eager
+packed step's extra host time; on the H200 the eager packed step went from 1.136x the fp16 step
+(session 12) to 1.072x (session 13) and 1.047x (session 14, with 256 MiB groups there).
 
 Under torch.compile a grouped member traces ``torch.ops.quantsd.dequant_group`` (the group's
 flat buffer) and takes its slice by a view, so Inductor still sees an ordinary matmul/convolution
