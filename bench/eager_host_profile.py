@@ -165,36 +165,49 @@ def _machinery_us(unet, reps: int = 50) -> dict:
 def _machinery_in_situ_us(unet, call, steps: int = 20) -> dict:
     """Host time per step spent arming and disarming inside real forwards of ``unet`` (the same
     work as :func:`_machinery_us`, timed where it runs: between the blocks' own ops, caches cold),
-    and the part of the arming spent in the decode launch (``GroupLaunch.run_into``)."""
-    from quantsd.dequant_groups import DequantGroup
+    and its parts: the decode launch (``GroupLaunch.run_into``), taking a slot (``_SlotPool.acquire``),
+    the capture query, and the slot arm less those (checks, hand-over); plus the median arm by its
+    place in the step (``arm_by_position_us``: is one arm -- the step's first, which re-allocates the
+    slot -- the expensive one, or all of them?)."""
+    from quantsd import dequant_groups as DG
     from quantsd.kernels.grouped import GroupLaunch
 
-    spent = {"arm": 0.0, "disarm": 0.0, "launch": 0.0}
-    real_arm, real_disarm, real_run_into = DequantGroup.arm, DequantGroup.disarm, GroupLaunch.run_into
+    spent = {"arm": 0.0, "disarm": 0.0, "launch": 0.0, "acquire": 0.0, "capture_query": 0.0, "arm_in_slot": 0.0}
+    arms: list[float] = []
+    real = {"arm": DG.DequantGroup.arm, "disarm": DG.DequantGroup.disarm, "run_into": GroupLaunch.run_into,
+            "acquire": DG._SlotPool.acquire, "capturing": DG._capturing_now, "slot": DG.DequantGroup._arm_in_slot}
 
-    def arm(self, pool=None):
-        t0 = time.perf_counter()
-        real_arm(self, pool)
-        spent["arm"] += time.perf_counter() - t0
+    def timed(name, fn):
+        def wrapper(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            dt = time.perf_counter() - t0
+            spent[name] += dt
+            if name == "arm":
+                arms.append(dt)
+            return out
+        return wrapper
 
-    def disarm(self):
-        t0 = time.perf_counter()
-        real_disarm(self)
-        spent["disarm"] += time.perf_counter() - t0
-
-    def run_into(self, out):
-        t0 = time.perf_counter()
-        real_run_into(self, out)
-        spent["launch"] += time.perf_counter() - t0
-
-    DequantGroup.arm, DequantGroup.disarm, GroupLaunch.run_into = arm, disarm, run_into
+    DG.DequantGroup.arm = timed("arm", real["arm"])
+    DG.DequantGroup.disarm = timed("disarm", real["disarm"])
+    GroupLaunch.run_into = timed("launch", real["run_into"])
+    DG._SlotPool.acquire = timed("acquire", real["acquire"])
+    DG._capturing_now = timed("capture_query", real["capturing"])
+    DG.DequantGroup._arm_in_slot = timed("arm_in_slot", real["slot"])
     try:
         for _ in range(steps):
             call(unet)
         torch.cuda.synchronize()
     finally:
-        DequantGroup.arm, DequantGroup.disarm, GroupLaunch.run_into = real_arm, real_disarm, real_run_into
-    return {k: round(v / steps * 1e6, 1) for k, v in spent.items()}
+        DG.DequantGroup.arm, DG.DequantGroup.disarm = real["arm"], real["disarm"]
+        GroupLaunch.run_into, DG._SlotPool.acquire = real["run_into"], real["acquire"]
+        DG._capturing_now, DG.DequantGroup._arm_in_slot = real["capturing"], real["slot"]
+    out = {k: round(v / steps * 1e6, 1) for k, v in spent.items()}
+    out["arm_in_slot_less_launch_and_acquire"] = round(out["arm_in_slot"] - out["launch"] - out["acquire"], 1)
+    per_step = len(arms) // steps if steps else 0
+    if per_step:
+        out["arm_by_position_us"] = [round(statistics.median(arms[i::per_step]) * 1e6, 1) for i in range(per_step)]
+    return out
 
 
 def _machinery_only(recipe: str, out: str) -> None:
