@@ -255,14 +255,16 @@ def measure(dense, packed, inputs, rounds: int, per_round: int, layers) -> dict:
         return lambda: u(lat, t, encoder_hidden_states=ctx, return_dict=False)
 
     def variant(name):
-        if name in ("packed_grouped", "packed_prehook"):
-            group(packed, prehook=name == "packed_prehook")
+        if name in ("packed_grouped", "packed_prehook", "packed_trusted"):
+            group(packed, prehook=name != "packed_grouped")
+            if name == "packed_trusted":      # prehook groups checking their sources once (trusted_weights)
+                dg.trust_weights(packed)
         else:
             ungroup_dequant(packed)
         return fwd(dense if name == "dense" else packed)
 
-    names = ["dense", "packed_grouped", "packed_prehook", "packed_per_layer"]
-    fw_names = ["packed_grouped", "packed_prehook", "packed_per_layer"]
+    names = ["dense", "packed_grouped", "packed_prehook", "packed_trusted", "packed_per_layer"]
+    fw_names = ["packed_grouped", "packed_prehook", "packed_trusted", "packed_per_layer"]
     res = {k: [] for k in names}
     fw = {k: [] for k in fw_names}
     with torch.inference_mode():

@@ -347,7 +347,10 @@ def generate(
         raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    from .dequant_groups import trusted_weights
+
+    # inside the call the weights are not edited: eager groups check them once, not every step
+    with torch.inference_mode(), trusted_weights(pipe.unet):
         kw = {"guidance_scale": guidance, **cfg_cutoff_kwargs(steps, cfg_cutoff)}
         out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, height=height, width=width,
                    generator=gen, output_type="pil", **kw)

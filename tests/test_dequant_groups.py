@@ -456,6 +456,26 @@ _SLOTS_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.dedent(
             DG.ungroup_dequant(model)
             assert not model._forward_hooks and not model._forward_hooks_always_called
             assert torch.equal(model(x), after)
+    with torch.no_grad():
+        # trusted_weights: each group checks its members' sources once per trust epoch, not per forward
+        groups = DG.group_dequant(net, max_bytes=4096, prehook=True)
+        checks = []
+        real_expect = DG.DequantGroup._expect
+        DG.DequantGroup._expect = lambda self: checks.append(self) or real_expect(self)
+        assert torch.equal(net(x), after) and len(checks) == 3
+        with DG.trusted_weights(net):
+            for _ in range(3):
+                assert torch.equal(net(x), after)
+            assert len(checks) == 6           # the first forward of the epoch only
+            groups[0].invalidate()            # (a move, a cast, new tables): checked again
+            assert torch.equal(net(x), after) and len(checks) == 7
+        assert torch.equal(net(x), after) and len(checks) == 10    # outside it: every forward
+        DG.trust_weights(net)
+        net(x), net(x)
+        assert len(checks) == 13 and all(p.trust for p in DG.slot_pools(net))
+        DG.trust_weights(net, on=False)
+        assert not any(p.trust for p in DG.slot_pools(net)) and copy.deepcopy(net) is not None
+        DG.DequantGroup._expect = real_expect
     print("SLOTS OK")
 """)
 
