@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The eager packed-vs-fp16 measurements in one GPU call (<= 8 minutes of command time):
+#   1. pytest -m gpu on the grouped/slot code (PYTEST=0 skips)
+#   2. quantsd bench: the eager pair alternating step by step (61 rounds), packed (the default) against
+#      fp16-sdpa with $VARIANTS in the same turns (default packed-groups-96), plus the 512² peak
+#   3. bench/eager_host_profile.py --machinery-only: the arming's host time isolated and in situ, by part
+#   4. bench/max_res.py under a 4 GiB cap (MAXRES=0 skips)
+# Everything lands in $OUT/eager.tar.gz (the device returns at most 8 files) and a summary on stdout.
+set -u
+OUT=${OUT:-/tmp/quantsd-out}
+R="$OUT/eager"
+mkdir -p "$R"
+export PYTHONPATH=${PYTHONPATH:-/tmp/site:$PWD}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=${PY:-python3}
+T0=$(date +%s)
+log() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  $PY -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'python', sys.version.split()[0])"
+  git log --oneline -1 2>/dev/null; } > "$R/env.txt" 2>&1
+
+if [ "${PYTEST:-1}" = 1 ]; then
+  log "pytest -m gpu"
+  timeout -k 10 "${PYTEST_S:-120}" $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_dequant_groups.py \
+      > "$R/pytest_gpu.txt" 2>&1
+  tail -1 "$R/pytest_gpu.txt"
+fi
+
+log "quantsd bench (eager pair, 61 rounds of one step)"
+timeout -k 10 "${BENCH_S:-200}" $PY -m quantsd.cli bench -m sd15-arch --recipe recipes/paper-final.yaml --lean \
+    --max-res-cap-gb none --only "fp16-sdpa,packed,${VARIANTS:-packed-groups-96}" --eager-pair-rounds 61 \
+    --eager-pair-calls 1 -o "$R/bench" > "$R/bench.log" 2>&1
+grep -E "taking turns|^\| (fp16|packed)" "$R/bench/report.md" 2>/dev/null
+
+log "eager_host_profile --machinery-only"
+timeout -k 10 "${MACHINERY_S:-90}" $PY bench/eager_host_profile.py --machinery-only --out "$R/machinery.json" \
+    2>&1 | grep "^machinery" | cut -c1-600
+
+if [ "${MAXRES:-1}" = 1 ]; then
+  log "max_res under 4 GiB"
+  timeout -k 10 "${MAXRES_S:-110}" $PY bench/max_res.py --configs packed --caps 4 --lean --time-budget 95 \
+      --out "$R/maxres" > "$R/maxres.log" 2>&1
+  grep "max_res" "$R/maxres.log" | tail -2
+fi
+
+(cd "$OUT" && tar czf eager.tar.gz eager)
+log "done: $OUT/eager.tar.gz"
