@@ -34,9 +34,9 @@ _capturing_now = getattr(torch._C, "_cuda_isCurrentStreamCapturing", _stream_cap
 
 class _SlotPool:
     """Reused flat buffers for the eager weights of ``prehook`` groups of one dtype and device
-    (:meth:`quantsd.dequant_groups.DequantGroup.arm`).  Why: the fresh-buffer way costs, per group and step, an allocation
-    and one ``as_strided`` view per member (~280 views per SD1.5 step, host-bound); a slot's views are
-    made once per group and reused.
+    (:meth:`quantsd.dequant_groups.DequantGroup.arm`).  Why: the fresh-buffer way costs, per group
+    and step, an allocation and one ``as_strided`` view per member (~280 views per SD1.5 step,
+    host-bound); a slot's views are made once per group and reused.
 
     A group takes a free slot as its root's forward begins and gives it back as it ends, so on
     one stream one slot serves every group in turn (the next decode is ordered after the last
