@@ -33,8 +33,10 @@ How:
 Measured (all host time, ``time.perf_counter``; this 2-core box is noisy, so variants are
 interleaved round by round and medians/minima reported):
 
-* ``forward_ms``: one UNet forward, dense vs packed grouped vs packed per layer (one launch per
-  layer), and ``extra_us_per_layer`` = (packed - dense) / packed layers;
+* ``forward_ms``: one UNet forward, dense vs packed: checked groups (``packed_grouped``), prehook
+  groups (``packed_prehook``, the eager default), prehook groups under ``trust_weights``
+  (``packed_trusted``: sources checked once, as within a ``quantsd generate`` call), one launch per
+  layer (``packed_per_layer``); and ``extra_us_per_layer`` = (packed - dense) / packed layers;
 * ``forward_weight_us``: ``_forward_weight()`` of every packed layer in a loop, per layer
   (grouped, per layer), like bench/launch_overhead.py's ``layer_grouped`` / ``layer`` on the GPU;
 * ``profile``: a cProfile of packed grouped forwards: per function, calls per forward and us per
