@@ -57,8 +57,8 @@ from .eager_slots import (_ArmingForward, _capturing_now, _SlotPool, arming_forw
 from .nn import QuantConv2d, QuantLinear, QuantModule, _version_of
 
 __all__ = ["DequantGroup", "group_dequant", "group_pipeline", "regroup_pipeline", "eager_max_bytes", "trusted_weights",
-           "trust_weights", "ungroup_dequant", "launch_counts", "DEFAULT_MAX_BYTES", "EAGER_MAX_BYTES", "EAGER_LARGE_MAX_BYTES", "DEDUP_PASS",
-           "install_dedup_pass"]
+           "trust_weights", "ungroup_dequant", "launch_counts", "DEFAULT_MAX_BYTES", "EAGER_MAX_BYTES",
+           "EAGER_LARGE_MAX_BYTES", "DEDUP_PASS", "install_dedup_pass"]
 
 # Group caps (dense bytes).  Compiled graphs: 32 MiB -- a group's weights are read by the GEMMs right
 # after their decode, and a larger group made the compiled step no faster on the H200 (session 7).
@@ -361,8 +361,9 @@ class DequantGroup:
     def arm(self, pool: "_SlotPool | None" = None) -> None:
         """Decode now and hand every member its weight as a plain attribute (``_armed``), which its
         eager forward takes with no check of its own: called as the group's root module's forward
-        begins (:class:`_ArmingForward`, ``group_dequant(..., prehook=True)``).  The checks :meth:`weight` makes per member are made
-        here once: no capture (none can begin between this hook and the root's own layers), and
+        begins (:class:`_ArmingForward`, ``group_dequant(..., prehook=True)``).  The checks
+        :meth:`weight` makes per member are made here once: no capture (none can begin between this
+        call and the root's own layers), and
         each member's codes, scale and breakpoint still the ones the buffer is decoded from.  Where
         a check fails nothing is handed over and the members take the checked path.
 
@@ -447,8 +448,8 @@ class DequantGroup:
         return True
 
     def disarm(self) -> None:
-        """The root's forward hook (run even when the forward raised): the members' handed-over
-        weights are taken back and the buffer (or pool slot) is let go."""
+        """Called as the root's forward ends (even when it raised, :class:`_ArmingForward`): the
+        members' handed-over weights are taken back and the buffer (or pool slot) is let go."""
         for d in self._handles()[1]:
             d["_armed"] = None
         if self._slot is not None:
@@ -716,7 +717,7 @@ def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True,
     unet = getattr(pipe, "unet", None)
     if not isinstance(unet, nn.Module):
         return 0
-    asked = max_bytes
+    from_device = False        # the cap chosen from the device's memory (regroup_pipeline may redo it)
     if max_bytes is None:
         env = os.environ.get("QUANTSD_GROUP_MAX_MIB", "").strip()
         try:
@@ -724,13 +725,12 @@ def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True,
         except ValueError:
             raise ValueError(f"QUANTSD_GROUP_MAX_MIB must be a number of MiB, got {env!r}") from None
         if max_bytes is None:
-            max_bytes = DEFAULT_MAX_BYTES if compiled else eager_max_bytes(_device_of(unet))
+            from_device = not compiled
+            max_bytes = eager_max_bytes(_device_of(unet)) if from_device else DEFAULT_MAX_BYTES
     channels_last = _env_flag("QUANTSD_DECODE_CHANNELS_LAST", default=compiled)
     prehook_on = not compiled and (_env_flag("QUANTSD_EAGER_PREHOOK", default=True) if prehook is None else prehook)
     groups = group_dequant(unet, max_bytes, channels_last=channels_last, prehook=prehook_on)
-    unet.__dict__["_quantsd_grouping"] = ({"prehook": prehook, "max_bytes": max_bytes}
-                                          if asked is None and not compiled and not os.environ.get("QUANTSD_GROUP_MAX_MIB", "").strip()
-                                          else None)
+    unet.__dict__["_quantsd_grouping"] = {"prehook": prehook, "max_bytes": max_bytes} if from_device else None
     return len(groups)
 
 

@@ -182,8 +182,8 @@ def trusted_weights(module: nn.Module):
     """Within this context, ``module``'s prehook groups check their members' codes, scale and
     breakpoint once (at their first arm) instead of at every forward: the caller promises not to
     replace or edit the packed weights in place inside it (moving or casting the model, new tables,
-    :meth:`quantsd.dequant_groups.DequantGroup.invalidate` still make a group check again).  ``quantsd generate`` runs
-    each pipeline call inside it.
+    :meth:`quantsd.dequant_groups.DequantGroup.invalidate` still make a group check again).
+    ``quantsd generate`` runs each pipeline call inside it.
 
     Why: the check reads two in-place version counters and three buffer entries per member, ~280
     members a step, each cold in the cache between the blocks' own ops: on the H200 box the arms'

@@ -129,12 +129,13 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     ``prefetch_weights`` (with ``compile``): the compiled UNet decodes its packed weights ahead, on a
     second CUDA stream, while earlier layers compute (:mod:`quantsd.prefetch`; same weights).
     ``eager_prehook`` (eager, grouped; None: on unless ``QUANTSD_EAGER_PREHOOK=0``): each block's
-    packed weights are decoded in the block's forward pre-hook, into a reused buffer while autograd
+    packed weights are decoded as the block's forward begins, into a reused buffer while autograd
     is off, and handed over without per-layer checks (:func:`quantsd.dequant_groups.group_dequant`'s
     ``prehook``; same weights, less host time per eager step).
     ``group_max_bytes`` (grouped): the cap on a group's dense weights (None: the environment's
-    ``QUANTSD_GROUP_MAX_MIB``, else 96 MiB eager, 32 MiB compiled); larger eager groups mean fewer
-    launches and block hooks per step and a larger reused buffer held during each UNet call.
+    ``QUANTSD_GROUP_MAX_MIB``, else eager 256 MiB on a device the process may use 16 GiB of and 96 MiB
+    below (:func:`quantsd.dequant_groups.eager_max_bytes`), 32 MiB compiled); larger eager groups mean
+    fewer launches and blocks to arm per step and a larger reused buffer held during each UNet call.
 
     Order matters: the tiny VAE and memory format first, then offload hooks, then torch.compile
     of the UNet (``compile_mode`` "reduce-overhead" = CUDA graphs where shapes are static).

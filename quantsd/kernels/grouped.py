@@ -130,8 +130,7 @@ class GroupLaunch:
     def _launch_direct(self, k, out_address: int) -> None:
         """Compiled kernel ``k`` into the buffer at ``out_address``, on the current stream."""
         pb, lb, dp, pp = self._addresses
-        k.run(self.programs, 1, 1, torch._C._cuda_getCurrentRawStream(self._index), k.function, k.packed_metadata,
-              None, None, None, pb, lb, out_address, dp, pp, *self._constexprs)
+        dequant.direct_launch(k, self.programs, self._index, pb, lb, out_address, dp, pp, *self._constexprs)
 
     def run(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The flat buffer of every layer's dense weight (layer i at ``offsets[i]``); ``out``: a
