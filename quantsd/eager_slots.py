@@ -74,6 +74,13 @@ class _SlotPool:
         """A free slot's index, its memory allocated (None: out of memory; the caller decodes into a
         fresh buffer, which then fails the usual way)."""
         busy = self.busy
+        index = self.index
+        # the common case first (one stream, no nested roots: slot 0 free, allocated, last used on this
+        # stream): once per block and eager step, host-bound
+        if (index is not None and busy and not busy[0] and self.live[0]
+                and self._stream[0] == torch._C._cuda_getCurrentRawStream(index)):
+            busy[0] = True
+            return 0
         i = 0
         while i < len(busy) and busy[i]:
             i += 1

@@ -76,11 +76,14 @@ def test_default_configs():
     assert names == ["fp16-sdpa", "packed", "fp32-classic", "fp16-sdpa-compiled", "fp16-sdpa-compiled-cl",
                      "packed-compiled"]
     assert [(c.name, c.grouped, c.prefetch, c.prehook, c.compile) for c in optional_configs(True, True)] == [
-        ("packed-checked", True, False, False, False), ("packed-groups-256", True, False, None, False),
+        ("packed-checked", True, False, False, False), ("packed-groups-512", True, False, None, False),
+        ("packed-groups-384", True, False, None, False), ("packed-groups-256", True, False, None, False),
         ("packed-groups-96", True, False, None, False),
         ("packed-compiled-per-layer", False, False, None, True),
         ("packed-compiled-prefetch", True, True, None, True)]
-    assert [c.name for c in optional_configs(True, False)] == ["packed-checked", "packed-groups-256", "packed-groups-96"]
+    assert [c.name for c in optional_configs(True, False)] == ["packed-checked", "packed-groups-512", "packed-groups-384",
+                                                               "packed-groups-256", "packed-groups-96"]
+    assert [c.group_max_mib for c in optional_configs(True, False)[1:]] == [512, 384, 256, 96]
     assert optional_configs(False, True) == []
     assert [c.name for c in default_configs(False, False)] == ["fp16-sdpa", "fp32-classic"]
     fp32 = default_configs(False, False)[1]

@@ -764,6 +764,38 @@ def test_grouped_dequant_on_cuda_equals_per_layer():
                 assert all(torch.equal(v, m.dequantized_weight()) for v, m in zip(g._launch.views(flat), g.members))
                 flat.fill_(7)
             assert g._launch._direct is _KERNELS[g._launch._key] and dequant._direct_enabled
+            # the C launcher alone (no Triton wrapper), adopted where the launcher has the checked layout
+            assert (g._launch._fast is not None) == (dequant.c_launcher(g._launch._direct) is not None)
+            side = torch.cuda.Stream()       # it launches on the current stream
+            with torch.cuda.stream(side):
+                flat = torch.full((g.numel,), float("nan"), dtype=dtype, device="cuda")
+                g._launch.run_into(flat)
+            side.synchronize()
+            assert all(torch.equal(v, m.dequantized_weight()) for v, m in zip(g._launch.views(flat), g.members))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_group_c_launcher_that_writes_nothing_is_not_adopted(monkeypatch):
+    """The C-launcher call is adopted only after it reproduced the direct launch's bits: one that
+    writes nothing (into a block that may hold a previous decode's very bits) is refused, and the
+    group keeps the direct launch."""
+    from quantsd.kernels import dequant
+    from quantsd.kernels.grouped import GroupLaunch
+    from quantsd.nn import QuantLinear
+    from quantsd.quant import quantize_tensor
+
+    torch.manual_seed(1)
+    layers = [QuantLinear.from_linear(nn.Linear(48, 64), quantize_tensor(torch.randn(64, 48), 4, "pwlq", "tensor"))
+              .cuda().half() for _ in range(2)]
+    gl = GroupLaunch([m.weight_packed for m in layers], [m._lut for m in layers], [(64, 48)] * 2, 4, torch.float16)
+    want = gl.run()
+    monkeypatch.setattr(dequant, "c_launcher", lambda k: (lambda *args: None, ()))
+    for _ in range(3):
+        out = torch.empty(gl.numel, dtype=torch.float16, device="cuda")
+        gl.run_into(out)
+        assert all(torch.equal(a, b) for a, b in zip(gl.views(out), gl.views(want)))
+    assert gl._fast is None and gl._direct is not None
 
 
 _GENERATE_SCRIPT = textwrap.dedent("""
@@ -1446,3 +1478,37 @@ def test_arming_forward_wraps_what_was_there_and_disarms_on_error():
     with pytest.raises(RuntimeError):
         lin(torch.ones(1, 3))        # wrong width: F.linear raises inside the class's forward
     assert log == [("arm", None), "disarm"]
+
+
+def test_c_launcher_binds_only_the_checked_launcher_layout():
+    """The C-launcher shortcut is taken only for a launcher shaped like Triton 3.6's (no scratch
+    memory, no sanitizer, no generic-launcher argument tables); its head is what that launcher's
+    Python wrapper passes before the kernel's arguments, in order."""
+    pytest.importorskip("triton")
+    from quantsd.kernels import dequant
+
+    def launch(*args):
+        return args
+
+    class CudaLauncher:
+        def __init__(self, **kw):
+            self.launch, self.launch_cooperative_grid, self.launch_pdl = launch, False, True
+            self.global_scratch_size = self.profile_scratch_size = 0
+            self.__dict__.update(kw)
+
+    class Kernel:
+        def __init__(self, run):
+            self.run, self.function, self.packed_metadata = run, 1234, (4, 1, 0)
+
+    bound = dequant.c_launcher(Kernel(CudaLauncher()))
+    assert bound == (launch, (1234, False, True, None, None, (4, 1, 0), None, None, None))
+    for kw in ({"global_scratch_size": 64}, {"profile_scratch_size": 8}, {"gsan_enabled": True},
+               {"arg_annotations": ()}):
+        assert dequant.c_launcher(Kernel(CudaLauncher(**kw))) is None, kw
+    assert dequant.c_launcher(Kernel(object())) is None
+
+    class OtherLauncher(CudaLauncher):
+        pass
+
+    OtherLauncher.__name__ = "HIPLauncher"
+    assert dequant.c_launcher(Kernel(OtherLauncher())) is None

@@ -123,9 +123,10 @@ class GroupLaunch:
         self._addresses = (pb, lb, self.desc.data_ptr(), self.prog_layer.data_ptr())
         self._constexprs = (self.bits, BLOCK, dtype == torch.bfloat16, ALIGN, self.aligned, self.bits2)
         self._direct = None    # the compiled kernel, once adopted (run_into); never copied or pickled
+        self._fast = None      # its C launcher's call, once checked (_adopt_fast); never copied or pickled
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_direct": None}
+        return {**self.__dict__, "_direct": None, "_fast": None}
 
     def _launch_direct(self, k, out_address: int) -> None:
         """Compiled kernel ``k`` into the buffer at ``out_address``, on the current stream."""
@@ -180,8 +181,39 @@ class GroupLaunch:
             self.run(out)
             if self._index is not None and dequant.direct_ok():
                 self._direct = _KERNELS.get(self._key)
+                if self._direct is not None:
+                    self._adopt_fast(out)
             return
-        self._launch_direct(k, out.data_ptr())
+        fast = self._fast
+        if fast is None:
+            self._launch_direct(k, out.data_ptr())
+            return
+        launch, grid, head, tail = fast
+        launch(*grid, torch._C._cuda_getCurrentRawStream(self._index), *head, out.data_ptr(), *tail)
+
+    def _adopt_fast(self, want: torch.Tensor) -> None:
+        """Launch through the C launcher alone (:func:`quantsd.kernels.dequant.c_launcher`) from now
+        on if that reproduces ``want``, the adopted kernel's output: checked once, like the direct
+        launch; a launcher that refuses the call or disagrees keeps the direct launch (for this
+        group)."""
+        bound = dequant.c_launcher(self._direct)
+        if bound is None or torch.cuda.is_current_stream_capturing():
+            return
+        launch, head = bound
+        pb, lb, dp, pp = self._addresses
+        fast = (launch, (self.programs, 1, 1), head + (pb, lb), (dp, pp, *self._constexprs))
+        try:
+            # (NaN first: a fresh block may hold a previous decode's very bits, and a launch that wrote
+            # nothing would pass)
+            got = torch.full((self.numel,), float("nan"), dtype=self.dtype, device=self.device)
+            launch(*fast[1], torch._C._cuda_getCurrentRawStream(self._index), *fast[2], got.data_ptr(), *fast[3])
+            ok = self.same_weights(got, want)
+        except torch.OutOfMemoryError:
+            return
+        except Exception:  # a launcher that takes other arguments
+            ok = False
+        if ok:
+            self._fast = fast
 
     def same_weights(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         """Do flat buffers ``a`` and ``b`` hold the same bits in every layer's weight?  (The padding
