@@ -702,3 +702,19 @@ def test_layers_on_another_device_than_the_current_one():
     group_dequant(net)
     for _ in range(2):
         assert all(torch.equal(m._forward_weight(), r) for m, r in zip(layers, refs))
+
+
+def test_poisoned_like_sets_every_byte_whatever_the_dtype_and_layout():
+    """The buffer a direct launch is checked into starts as all-ones bytes for every dtype the
+    kernels write through (bf16 outputs are written as int16 views: a float fill would raise there
+    and switch direct launches off for good) and for channels-last weights."""
+    from quantsd.kernels.dequant import poisoned_like
+
+    for t in (torch.zeros(5, 3, dtype=torch.int16), torch.zeros(7, dtype=torch.float16),
+              torch.zeros(2, 3, 3, 4, dtype=torch.bfloat16).to(memory_format=torch.channels_last)):
+        got = poisoned_like(t)
+        assert got.shape == t.shape and got.dtype == t.dtype and got.stride() == t.stride()
+        raw = torch.frombuffer(bytearray(bytes(got.untyped_storage())), dtype=torch.uint8)
+        assert raw.numel() == t.untyped_storage().nbytes() and bool((raw == 255).all())
+        if got.is_floating_point():
+            assert bool(got.isnan().all())

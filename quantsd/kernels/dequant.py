@@ -428,13 +428,22 @@ def direct_ok() -> bool:
     return _direct_enabled and _no_launch_hooks()
 
 
+def poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    """A fresh tensor like ``t`` with every byte 0xFF (NaN in every float dtype): a launch checked
+    into it must write every element it is compared on -- a fresh block from the caching allocator
+    may still hold a previous decode's very bits, and a launch that wrote nothing would pass."""
+    got = torch.empty_like(t)
+    got.untyped_storage().fill_(255)
+    return got
+
+
 def adopt_checked(cache: dict, key, k, launch_into, want: torch.Tensor, same) -> None:
     """Cache compiled kernel ``k`` under ``key`` if launching it directly (``launch_into(buffer)``)
     reproduces Triton's own output ``want`` (``same(got, want)``).  A disagreement or a launcher
     that rejects the arguments (another Triton) switches direct launches off for good; running out
     of memory for the check buffer only skips the caching."""
     try:
-        got = torch.full_like(want, float("nan"))   # (not empty: a fresh block may hold the very bits)
+        got = poisoned_like(want)
         launch_into(got)
         ok = same(got, want)
     except torch.OutOfMemoryError:
