@@ -159,6 +159,11 @@ def _machinery_us(unet, reps: int = 50) -> dict:
         out["without_launch_us_per_step"] = round(statistics.median(one_step() for _ in range(reps)), 1)
     finally:
         GroupLaunch.run_into = real
+    # which launch path the groups took: Triton's C launcher (_fast), the checked direct call, or Triton's own
+    launches = [g._launch for a in armers for g in a.groups if g._launch is not None]
+    out["launch_paths"] = {"c_launcher": sum(ln._fast is not None for ln in launches),
+                           "direct": sum(ln._direct is not None and ln._fast is None for ln in launches),
+                           "triton": sum(ln._direct is None for ln in launches)}
     return out
 
 
