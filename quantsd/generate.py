@@ -133,7 +133,7 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     is off, and handed over without per-layer checks (:func:`quantsd.dequant_groups.group_dequant`'s
     ``prehook``; same weights, less host time per eager step).
     ``group_max_bytes`` (grouped): the cap on a group's dense weights (None: the environment's
-    ``QUANTSD_GROUP_MAX_MIB``, else eager 256 MiB on a device the process may use 16 GiB of and 96 MiB
+    ``QUANTSD_GROUP_MAX_MIB``, else eager 384 MiB on a device the process may use 16 GiB of and 96 MiB
     below (:func:`quantsd.dequant_groups.eager_max_bytes`), 32 MiB compiled); larger eager groups mean
     fewer launches and blocks to arm per step and a larger reused buffer held during each UNet call.
 

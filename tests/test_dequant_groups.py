@@ -1394,7 +1394,7 @@ def test_configure_pipeline_passes_the_group_cap(monkeypatch):
 
 
 def test_eager_cap_follows_the_memory_the_process_may_use(monkeypatch):
-    """Eager UNets grouped with no cap given take 256 MiB groups where the process may use at least
+    """Eager UNets grouped with no cap given take 384 MiB groups where the process may use at least
     16 GiB of the device and 96 MiB below that (the per-process fraction counts: the bench's max-res
     search emulates a small card with it); regroup_pipeline follows a change of that choice, and
     leaves a given cap, the environment's and a compiled grouping alone."""

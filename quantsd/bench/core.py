@@ -188,7 +188,7 @@ def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
     """Variants of the packed configurations that run only when named (``--only``): eager with the
     checked groups that were the default until the prehook groups (``packed-checked``), and with
     eager groups capped at 512, 384, 256 or 96 MiB whatever the device (``packed-groups-512`` ...
-    ``packed-groups-96``; the default takes 256 MiB on a device of 16 GiB or more, 96 below:
+    ``packed-groups-96``; the default takes 384 MiB on a device of 16 GiB or more, 96 below:
     :func:`quantsd.dequant_groups.eager_max_bytes`; SD1.5's UNet then arms 12, 18, 25 or 34 groups
     a step, and its largest slot holds 492, 309, 185 or 93 MiB); all join the eager pair's turns; compiled with
     one dequant launch per layer instead of per group (what grouping buys), and with weight prefetch
