@@ -91,6 +91,46 @@ def _referrer_chain(obj, depth: int, seen: set) -> list:
     return out[:6]
 
 
+_GUARD_TYPES = frozenset({"GuardManagerWrapper", "CheckFunctionManager", "RootGuardManager", "GuardManager",
+                          "function", "cell", "method", "GuardBuilder", "OutputGraphGuardsState", "CacheEntry",
+                          "ExtraState", "GuardsState", "DictGuardManager", "builtin_function_or_method"})
+_PLUMBING = {"dict", "list", "tuple", "list_iterator", "set", "Parameter", "ModuleList", "ModuleDict", "Sequential",
+             "cell", "method", "frozenset"}
+
+
+def _anchors(obj, max_depth: int = 24, limit: int = 8, through: frozenset = frozenset()) -> list[list[str]]:
+    """Referrer paths from ``obj`` up to the first objects that are neither containers nor modules
+    nor of a type named in ``through`` (whatever holds a leaked module tree: a cache entry, a
+    function, a registry), breadth first; a path that ends in a ``through`` object nothing else
+    refers to ends with "(no referrer)"."""
+    from collections import deque
+
+    from torch import nn
+
+    frontier = deque([(obj, [])])
+    seen = {id(obj), id(frontier)}
+    found = []
+    while frontier and len(found) < limit:
+        o, path = frontier.popleft()
+        if len(path) >= max_depth:
+            continue
+        refs = [r for r in gc.get_referrers(o) if type(r).__name__ != "frame" and r is not frontier]
+        if not refs and path and type(o).__name__ in through:
+            found.append(path + ["(no referrer)"])
+        for r in refs:
+            if id(r) in seen or type(r).__name__ == "frame" or r is frontier:
+                continue
+            seen.add(id(r))
+            step = path + [_label(r, o) if not isinstance(r, nn.Module) else f"module {type(r).__name__}"]
+            if type(r).__name__ not in _PLUMBING and type(r).__name__ not in through and not isinstance(r, nn.Module):
+                found.append(step)
+                if len(found) >= limit:
+                    break
+            else:
+                frontier.append((r, step))
+    return found
+
+
 def _live_cuda_tensors(top: int = 6, depth: int = 5) -> dict:
     """Real (not fake) CUDA tensors the collector can reach, by type, and who holds the largest."""
     from torch._subclasses.fake_tensor import FakeTensor
@@ -104,7 +144,11 @@ def _live_cuda_tensors(top: int = 6, depth: int = 5) -> dict:
         sizes[type(t).__name__] += t.untyped_storage().nbytes()
     tensors.sort(key=lambda t: -t.untyped_storage().nbytes())
     seen = {id(tensors)}
-    return {"count": len(tensors), "fake_tensors_alive": fake, "bytes_by_type": dict(sizes),
+    anchors = _anchors(tensors[0]) if tensors else []
+    # and past Dynamo's guard objects (the holder found first on the H200): who keeps those alive
+    deeper = _anchors(tensors[0], through=_GUARD_TYPES) if tensors else []
+    return {"count": len(tensors), "fake_tensors_alive": fake, "bytes_by_type": dict(sizes), "anchors": anchors,
+            "anchors_past_guards": deeper,
             "largest": [{"shape": list(t.shape), "dtype": str(t.dtype), "type": type(t).__name__,
                          "storage_bytes": t.untyped_storage().nbytes(), "held_by": _referrer_chain(t, depth, seen)}
                         for t in tensors[:top]]}

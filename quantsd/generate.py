@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import tempfile
 import time
 import types
@@ -73,6 +74,41 @@ def compile_unet(unet, mode: str | None = "reduce-overhead", guards: str = "full
 
 
 _COMPILED = itertools.count()
+_GUARD_TEMPORARY = re.compile(r"tmp\d*")
+
+
+def drop_stale_guard_temporaries() -> int:
+    """Remove the temporaries Dynamo's guard builder left in its shared scope; returns how many.
+
+    Why: building guards evaluates chained sources with each intermediate object bound to a
+    temporary name (``tmp``, ``tmp0`` ...) in ``torch._dynamo.guards``' module-wide closure-variable
+    dict and deletes it afterwards -- but not when the evaluation raises, so the object stays
+    referenced for the life of the process.  With ``compile_unet(guards="minimal")`` under CUDA
+    graphs that held two of the tiny UNet's up blocks (58% of its weights) after release, through
+    ``torch._dynamo.reset()`` (H200, torch 2.11: ``bench/compiled_release_probe.py``).  Only those
+    names are touched (Dynamo's own entries all begin with underscores or are fixed names), in that
+    dict and in the guard managers' copies of it; call it between compiles, not during one."""
+    try:
+        from torch._dynamo import guards
+    except Exception:  # noqa: BLE001 -- no Dynamo, nothing left behind
+        return 0
+    import gc
+
+    scopes = [getattr(guards, "_CLOSURE_VARS", None)]
+    # guard managers copy that scope (stale temporaries included) into their own ``closure_vars``,
+    # and one can outlive ``torch._dynamo.reset()``
+    wrapper = getattr(guards, "GuardManagerWrapper", None)
+    if isinstance(wrapper, type):
+        # (type(), not isinstance: the heap holds dead weak proxies, which raise on any other look)
+        scopes += [getattr(o, "closure_vars", None) for o in gc.get_objects() if issubclass(type(o), wrapper)]
+    dropped = 0
+    for scope in scopes:
+        if isinstance(scope, dict):
+            stale = [k for k in scope if isinstance(k, str) and _GUARD_TEMPORARY.fullmatch(k)]
+            for k in stale:
+                del scope[k]
+            dropped += len(stale)
+    return dropped
 
 
 def set_attention(module, mode: str = "sdpa") -> None:

@@ -434,7 +434,9 @@ def _release(pipe, compiled: bool) -> None:
     A compile with minimal guards (``compile_unet``) puts the compiled method on the UNet itself,
     a reference cycle that holds the UNet (and, through the compiled graphs, CUDA-graph memory
     pools) until a garbage collection; Dynamo's caches and the CUDA-graph trees hold compiled
-    code and pools until ``torch._dynamo.reset()``.  So: break the cycle, reset, then collect.
+    code and pools until ``torch._dynamo.reset()``, and Dynamo's guard scope may keep some of the
+    UNet's blocks past that (:func:`quantsd.generate.drop_stale_guard_temporaries`).  So: break the
+    cycle, reset, drop those, then collect.
     (On the H200, max-resolution searches run after the compiled configurations once found
     ~1.5-2 GiB of a 4 GiB cap already taken: BENCHMARKS.md, fourth run.)"""
     unet = getattr(pipe, "unet", None)
@@ -444,7 +446,10 @@ def _release(pipe, compiled: bool) -> None:
         vars(unet).pop("forward", None)
         ungroup_dequant(unet)    # a group's buffer held by an interrupted forward goes too
     if compiled:
+        from ..generate import drop_stale_guard_temporaries
+
         torch._dynamo.reset()
+        drop_stale_guard_temporaries()   # (Dynamo's guard scope may still hold some of its modules)
 
 
 def max_resolution(pipe, cap_gb: float, cfg_mode: str, lo: int = 256, hi: int = 8192,
