@@ -26,8 +26,8 @@ views were made once, and hands the members their weights; the per-member checks
 per group, and every layer is in such a group (a lone layer in a group of one).  Why: the checked
 way's Python per member (the capture query, the staleness test, a view per step) was most of the eager
 packed step's extra host time; on the H200 the eager packed step went from 1.136x the fp16 step
-(session 12) to 1.072x (session 13), 1.047x (session 14, with 256 MiB groups there) and 1.02-1.03x
-(session 15; 384 MiB groups since, 0.985-0.990x the 256 MiB step).  The slots,
+(session 12) to 1.072x (session 13), 1.047x (session 14, with 256 MiB groups there) and 1.02-1.04x
+(sessions 15-16; 384 MiB groups since, 0.985-0.994x the 256 MiB step).  The slots,
 the arming forwards and :func:`trusted_weights` live in :mod:`quantsd.eager_slots`.
 
 Under torch.compile a grouped member traces ``torch.ops.quantsd.dequant_group`` (the group's
@@ -70,8 +70,8 @@ DEFAULT_MAX_BYTES = 32 << 20
 EAGER_MAX_BYTES = 96 << 20
 # Eager groups where the process may use at least LARGE_DEVICE_BYTES of the device: about half the
 # launches and roots per SD1.5 step (18 instead of 34).  256 MiB (25 groups) ran at 0.968-0.983x the
-# 96 MiB step with the pipelines taking turns (H200, session 14, three runs), 384 MiB at 0.985-0.990x
-# the 256 MiB step (session 15, two runs), for a slot of up to 309 MiB during each UNet call; the
+# 96 MiB step with the pipelines taking turns (H200, session 14, three runs), 384 MiB at 0.985-0.994x
+# the 256 MiB step (sessions 15-16, three runs), for a slot of up to 309 MiB during each UNet call; the
 # 512² image's peak stays 1.16 GiB (the VAE decode's), while 512 MiB (12 groups, a 492 MiB slot) took
 # it to 1.26 GiB for 0.992x.  A large slot cost the 4 GiB card's largest image 4224² -> 3840² (256 MiB,
 # session 14), so smaller devices keep 96 MiB.
