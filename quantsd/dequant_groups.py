@@ -55,6 +55,7 @@ from . import nn as _nn
 from .kernels.grouped import flat_layout
 from .eager_slots import (_ArmingForward, _capturing_now, _SlotPool, arming_forwards, slot_pools,  # noqa: F401
                           trust_weights, trusted_weights)
+from .eager_runs import _RunPlanner, install_runs
 from .nn import QuantConv2d, QuantLinear, QuantModule, _version_of
 
 __all__ = ["DequantGroup", "group_dequant", "group_pipeline", "regroup_pipeline", "eager_max_bytes", "trusted_weights",
@@ -489,7 +490,7 @@ def _dense_bytes(m: QuantModule) -> int:
 
 
 def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixed_bits: bool = True,
-                  channels_last: bool = False, prehook: bool = False) -> list[DequantGroup]:
+                  channels_last: bool = False, prehook: bool = False, runs: bool = False) -> list[DequantGroup]:
     """Group the packed layers below ``module`` for eager forwards; returns the groups.
 
     A group root is the largest non-container module (not a ModuleList/ModuleDict, whose children
@@ -527,7 +528,11 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
     roots are not taken together), a layer alone in its root included (a group of one), so no layer
     keeps the checked path or its own launch; members called outside their root's forward take the
     checked path.  Same weights, fewer host instructions per eager step: 0.95x the checked groups'
-    UNet step on the H200 (session 13)."""
+    UNet step on the H200 (session 13).
+
+    ``runs`` (with ``prehook``): after the first eager forward, the roots that ran one after the other
+    share one group while their layers fit ``max_bytes``, armed by the first and taken back by the
+    last (:mod:`quantsd.eager_runs`): fewer launches and arms per step."""
     _refuse_cl_decode_env()
     ungroup_dequant(module)
     totals: dict[int, int] = {}
@@ -544,6 +549,7 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
     def is_root(mod: nn.Module) -> bool:
         return 0 < total(mod) <= max_bytes and not is_container(mod)
 
+    merge_in_order = runs and prehook   # (the argument; ``runs`` below is the roots taken together)
     runs: list[list[nn.Module]] = []   # roots taken together (one, or consecutive siblings)
 
     def visit(mod: nn.Module) -> None:
@@ -612,9 +618,15 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
                 key = _pool_key(g)
                 sizes[key] = max(sizes.get(key, 0), g.numel)
         pools = {key: _SlotPool(numel, *key) for key, numel in sizes.items()}
+        learning: dict[tuple, list] = {}     # runs: the roots whose groups may merge, per pool
         for root, gs in hooked:
             keys = {_pool_key(g) for g in gs}
-            _ArmingForward.install(root, gs, pools[keys.pop()] if len(keys) == 1 else None)
+            if merge_in_order and len(keys) == 1:
+                learning.setdefault(next(iter(keys)), []).append((root, gs))
+            else:
+                _ArmingForward.install(root, gs, pools[keys.pop()] if len(keys) == 1 else None)
+        for key, roots in learning.items():
+            install_runs(module, roots, pools[key], max_bytes)
         for pool in pools.values():     # a hook: runs after the forward of ``module`` (a root itself, maybe) disarmed
             module.register_forward_hook(pool.free, always_call=True)
     if groups:
@@ -667,7 +679,7 @@ def ungroup_dequant(module: nn.Module) -> None:
     for m in module.modules():
         _ArmingForward.remove(m)
         hooks = m._forward_hooks
-        for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), _SlotPool)]:
+        for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), (_SlotPool, _RunPlanner))]:
             del hooks[key]
             m._forward_hooks_always_called.pop(key, None)
         group = getattr(m, "_dq_group", None) if isinstance(m, QuantModule) else None
@@ -702,7 +714,8 @@ def eager_max_bytes(device: torch.device) -> int:
     return EAGER_LARGE_MAX_BYTES if usable >= LARGE_DEVICE_BYTES else EAGER_MAX_BYTES
 
 
-def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True, prehook: bool | None = None) -> int:
+def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True, prehook: bool | None = None,
+                   runs: bool | None = None) -> int:
     """:func:`group_dequant` on a diffusers pipeline's UNet; returns how many groups were made (0
     where no layer runs the Triton kernel, e.g. on the CPU).  ``max_bytes`` None: the environment's
     ``QUANTSD_GROUP_MAX_MIB`` (MiB, for experiments), else :data:`DEFAULT_MAX_BYTES` for a UNet that
@@ -717,7 +730,9 @@ def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True,
     :func:`group_dequant`); ``QUANTSD_DECODE_CHANNELS_LAST=0`` / ``1`` overrides that.  An eager one
     gets ``prehook`` groups decoding into reused slots (``prehook`` None: on unless
     ``QUANTSD_EAGER_PREHOOK=0``): on the H200 the eager packed step took 0.95x the time of checked
-    groups, the pipelines taking turns (BENCHMARKS.md, session 13)."""
+    groups, the pipelines taking turns (BENCHMARKS.md, session 13).  ``runs`` (eager prehook groups;
+    None: ``QUANTSD_EAGER_RUNS=1``, off by default until measured): the roots merged in execution order
+    after the first forward (:mod:`quantsd.eager_runs`; SD1.5 at 384 MiB: 18 -> 5 groups)."""
     unet = getattr(pipe, "unet", None)
     if not isinstance(unet, nn.Module):
         return 0
@@ -733,8 +748,10 @@ def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True,
             max_bytes = eager_max_bytes(_device_of(unet)) if from_device else DEFAULT_MAX_BYTES
     channels_last = _env_flag("QUANTSD_DECODE_CHANNELS_LAST", default=compiled)
     prehook_on = not compiled and (_env_flag("QUANTSD_EAGER_PREHOOK", default=True) if prehook is None else prehook)
-    groups = group_dequant(unet, max_bytes, channels_last=channels_last, prehook=prehook_on)
-    unet.__dict__["_quantsd_grouping"] = {"prehook": prehook, "max_bytes": max_bytes} if from_device else None
+    runs_on = prehook_on and (_env_flag("QUANTSD_EAGER_RUNS", default=False) if runs is None else runs)
+    groups = group_dequant(unet, max_bytes, channels_last=channels_last, prehook=prehook_on, runs=runs_on)
+    unet.__dict__["_quantsd_grouping"] = {"prehook": prehook, "runs": runs, "max_bytes": max_bytes} if from_device \
+        else None
     return len(groups)
 
 
@@ -749,7 +766,7 @@ def regroup_pipeline(pipe) -> bool:
     if args is None or eager_max_bytes(_device_of(unet)) == args["max_bytes"]:
         return False
     trust = max((p.trust for p in slot_pools(unet)), default=0)
-    group_pipeline(pipe, compiled=False, prehook=args["prehook"])
+    group_pipeline(pipe, compiled=False, prehook=args["prehook"], runs=args.get("runs"))
     for p in slot_pools(unet):      # (the new pools keep a trust the old ones had: trust_weights)
         p.trust = trust
     return True

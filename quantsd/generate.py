@@ -142,7 +142,8 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
                        lean_vae: bool = False, drop_vae_encoder: bool = False, ff_chunk: int | None = None,
                        sync_free_scheduler: bool = True, compile_guards: str = "full",
                        grouped_dequant: bool = True, dense_below: int = 0, prefetch_weights: bool = False,
-                       eager_prehook: bool | None = None, group_max_bytes: int | None = None):
+                       eager_prehook: bool | None = None, group_max_bytes: int | None = None,
+                       eager_runs: bool | None = None):
     """Apply generation options to a loaded pipeline (in place; returns it).
 
     ``lean_vae``: the VAE decoder's resnet blocks run SiLU and the residual add in place on
@@ -167,7 +168,9 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     ``eager_prehook`` (eager, grouped; None: on unless ``QUANTSD_EAGER_PREHOOK=0``): each block's
     packed weights are decoded as the block's forward begins, into a reused buffer while autograd
     is off, and handed over without per-layer checks (:func:`quantsd.dequant_groups.group_dequant`'s
-    ``prehook``; same weights, less host time per eager step).
+    ``prehook``; same weights, less host time per eager step).  ``eager_runs`` (None:
+    ``QUANTSD_EAGER_RUNS=1``): those groups merged in execution order after the first forward
+    (:mod:`quantsd.eager_runs`; fewer launches, not yet measured on a GPU).
     ``group_max_bytes`` (grouped): the cap on a group's dense weights (None: the environment's
     ``QUANTSD_GROUP_MAX_MIB``, else eager 384 MiB on a device the process may use 16 GiB of and 96 MiB
     below (:func:`quantsd.dequant_groups.eager_max_bytes`), 32 MiB compiled); larger eager groups mean
@@ -234,7 +237,7 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     if grouped_dequant and offload is None:
         from .dequant_groups import group_pipeline
 
-        group_pipeline(pipe, max_bytes=group_max_bytes, compiled=compile, prehook=eager_prehook)
+        group_pipeline(pipe, max_bytes=group_max_bytes, compiled=compile, prehook=eager_prehook, runs=eager_runs)
     if compile:
         if prefetch_weights:
             from .prefetch import enable_weight_prefetch

@@ -896,7 +896,8 @@ def test_group_pipeline_reads_the_size_cap_from_the_environment(monkeypatch):
 
     seen = []
     monkeypatch.setattr(DG, "group_dequant",
-                        lambda unet, max_bytes, channels_last, prehook=False: seen.append((max_bytes, channels_last)) or [])
+                        lambda unet, max_bytes, channels_last, prehook=False, runs=False:
+                        seen.append((max_bytes, channels_last)) or [])
     pipe = type("Pipe", (), {"unet": nn.Linear(2, 2)})()
     monkeypatch.delenv("QUANTSD_GROUP_MAX_MIB", raising=False)
     monkeypatch.delenv("QUANTSD_DECODE_CHANNELS_LAST", raising=False)
@@ -1380,7 +1381,8 @@ def test_channels_last_codes_group_decodes_by_the_flat_path():
 
 def test_configure_pipeline_passes_the_group_cap(monkeypatch):
     """configure_pipeline(group_max_bytes=...) (the bench's packed-groups-256) reaches group_pipeline
-    as its cap; None leaves it to the environment and the defaults."""
+    as its cap, and eager_runs (packed-runs) as runs; None leaves them to the environment and the
+    defaults."""
     import quantsd
     from quantsd import dequant_groups as DG
     from quantsd.generate import configure_pipeline
@@ -1390,7 +1392,9 @@ def test_configure_pipeline_passes_the_group_cap(monkeypatch):
     pipe = quantsd.load_pipeline("tiny")
     configure_pipeline(pipe, group_max_bytes=256 << 20)
     configure_pipeline(pipe)
-    assert seen == [(256 << 20, {"compiled": False, "prehook": None}), (None, {"compiled": False, "prehook": None})]
+    configure_pipeline(pipe, eager_runs=True)
+    default = {"compiled": False, "prehook": None, "runs": None}
+    assert seen == [(256 << 20, default), (None, default), (None, {**default, "runs": True})]
 
 
 def test_eager_cap_follows_the_memory_the_process_may_use(monkeypatch):
@@ -1412,7 +1416,8 @@ def test_eager_cap_follows_the_memory_the_process_may_use(monkeypatch):
     assert DG.eager_max_bytes(torch.device("cpu")) == DG.EAGER_MAX_BYTES
     seen = []
     monkeypatch.setattr(DG, "group_dequant",
-                        lambda unet, max_bytes, channels_last, prehook=False: seen.append(max_bytes) or [])
+                        lambda unet, max_bytes, channels_last, prehook=False, runs=False:
+                        seen.append(max_bytes) or [])
     monkeypatch.setattr(DG, "_device_of", lambda m: cuda)
     monkeypatch.delenv("QUANTSD_GROUP_MAX_MIB", raising=False)
     pipe = SimpleNamespace(unet=nn.Linear(2, 2))
@@ -1512,3 +1517,139 @@ def test_c_launcher_binds_only_the_checked_launcher_layout():
 
     OtherLauncher.__name__ = "HIPLauncher"
     assert dequant.c_launcher(Kernel(OtherLauncher())) is None
+
+
+_RUNS_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.dedent("""
+    import copy
+    FAIL = [None]
+
+    class FBlock(Block):
+        def forward(self, x):
+            if FAIL[0] is self:
+                raise RuntimeError("boom")
+            return super().forward(x)
+
+    class Interleaved(nn.Module):      # registered attentions first, run resnet 0, attention 0, ...
+        def __init__(self):
+            super().__init__()
+            self.attns = nn.ModuleList([FBlock(8), FBlock(8)])
+            self.resnets = nn.ModuleList([FBlock(8), FBlock(8)])
+            self.head = qlin(8, 8, 8)
+        def forward(self, x):
+            for r, a in zip(self.resnets, self.attns):
+                x = a(r(x))
+            return self.head(x.mean((2, 3)))
+
+    net = Interleaved().half().eval()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float16)
+    with torch.no_grad():
+        ref = net(x)
+        alone = net.resnets[1](x)
+        groups = DG.group_dequant(net, max_bytes=6000, prehook=True, runs=True)
+        assert sorted(len(g.members) for g in groups) == [1, 5, 5, 5, 5]
+        pool = DG.slot_pools(net)[0]
+        # the first forward runs one group per root, learning their order; then runs merge under the cap
+        assert torch.equal(net(x), ref)
+        assert DG.launch_counts(net)["groups"] == 2
+        armers = DG.arming_forwards(net)
+        starts = [a.module for a in armers if type(a).__name__ == "_RunStart"]
+        ends = [a.module for a in armers if type(a).__name__ == "_RunEnd"]
+        assert starts == [net.resnets[0], net.resnets[1]] and set(ends) == {net.attns[0], net.head}
+        assert "forward" not in net.attns[1].__dict__          # a root inside a run arms nothing
+        runs = {id(m._dq_group): m._dq_group for m in (net.resnets[0].q, net.resnets[1].q)}
+        assert len(runs) == 2 and net.head._dq_group is net.resnets[1].q._dq_group
+        assert pool.numel >= max(g.numel for g in runs.values())
+        # members take the handed-over weights across roots: never the checked path
+        real_weight = DG.DequantGroup.weight
+        DG.DequantGroup.weight = lambda self, i: (_ for _ in ()).throw(AssertionError("checked path taken"))
+        try:
+            before = [g.launches for g in runs.values()]
+            for _ in range(2):
+                assert torch.equal(net(x), ref)
+            assert [g.launches - b for g, b in zip(runs.values(), before)] == [2, 2]
+        finally:
+            DG.DequantGroup.weight = real_weight
+        assert pool.busy == [False] and pool.flats[0].untyped_storage().nbytes() == 0
+        assert all(g._slot is None and all(m._armed is None for m in g.members) for g in runs.values())
+        # a root inside a run that raises: the model's hook takes the run's weights back
+        FAIL[0] = net.attns[1]
+        try:
+            net(x)
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError("expected the forward to raise")
+        FAIL[0] = None
+        assert all(g._slot is None and all(m._armed is None for m in g.members) for g in runs.values())
+        assert pool.busy == [False] and torch.equal(net(x), ref)
+        # a root called on its own (out of its run): the checked path, same weights
+        assert torch.equal(net.resnets[1](x), alone)
+        # a deep copy plans nothing again and runs on its own pool
+        twin = copy.deepcopy(net)
+        assert DG.slot_pools(twin)[0] is not pool and torch.equal(twin(x), ref)
+        assert DG.launch_counts(twin)["groups"] == 2
+        # ungrouping removes the run forwards and the planner
+        for model in (net, twin):
+            DG.ungroup_dequant(model)
+            assert not DG.arming_forwards(model) and not model._forward_hooks
+            assert torch.equal(model(x), ref)
+        # planned inside trusted_weights (generate's first call): the trust ends with the context
+        DG.group_dequant(net, max_bytes=6000, prehook=True, runs=True)
+        pool = DG.slot_pools(net)[0]
+        with DG.trusted_weights(net):
+            assert torch.equal(net(x), ref) and torch.equal(net(x), ref)
+            assert DG.launch_counts(net)["groups"] == 2 and pool.trust != 0
+        assert pool.trust == 0
+        net.resnets[0].k.weight_scale.mul_(2)          # an edit after the context is seen
+        edited = net(x)
+        DG.ungroup_dequant(net)
+        assert torch.equal(net(x), edited) and not torch.equal(edited, ref)
+
+        class Twice(nn.Module):     # a root run twice in one forward: no runs, one group per root
+            def __init__(self):
+                super().__init__()
+                self.a, self.b, self.c = FBlock(8), FBlock(8), FBlock(8)
+            def forward(self, x):       # (a and b would fit one group of 6000 bytes)
+                return self.c(self.b(self.a(self.a(x))))
+
+        twice = Twice().half().eval()
+        want = twice(x)
+        DG.group_dequant(twice, max_bytes=6000, prehook=True, runs=True)
+        for _ in range(2):
+            assert torch.equal(twice(x), want)
+        assert DG.launch_counts(twice)["groups"] == 3
+        assert [type(a).__name__ for a in DG.arming_forwards(twice)] == ["_ArmingForward"] * 3
+    print("RUNS OK")
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
+def test_eager_runs_merge_roots_in_execution_order_under_interpreter():
+    """group_dequant(prehook=True, runs=True): the first forward learns the order the roots run in
+    (interleaved ModuleLists here, registered in another order), then consecutive roots share one
+    group under the cap -- armed by the run's first root, taken back by its last; same bits as
+    ungrouped, members never take the checked path inside the run, a forward that raises mid-run
+    leaves nothing armed, a root called alone still correct, deep copies and ungrouping work, and a
+    plan made inside trusted_weights does not outlive its trust."""
+    r = _run_interpreted(_RUNS_SCRIPT)
+    assert r.returncode == 0 and "RUNS OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_group_pipeline_takes_runs_from_the_argument_or_the_environment(monkeypatch):
+    """Execution-order runs are off by default (not yet measured on a GPU); QUANTSD_EAGER_RUNS=1 or
+    runs=True turns them on for eager prehook groups only (compiled or checked groups never merge)."""
+    from quantsd import dequant_groups as DG
+
+    seen = []
+    monkeypatch.setattr(DG, "group_dequant", lambda unet, max_bytes, channels_last, prehook=False, runs=False:
+                        seen.append((prehook, runs)) or [])
+    pipe = type("Pipe", (), {"unet": nn.Linear(2, 2)})()
+    monkeypatch.delenv("QUANTSD_EAGER_RUNS", raising=False)
+    DG.group_pipeline(pipe, compiled=False)
+    DG.group_pipeline(pipe, compiled=False, runs=True)
+    monkeypatch.setenv("QUANTSD_EAGER_RUNS", "1")
+    DG.group_pipeline(pipe, compiled=False)
+    DG.group_pipeline(pipe, compiled=False, runs=False)
+    DG.group_pipeline(pipe, compiled=True)
+    DG.group_pipeline(pipe, compiled=False, prehook=False)
+    assert seen == [(True, False), (True, True), (True, True), (True, False), (False, False), (False, False)]

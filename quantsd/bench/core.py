@@ -142,6 +142,7 @@ class BenchConfig:
     grouped: bool = True             # packed: one dequant launch per group of layers (quantsd.dequant_groups)
     channels_last: bool = False      # parameters in channels-last memory format (configure_pipeline's channels_last)
     prehook: bool | None = None      # eager packed: prehook groups (None: QUANTSD_EAGER_PREHOOK, on unless 0)
+    runs: bool | None = None         # eager packed: groups merged in execution order (None: QUANTSD_EAGER_RUNS)
     group_max_mib: float | None = None   # packed, grouped: group cap (None: QUANTSD_GROUP_MAX_MIB, else the default)
 
     @property
@@ -181,12 +182,14 @@ def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
 
 
 # optional eager packed configurations that join the eager pair's turns (compared with fp16-sdpa and packed)
-EAGER_VARIANTS = ("packed-checked", "packed-groups-512", "packed-groups-384", "packed-groups-256", "packed-groups-96")
+EAGER_VARIANTS = ("packed-checked", "packed-runs", "packed-groups-512", "packed-groups-384", "packed-groups-256", "packed-groups-96")
 
 
 def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
     """Variants of the packed configurations that run only when named (``--only``): eager with the
-    checked groups that were the default until the prehook groups (``packed-checked``), and with
+    checked groups that were the default until the prehook groups (``packed-checked``), with the
+    prehook groups merged in execution order after the first forward (``packed-runs``,
+    :mod:`quantsd.eager_runs`: SD1.5 18 -> 5 groups at 384 MiB), and with
     eager groups capped at 512, 384, 256 or 96 MiB whatever the device (``packed-groups-512`` ...
     ``packed-groups-96``; the default takes 384 MiB on a device of 16 GiB or more, 96 below:
     :func:`quantsd.dequant_groups.eager_max_bytes`; SD1.5's UNet then arms 12, 18, 25 or 34 groups
@@ -196,6 +199,7 @@ def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
     if not recipe:
         return []
     eager = [BenchConfig("packed-checked", packed=True, prehook=False, sweep=()),
+             BenchConfig("packed-runs", packed=True, runs=True, sweep=()),
              BenchConfig("packed-groups-512", packed=True, group_max_mib=512, sweep=()),
              BenchConfig("packed-groups-384", packed=True, group_max_mib=384, sweep=()),
              BenchConfig("packed-groups-256", packed=True, group_max_mib=256, sweep=()),
@@ -267,7 +271,7 @@ def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=No
                               sync_free_scheduler=sync_free_scheduler,
                               grouped_dequant=cfg.packed and cfg.grouped and grouped_dequant,
                               dense_below=dense_below if cfg.packed else 0, prefetch_weights=cfg.prefetch,
-                              eager_prehook=cfg.prehook,
+                              eager_prehook=cfg.prehook, eager_runs=cfg.runs,
                               group_max_bytes=None if cfg.group_max_mib is None else int(cfg.group_max_mib * (1 << 20)))
     if cfg.packed:
         # the bench never edits weights: its eager groups check them once, as within each `quantsd
