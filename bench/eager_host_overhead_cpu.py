@@ -35,7 +35,8 @@ interleaved round by round and medians/minima reported):
 
 * ``forward_ms``: one UNet forward, dense vs packed: checked groups (``packed_grouped``), prehook
   groups (``packed_prehook``, the eager default), prehook groups under ``trust_weights``
-  (``packed_trusted``: sources checked once, as within a ``quantsd generate`` call), one launch per
+  (``packed_trusted``: sources checked once, as within a ``quantsd generate`` call), those merged in
+  execution order after the first forward (``packed_runs``, :mod:`quantsd.eager_runs`), one launch per
   layer (``packed_per_layer``); and ``extra_us_per_layer`` = (packed - dense) / packed layers;
 * ``forward_weight_us``: ``_forward_weight()`` of every packed layer in a loop, per layer
   (grouped, per layer), like bench/launch_overhead.py's ``layer_grouped`` / ``layer`` on the GPU;
@@ -257,6 +258,16 @@ def measure(dense, packed, inputs, rounds: int, per_round: int, layers) -> dict:
         return lambda: u(lat, t, encoder_hidden_states=ctx, return_dict=False)
 
     def variant(name):
+        if name == "packed_runs":   # trusted prehook groups merged in execution order (quantsd.eager_runs)
+            real = dg._dense_bytes
+            dg._dense_bytes = lambda m: _SD15_BYTES[id(m)]     # (SD1.5's sizes for the runs' cap too)
+            try:
+                group_dequant(packed, MAX_BYTES, prehook=True, runs=True)
+                dg.trust_weights(packed)
+                fwd(packed)()       # the first forward learns the order and merges
+            finally:
+                dg._dense_bytes = real
+            return fwd(packed)
         if name in ("packed_grouped", "packed_prehook", "packed_trusted"):
             group(packed, prehook=name != "packed_grouped")
             if name == "packed_trusted":      # prehook groups checking their sources once (trusted_weights)
@@ -265,8 +276,8 @@ def measure(dense, packed, inputs, rounds: int, per_round: int, layers) -> dict:
             ungroup_dequant(packed)
         return fwd(dense if name == "dense" else packed)
 
-    names = ["dense", "packed_grouped", "packed_prehook", "packed_trusted", "packed_per_layer"]
-    fw_names = ["packed_grouped", "packed_prehook", "packed_trusted", "packed_per_layer"]
+    names = ["dense", "packed_grouped", "packed_prehook", "packed_trusted", "packed_runs", "packed_per_layer"]
+    fw_names = ["packed_grouped", "packed_prehook", "packed_trusted", "packed_runs", "packed_per_layer"]
     res = {k: [] for k in names}
     fw = {k: [] for k in fw_names}
     with torch.inference_mode():
@@ -284,6 +295,8 @@ def measure(dense, packed, inputs, rounds: int, per_round: int, layers) -> dict:
                 call = lambda: [m._forward_weight() for m in layers]  # noqa: E731
                 call()
                 fw[name].append(min(_time_calls(call, per_round)) / n)
+        variant("packed_runs")
+        runs_launches = launch_counts(packed)["launches"]
         ungroup_dequant(packed)
     ms = {k: round(_med(v) * 1e3, 3) for k, v in res.items()}
     best = {k: round(min(v) * 1e3, 3) for k, v in res.items()}
@@ -292,6 +305,7 @@ def measure(dense, packed, inputs, rounds: int, per_round: int, layers) -> dict:
         "forward_ms": {"median_of_round_minima": ms, "min": best},
         "extra_us_per_layer": extra,
         "extra_ms_per_forward": {k: round(extra[k] * n / 1e3, 3) for k in fw_names},
+        "launches_per_forward_runs": runs_launches,
         "forward_weight_us": {k: round(_med(v) * 1e6, 2) for k, v in fw.items()},
         "rounds": {k: [round(x * 1e3, 3) for x in v] for k, v in res.items()},
     }
