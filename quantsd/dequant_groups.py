@@ -549,14 +549,14 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
     def is_root(mod: nn.Module) -> bool:
         return 0 < total(mod) <= max_bytes and not is_container(mod)
 
-    merge_in_order = runs and prehook   # (the argument; ``runs`` below is the roots taken together)
-    runs: list[list[nn.Module]] = []   # roots taken together (one, or consecutive siblings)
+    merge_in_order = runs and prehook
+    root_runs: list[list[nn.Module]] = []   # roots taken together (one, or consecutive siblings)
 
     def visit(mod: nn.Module) -> None:
         if total(mod) == 0:
             return
         if is_root(mod) or (channels_last and _eligible(mod) and _cl_candidate(mod)):
-            runs.append([mod])    # (a conv larger than max_bytes: a group of its own, written channels-last)
+            root_runs.append([mod])    # (a conv larger than max_bytes: a group of its own, written channels-last)
             return
         container = is_container(mod)
         run: list[nn.Module] = []
@@ -567,21 +567,21 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
                 run.append(c)
                 continue
             if run:
-                runs.append(run)
+                root_runs.append(run)
                 run = []
             visit(c)
         if run:
-            runs.append(run)
+            root_runs.append(run)
 
     visit(module)
     if prehook:
         # every root its own run, so that each group is armed by its own root's forward: a group of
         # several sibling roots would take the checked path, and siblings need not run in module
         # order (SD's conv_in runs after time_embedding)
-        runs = [[root] for run in runs for root in run]
+        root_runs = [[root] for run in root_runs for root in run]
     groups: list[DequantGroup] = []
     hooked: list[tuple[nn.Module, list[DequantGroup]]] = []   # (root, its groups) of prehook roots
-    for run in runs:
+    for run in root_runs:
         first = len(groups)
         by_kind: dict[tuple, list[QuantModule]] = {}
         for root in run:
