@@ -532,6 +532,46 @@ def test_prehook_slots_on_cuda_give_the_per_layer_weights_and_hold_no_memory(pac
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_execution_order_runs_on_cuda_give_the_per_layer_weights_and_hold_no_memory(packed_tiny_unet_cuda):
+    """Groups merged in execution order (runs=True) on CUDA: after the first forward fewer groups
+    (the tiny UNet at 64 KiB: 31 roots -> 14 groups on the CPU), every member computes with exactly
+    its per-layer decode inside its run, each run group decodes once per forward, and its slot's
+    memory is returned after each forward."""
+    from quantsd import dequant_groups as DG
+
+    unet, lat, ctx = packed_tiny_unet_cuda
+    t = torch.tensor([10.0], device="cuda")
+    layers = [m for m in unet.modules() if DG._eligible(m)]
+    with torch.inference_mode():
+        ref = unet(lat, t, encoder_hidden_states=ctx).sample
+        want = {id(m): m.dequantized_weight() for m in layers}
+        before = len(DG.group_dequant(unet, 64 << 10, prehook=True, runs=True))
+        pool = DG.slot_pools(unet)[0]
+        first = unet(lat, t, encoder_hidden_states=ctx).sample          # learns the order, then merges
+        after = DG.launch_counts(unet)["groups"]
+        assert after < before, (before, after)
+        bad = []
+        for m in layers:
+            m.register_forward_pre_hook(
+                lambda mod, a: bad.append(mod) if mod._armed is not None and not torch.equal(mod._armed, want[id(mod)])
+                else None)
+        runs = {id(a.groups[0]): a.groups[0] for a in DG.arming_forwards(unet) if type(a).__name__ == "_RunStart"}
+        assert runs
+        counts = {k: g.launches for k, g in runs.items()}
+        base = torch.cuda.memory_allocated()
+        for _ in range(2):
+            out = unet(lat, t, encoder_hidden_states=ctx).sample
+        torch.cuda.synchronize()
+        assert not bad and torch.allclose(first, ref, rtol=1e-3, atol=1e-3) and torch.allclose(out, ref, rtol=1e-3, atol=1e-3)
+        assert all(g.launches - counts[k] == 2 for k, g in runs.items())
+        assert all(g._slot is None for g in runs.values()) and not any(pool.busy)
+        assert all(f.untyped_storage().nbytes() == 0 for f in pool.flats)
+        assert torch.cuda.memory_allocated() - base == out.numel() * out.element_size()
+    DG.ungroup_dequant(unet)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_eager_generate_on_cuda_gives_the_same_image_with_prehook_slots(tmp_path, monkeypatch):
     """quantsd generate, eager on CUDA, from a packed checkpoint: the default (prehook groups,
     reused slots) makes the image of the checked groups and of one launch per layer."""
