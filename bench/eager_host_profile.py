@@ -135,9 +135,11 @@ def _machinery_us(unet, reps: int = 50) -> dict:
     from quantsd.dequant_groups import arming_forwards
     from quantsd.kernels.grouped import GroupLaunch
 
-    armers = arming_forwards(unet)
-    seen: set[int] = set()     # (a run's group is on its first and its last root's forward: once here)
-    armers = [a for a in armers if not (id(a.groups[0]) in seen or seen.add(id(a.groups[0])))]
+    # one armer per group (a run's group is on its first and its last root's forward)
+    by_group: dict[int, object] = {}
+    for a in arming_forwards(unet):
+        by_group.setdefault(id(a.groups[0]), a)
+    armers = list(by_group.values())
 
     def one_step() -> float:
         t = 0.0

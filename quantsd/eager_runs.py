@@ -13,23 +13,18 @@ roots (in that order) are merged while their layers fit the cap: one group per r
 run's first root begins (:class:`_RunStart`) and taken back as its last root ends
 (:class:`_RunEnd`); the roots between run with their weights already handed over.  For SD1.5 at
 384 MiB: 18 -> 5 groups, the largest 360 MiB instead of 309 (computed on the CPU from the roots'
-sizes and the order a forward runs them in; not yet measured on a GPU).  A run group is correct whatever order the roots run in later (it holds
-its slot, so nothing overwrites its weights, until its last root ends or the model's forward does,
-:class:`_RunPlanner`): order only decides whether members find their weights handed over or take
-the checked path.
+sizes and the order a forward runs them in; not yet measured on a GPU).  A run group is correct
+whatever order the roots run in later (it holds its slot, so nothing overwrites its weights, until
+its last root ends or the model's forward does, :class:`_RunPlanner`): order only decides whether
+members find their weights handed over or take the checked path.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .eager_slots import _ArmingForward, _SlotPool
-
-if TYPE_CHECKING:
-    from .dequant_groups import DequantGroup
 
 __all__ = ["install_runs"]
 
@@ -91,8 +86,7 @@ class _RunPlanner:
     run group a forward that raised left armed (before the slot pool's own hook returns the slots'
     memory)."""
 
-    def __init__(self, model: nn.Module, learners: list[_RunLearner], pool: _SlotPool, max_bytes: int):
-        self.model = model
+    def __init__(self, learners: list[_RunLearner], pool: _SlotPool, max_bytes: int):
         self.learners = learners
         self.pool = pool
         self.max_bytes = max_bytes
@@ -126,17 +120,15 @@ class _RunPlanner:
         size, widths = 0, set()
         for a in order:
             g = a.groups[0] if len(a.groups) == 1 else None
-            fits = (g is not None and runs and len(runs[-1][-1].groups) == 1
-                    and size + _group_bytes(g) <= self.max_bytes
-                    and len(widths | {m.bits for m in g.members}) <= 2)
-            if fits:
+            nbytes, bits = (g.dense_bytes, {m.bits for m in g.members}) if g is not None else (0, set())
+            # (a root of several groups, or one after it, starts a run of its own)
+            if (g is not None and runs and len(runs[-1][-1].groups) == 1 and size + nbytes <= self.max_bytes
+                    and len(widths | bits) <= 2):
                 runs[-1].append(a)
-                size += _group_bytes(g)
-                widths |= {m.bits for m in g.members}
+                size, widths = size + nbytes, widths | bits
             else:
                 runs.append([a])
-                size = _group_bytes(g) if g is not None else self.max_bytes + 1
-                widths = {m.bits for m in g.members} if g is not None else {0, 1, 2}
+                size, widths = nbytes, bits
         self._settle(runs)
 
     def _settle(self, runs: list[list[_RunLearner]]) -> None:
@@ -165,21 +157,13 @@ class _RunPlanner:
             run[-1].module.__dict__["forward"] = _RunEnd(run[-1].module, [g], pool)
         # the pool's slots (all free: this runs as the forward ends) are made again at the new size,
         # on the same pool object: trusted_weights restores the trust on the objects it saw
-        if largest > pool.numel:
-            pool.numel = largest
-        pool.flats, pool.busy, pool.live, pool._stream = [], [], [], []
+        pool.resize(max(largest, pool.numel))
         for a in self.learners:
             for g in a.groups:
                 g._slot_views = {}
         self.groups = run_groups
         self.learners = []
         self.planned = True
-
-
-def _group_bytes(g: "DequantGroup") -> int:
-    from .dequant_groups import _dense_bytes
-
-    return sum(_dense_bytes(m) for m in g.members)
 
 
 def install_runs(model: nn.Module, hooked: list[tuple[nn.Module, list]], pool: _SlotPool, max_bytes: int) -> None:
@@ -189,5 +173,5 @@ def install_runs(model: nn.Module, hooked: list[tuple[nn.Module, list]], pool: _
     learners = [_RunLearner(root, gs, pool, log) for root, gs in hooked]
     for a in learners:
         a.module.__dict__["forward"] = a
-    planner = _RunPlanner(model, learners, pool, max_bytes)
+    planner = _RunPlanner(learners, pool, max_bytes)
     model.register_forward_hook(planner.after_forward, always_call=True, prepend=True)

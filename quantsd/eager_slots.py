@@ -66,6 +66,13 @@ class _SlotPool:
         self.numel, self.dtype, self.device = state["numel"], state["dtype"], state["device"]
         self._reset()
 
+    def resize(self, numel: int) -> None:
+        """Slots of ``numel`` elements from now on: every slot (all free) is dropped, the trust kept."""
+        trust = self.trust
+        self.numel = int(numel)
+        self._reset()
+        self.trust = trust
+
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize

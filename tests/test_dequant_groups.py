@@ -489,6 +489,17 @@ def test_prehook_groups_decode_into_reused_slots_under_interpreter():
     assert r.returncode == 0 and "SLOTS OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+def _record_wrong_handed_weights(layers, want: dict) -> list:
+    """A list that collects every layer whose handed-over weight (``_armed``) differs from its
+    per-layer decode ``want[id(layer)]`` as it runs (a pre-hook on each)."""
+    bad = []
+    for m in layers:
+        m.register_forward_pre_hook(
+            lambda mod, a: bad.append(mod) if mod._armed is not None and not torch.equal(mod._armed, want[id(mod)])
+            else None)
+    return bad
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_prehook_slots_on_cuda_give_the_per_layer_weights_and_hold_no_memory(packed_tiny_unet_cuda):
@@ -505,11 +516,7 @@ def test_prehook_slots_on_cuda_give_the_per_layer_weights_and_hold_no_memory(pac
         want = {id(m): m.dequantized_weight() for m in layers}
         groups = DG.group_dequant(unet, 64 << 10, prehook=True)
         pool = DG.slot_pools(unet)[0]
-        bad = []
-        for m in layers:
-            m.register_forward_pre_hook(
-                lambda mod, a: bad.append(mod) if mod._armed is not None and not torch.equal(mod._armed, want[id(mod)])
-                else None)
+        bad = _record_wrong_handed_weights(layers, want)
         armed = [g for g in groups if any(g in a.groups for a in DG.arming_forwards(unet))]
         assert armed, "no group got an arming forward"
         base = torch.cuda.memory_allocated()
@@ -550,11 +557,7 @@ def test_execution_order_runs_on_cuda_give_the_per_layer_weights_and_hold_no_mem
         first = unet(lat, t, encoder_hidden_states=ctx).sample          # learns the order, then merges
         after = DG.launch_counts(unet)["groups"]
         assert after < before, (before, after)
-        bad = []
-        for m in layers:
-            m.register_forward_pre_hook(
-                lambda mod, a: bad.append(mod) if mod._armed is not None and not torch.equal(mod._armed, want[id(mod)])
-                else None)
+        bad = _record_wrong_handed_weights(layers, want)
         runs = {id(a.groups[0]): a.groups[0] for a in DG.arming_forwards(unet) if type(a).__name__ == "_RunStart"}
         assert runs
         counts = {k: g.launches for k, g in runs.items()}
