@@ -123,7 +123,8 @@ def _prearmed(pipe, kind: str = "fresh") -> None:
                                for sh, st, o in launch._view_args]
             for m, w in zip(g.members, weights):
                 assert torch.equal(w, m.dequantized_weight())
-                m.__dict__["_armed"] = w
+            g._handles()             # (the members linked to the group's hand-over cell)
+            g._cell[0] = list(weights)
         _ArmingForward.remove(armer.module)
 
 

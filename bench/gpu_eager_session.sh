@@ -2,9 +2,9 @@
 # The eager packed-vs-fp16 measurements in one GPU call (<= 8 minutes of command time):
 #   1. pytest -m gpu on the grouped/slot code, $PYTEST_FILES (default tests/test_dequant_groups.py; PYTEST=0 skips)
 #   2. quantsd bench: the eager pair alternating step by step (61 rounds), packed (the default) against
-#      fp16-sdpa with $VARIANTS in the same turns (default packed-runs,packed-groups-256), plus the 512² peak
+#      fp16-sdpa with $VARIANTS in the same turns (default packed-roots,packed-groups-256), plus the 512² peak
 #   3. bench/eager_host_profile.py --machinery-only: the arming's host time isolated and in situ, by part
-#      (again with QUANTSD_EAGER_RUNS=1 when packed-runs is among the variants)
+#      (again with QUANTSD_EAGER_RUNS=0, one group per block, when packed-roots is among the variants)
 #   4. bench/max_res.py under a 4 GiB cap (MAXRES=0 skips)
 # Everything lands in $OUT/eager.tar.gz (the device returns at most 8 files: the plot, bench log and max-res
 # files are then removed from the loose copy) and a summary on stdout.
@@ -31,17 +31,17 @@ fi
 
 log "quantsd bench (eager pair, 61 rounds of one step)"
 timeout -k 10 "${BENCH_S:-300}" $PY -m quantsd.cli bench -m sd15-arch --recipe recipes/paper-final.yaml --lean \
-    --max-res-cap-gb none --only "fp16-sdpa,packed,${VARIANTS:-packed-runs,packed-groups-256}" --eager-pair-rounds 61 \
+    --max-res-cap-gb none --only "fp16-sdpa,packed,${VARIANTS:-packed-roots,packed-groups-256}" --eager-pair-rounds 61 \
     --eager-pair-calls 1 -o "$R/bench" > "$R/bench.log" 2>&1
 grep -E "taking turns|^\| (fp16|packed)" "$R/bench/report.md" 2>/dev/null
 
 log "eager_host_profile --machinery-only"
 timeout -k 10 "${MACHINERY_S:-90}" $PY bench/eager_host_profile.py --machinery-only --out "$R/machinery.json" \
     2>&1 | grep "^machinery" | cut -c1-600
-case ",${VARIANTS:-packed-runs}," in *,packed-runs,*)
-  log "eager_host_profile --machinery-only, groups in execution order (QUANTSD_EAGER_RUNS=1)"
-  QUANTSD_EAGER_RUNS=1 timeout -k 10 "${MACHINERY_S:-90}" $PY bench/eager_host_profile.py --machinery-only \
-      --out "$R/machinery_runs.json" 2>&1 | grep "^machinery" | cut -c1-600 ;;
+case ",${VARIANTS:-packed-roots}," in *,packed-roots,*)
+  log "eager_host_profile --machinery-only, one group per block (QUANTSD_EAGER_RUNS=0)"
+  QUANTSD_EAGER_RUNS=0 timeout -k 10 "${MACHINERY_S:-90}" $PY bench/eager_host_profile.py --machinery-only \
+      --out "$R/machinery_roots.json" 2>&1 | grep "^machinery" | cut -c1-600 ;;
 esac
 
 if [ "${MAXRES:-1}" = 1 ]; then

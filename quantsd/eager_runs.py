@@ -148,8 +148,6 @@ class _RunPlanner:
                 a.groups[0].invalidate()
                 _ArmingForward.remove(a.module)
             g = DequantGroup(members)
-            for i, m in enumerate(members):
-                m._dq_group, m._dq_index = g, i
             g._ready()
             run_groups.append(g)
             largest = max(largest, g.numel)

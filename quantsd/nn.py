@@ -177,13 +177,19 @@ class QuantModule(nn.Module):
     _dq_group = None    # quantsd.dequant_groups.DequantGroup of this layer (grouped launches), if any
     _dq_index = 0
     _dq_view = (0, 0, None)   # (offset, numel, channels-last (O, KH, KW, I) or None) of its weight in the group's buffer
-    # its weight, handed over by its group's root pre-hook for the root's forward (eager; see
-    # quantsd.dequant_groups, ``prehook``), else None
-    _armed = None
+    # its group's hand-over cell (quantsd.dequant_groups, ``prehook``): [the group's weights] while its
+    # root's forward runs (eager), [None] otherwise; a layer reads its own at ``_dq_index``
+    _arm_cell = (None,)
     _prefetch_slot = None   # (prefetcher id, layer index) under quantsd.prefetch (compiled forwards), if any
     # (O, KH, KW, I) while ``weight_packed`` holds a conv's codes in that order (set_codes_channels_last),
     # else None: the natural (O, I, KH, KW) order, the only one checkpoints ever hold
     _codes_cl = None
+
+    @property
+    def _armed(self) -> torch.Tensor | None:
+        """Its weight as handed over by its group for the root's forward, else None (tests, tools)."""
+        views = self._arm_cell[0]
+        return None if views is None else views[self._dq_index]
 
     def _init_quant(self, shape, bits, method, granularity, packed, scale, breakpoint, dtype, device):
         self.weight_shape = tuple(int(s) for s in shape)
@@ -468,8 +474,8 @@ class QuantLinear(QuantModule):
             if _fused_rows_ok(self, x, x.numel() // self.in_features, "linear"):
                 return _fused.LINEAR_OP(x, *kernel_args(self), self.bias, self._plan_key)
             return F.linear(x, self._forward_weight(), self.bias)
-        w = self._armed       # handed over by a prehook group's root (eager)
-        return F.linear(x, self._eager_weight() if w is None else w, _bias(self))
+        views = self._arm_cell[0]     # handed over by a prehook group's root (eager)
+        return F.linear(x, self._eager_weight() if views is None else views[self._dq_index], _bias(self))
 
     def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """This layer's op with a given dense weight (the weight prefetcher's, :mod:`quantsd.prefetch`)."""
@@ -549,9 +555,8 @@ class QuantConv2d(QuantModule):
                 return _fused.CONV_OP(x, *kernel_args(self), self.bias, self._plan_key, self.stride, self.padding,
                                       self.dilation)
             return self.compute(x, self._forward_weight())
-        w = self._armed       # handed over by a prehook group's root (eager)
-        if w is None:
-            w = self._eager_weight()
+        views = self._arm_cell[0]     # handed over by a prehook group's root (eager)
+        w = self._eager_weight() if views is None else views[self._dq_index]
         if self.padding_mode != "zeros":
             return self.compute(x, w)
         return F.conv2d(x, w, _bias(self), self.stride, self.padding, self.dilation, self.groups)   # = compute's

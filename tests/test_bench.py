@@ -76,16 +76,16 @@ def test_default_configs():
     assert names == ["fp16-sdpa", "packed", "fp32-classic", "fp16-sdpa-compiled", "fp16-sdpa-compiled-cl",
                      "packed-compiled"]
     assert [(c.name, c.grouped, c.prefetch, c.prehook, c.compile) for c in optional_configs(True, True)] == [
-        ("packed-checked", True, False, False, False), ("packed-runs", True, False, None, False),
+        ("packed-checked", True, False, False, False), ("packed-roots", True, False, None, False),
         ("packed-groups-512", True, False, None, False),
         ("packed-groups-384", True, False, None, False), ("packed-groups-256", True, False, None, False),
         ("packed-groups-96", True, False, None, False),
         ("packed-compiled-per-layer", False, False, None, True),
         ("packed-compiled-prefetch", True, True, None, True)]
-    assert [c.name for c in optional_configs(True, False)] == ["packed-checked", "packed-runs", "packed-groups-512",
+    assert [c.name for c in optional_configs(True, False)] == ["packed-checked", "packed-roots", "packed-groups-512",
                                                                "packed-groups-384", "packed-groups-256", "packed-groups-96"]
     assert [c.group_max_mib for c in optional_configs(True, False)[2:]] == [512, 384, 256, 96]
-    assert [c.runs for c in optional_configs(True, False)] == [None, True, None, None, None, None]
+    assert [c.runs for c in optional_configs(True, False)] == [None, False, None, None, None, None]
     assert optional_configs(False, True) == []
     assert [c.name for c in default_configs(False, False)] == ["fp16-sdpa", "fp32-classic"]
     fp32 = default_configs(False, False)[1]
@@ -293,7 +293,7 @@ def test_build_pipeline_applies_the_configuration_options():
 
 def test_build_pipeline_passes_the_prehook_choice_to_grouping(monkeypatch):
     """The packed-checked configuration reaches group_pipeline as prehook=False (eager),
-    packed-groups-256 as a 256 MiB cap and packed-runs as runs=True; the others leave them to the
+    packed-groups-256 as a 256 MiB cap and packed-roots as runs=False; the others leave them to the
     default and the environment."""
     from quantsd import dequant_groups as DG
     from quantsd.bench.core import build_pipeline
@@ -307,11 +307,11 @@ def test_build_pipeline_passes_the_prehook_choice_to_grouping(monkeypatch):
     build_pipeline("tiny", BenchConfig("packed", packed=True), torch.device("cpu"), recipe=recipe)
     big = [c for c in optional_configs(True, False) if c.name == "packed-groups-256"][0]
     build_pipeline("tiny", big, torch.device("cpu"), recipe=recipe)
-    runs = [c for c in optional_configs(True, False) if c.name == "packed-runs"][0]
-    build_pipeline("tiny", runs, torch.device("cpu"), recipe=recipe)
+    roots = [c for c in optional_configs(True, False) if c.name == "packed-roots"][0]
+    build_pipeline("tiny", roots, torch.device("cpu"), recipe=recipe)
     assert [kw["prehook"] for kw in seen] == [False, None, None, None]
     assert [kw["max_bytes"] for kw in seen] == [None, None, 256 << 20, None]
-    assert [kw["runs"] for kw in seen] == [None, None, None, True]
+    assert [kw["runs"] for kw in seen] == [None, None, None, False]
 
 
 def test_packed_ratios_against_each_dense_baseline_of_the_same_mode():

@@ -368,7 +368,15 @@ _PREHOOK_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.deden
         tw = DG.arming_forwards(twin)
         assert [a.module for a in tw] == list(twin.blocks) + [twin.head]
         assert all(a.groups[0].members[0] in a.module.modules() for a in tw)
-        assert torch.equal(twin(x), net(x))
+        # ... its members take the weights its own groups hand over (their copied hand-over cells
+        # relinked to the copy's groups at the first arm), never the checked path, never the original's
+        DG.DequantGroup.weight = lambda self, i: (_ for _ in ()).throw(AssertionError("checked path taken"))
+        try:
+            assert torch.equal(twin(x), net(x))
+        finally:
+            DG.DequantGroup.weight = real_weight
+        assert all(m._arm_cell is g._cell for a in tw for g in a.groups for m in g.members)
+        assert {id(g._cell) for a in tw for g in a.groups}.isdisjoint(id(g._cell) for g in groups)
         for model in (net, twin):
             DG.ungroup_dequant(model)
             assert all("forward" not in b.__dict__ and not b._forward_hooks and not b._forward_hooks_always_called
@@ -1424,7 +1432,7 @@ def test_channels_last_codes_group_decodes_by_the_flat_path():
 
 def test_configure_pipeline_passes_the_group_cap(monkeypatch):
     """configure_pipeline(group_max_bytes=...) (the bench's packed-groups-256) reaches group_pipeline
-    as its cap, and eager_runs (packed-runs) as runs; None leaves them to the environment and the
+    as its cap, and eager_runs (packed-roots: False) as runs; None leaves them to the environment and the
     defaults."""
     import quantsd
     from quantsd import dequant_groups as DG
@@ -1435,9 +1443,9 @@ def test_configure_pipeline_passes_the_group_cap(monkeypatch):
     pipe = quantsd.load_pipeline("tiny")
     configure_pipeline(pipe, group_max_bytes=256 << 20)
     configure_pipeline(pipe)
-    configure_pipeline(pipe, eager_runs=True)
+    configure_pipeline(pipe, eager_runs=False)
     default = {"compiled": False, "prehook": None, "runs": None}
-    assert seen == [(256 << 20, default), (None, default), (None, {**default, "runs": True})]
+    assert seen == [(256 << 20, default), (None, default), (None, {**default, "runs": False})]
 
 
 def test_eager_cap_follows_the_memory_the_process_may_use(monkeypatch):
@@ -1679,8 +1687,9 @@ def test_eager_runs_merge_roots_in_execution_order_under_interpreter():
 
 
 def test_group_pipeline_takes_runs_from_the_argument_or_the_environment(monkeypatch):
-    """Execution-order runs are off by default (not yet measured on a GPU); QUANTSD_EAGER_RUNS=1 or
-    runs=True turns them on for eager prehook groups only (compiled or checked groups never merge)."""
+    """Execution-order runs are on by default for eager prehook groups (measured faster on the H200,
+    session 17); QUANTSD_EAGER_RUNS=0 or runs=False turns them off, the argument wins over the
+    environment, and compiled or checked groups never merge."""
     from quantsd import dequant_groups as DG
 
     seen = []
@@ -1689,10 +1698,13 @@ def test_group_pipeline_takes_runs_from_the_argument_or_the_environment(monkeypa
     pipe = type("Pipe", (), {"unet": nn.Linear(2, 2)})()
     monkeypatch.delenv("QUANTSD_EAGER_RUNS", raising=False)
     DG.group_pipeline(pipe, compiled=False)
-    DG.group_pipeline(pipe, compiled=False, runs=True)
-    monkeypatch.setenv("QUANTSD_EAGER_RUNS", "1")
-    DG.group_pipeline(pipe, compiled=False)
     DG.group_pipeline(pipe, compiled=False, runs=False)
+    monkeypatch.setenv("QUANTSD_EAGER_RUNS", "0")
+    DG.group_pipeline(pipe, compiled=False)
+    DG.group_pipeline(pipe, compiled=False, runs=True)
     DG.group_pipeline(pipe, compiled=True)
     DG.group_pipeline(pipe, compiled=False, prehook=False)
-    assert seen == [(True, False), (True, True), (True, True), (True, False), (False, False), (False, False)]
+    monkeypatch.setenv("QUANTSD_EAGER_RUNS", "1")
+    DG.group_pipeline(pipe, compiled=False)
+    assert seen == [(True, True), (True, False), (True, False), (True, True), (False, False), (False, False),
+                    (True, True)]

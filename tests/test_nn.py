@@ -131,8 +131,8 @@ def test_densify_in_inference_mode_and_with_grouped_layers():
     lins = [nn.Linear(8, 8) for _ in range(2)]
     net = nn.Sequential(*[QuantLinear.from_linear(l, quantize_tensor(l.weight.detach(), 4, "pwlq", "tensor"))
                           for l in lins])
-    g = DequantGroup([net[0], net[1]])
-    net[0]._dq_group, net[1]._dq_group, net[1]._dq_index = g, g, 1
+    g = DequantGroup([net[0], net[1]])     # (joins its members: _dq_group, _dq_index)
+    assert (net[0]._dq_group, net[1]._dq_group, net[1]._dq_index) == (g, g, 1)
     with pytest.raises(ValueError, match="pass the model"):
         densify_small_layers(net[0], 100)
     with torch.inference_mode():

@@ -142,7 +142,7 @@ class BenchConfig:
     grouped: bool = True             # packed: one dequant launch per group of layers (quantsd.dequant_groups)
     channels_last: bool = False      # parameters in channels-last memory format (configure_pipeline's channels_last)
     prehook: bool | None = None      # eager packed: prehook groups (None: QUANTSD_EAGER_PREHOOK, on unless 0)
-    runs: bool | None = None         # eager packed: groups merged in execution order (None: QUANTSD_EAGER_RUNS)
+    runs: bool | None = None         # eager packed: groups merged in execution order (None: on unless QUANTSD_EAGER_RUNS=0)
     group_max_mib: float | None = None   # packed, grouped: group cap (None: QUANTSD_GROUP_MAX_MIB, else the default)
 
     @property
@@ -182,24 +182,25 @@ def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
 
 
 # optional eager packed configurations that join the eager pair's turns (compared with fp16-sdpa and packed)
-EAGER_VARIANTS = ("packed-checked", "packed-runs", "packed-groups-512", "packed-groups-384", "packed-groups-256", "packed-groups-96")
+EAGER_VARIANTS = ("packed-checked", "packed-roots", "packed-groups-512", "packed-groups-384", "packed-groups-256", "packed-groups-96")
 
 
 def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
     """Variants of the packed configurations that run only when named (``--only``): eager with the
-    checked groups that were the default until the prehook groups (``packed-checked``), with the
-    prehook groups merged in execution order after the first forward (``packed-runs``,
-    :mod:`quantsd.eager_runs`: SD1.5 18 -> 5 groups at 384 MiB), and with
+    checked groups that were the default until the prehook groups (``packed-checked``), with one
+    prehook group per block instead of the blocks merged in execution order after the first forward
+    (``packed-roots``, the default until session 17; :mod:`quantsd.eager_runs`: SD1.5 18 groups
+    instead of 5 at 384 MiB), and with
     eager groups capped at 512, 384, 256 or 96 MiB whatever the device (``packed-groups-512`` ...
     ``packed-groups-96``; the default takes 384 MiB on a device of 16 GiB or more, 96 below:
-    :func:`quantsd.dequant_groups.eager_max_bytes`; SD1.5's UNet then arms 12, 18, 25 or 34 groups
-    a step, and its largest slot holds 492, 309, 185 or 93 MiB); all join the eager pair's turns; compiled with
+    :func:`quantsd.dequant_groups.eager_max_bytes`; SD1.5's UNet then has 12, 18, 25 or 34 blocks of
+    their own -- one group each before the runs merge them -- the largest holding 492, 309, 185 or 93 MiB); all join the eager pair's turns; compiled with
     one dequant launch per layer instead of per group (what grouping buys), and with weight prefetch
     (:mod:`quantsd.prefetch`, measured slower so far)."""
     if not recipe:
         return []
     eager = [BenchConfig("packed-checked", packed=True, prehook=False, sweep=()),
-             BenchConfig("packed-runs", packed=True, runs=True, sweep=()),
+             BenchConfig("packed-roots", packed=True, runs=False, sweep=()),
              BenchConfig("packed-groups-512", packed=True, group_max_mib=512, sweep=()),
              BenchConfig("packed-groups-384", packed=True, group_max_mib=384, sweep=()),
              BenchConfig("packed-groups-256", packed=True, group_max_mib=256, sweep=()),
