@@ -72,7 +72,8 @@ EAGER_MAX_BYTES = 96 << 20
 # Eager groups where the process may use at least LARGE_DEVICE_BYTES of the device: about half the
 # launches and roots per SD1.5 step (18 instead of 34).  256 MiB (25 groups) ran at 0.968-0.983x the
 # 96 MiB step with the pipelines taking turns (H200, session 14, three runs), 384 MiB at 0.985-0.994x
-# the 256 MiB step (sessions 15-16, three runs), for a slot of up to 309 MiB during each UNet call; the
+# the 256 MiB step (sessions 15-16, three runs), for a slot of up to 309 MiB during each UNet call (360
+# MiB once the execution-order runs merge the 18 into 5, session 17); the
 # 512² image's peak stays 1.16 GiB (the VAE decode's), while 512 MiB (12 groups, a 492 MiB slot) took
 # it to 1.26 GiB for 0.992x.  A large slot cost the 4 GiB card's largest image 4224² -> 3840² (256 MiB,
 # session 14), so smaller devices keep 96 MiB.

@@ -1,5 +1,5 @@
-"""Eager groups formed in execution order (opt-in: ``group_dequant(..., runs=True)``,
-``QUANTSD_EAGER_RUNS=1``).
+"""Eager groups formed in execution order (``group_dequant(..., runs=True)``; the default of
+:func:`quantsd.dequant_groups.group_pipeline`, ``QUANTSD_EAGER_RUNS=0`` turns it off).
 
 A prehook group is armed by one root module (:mod:`quantsd.eager_slots`): a module whose packed
 layers all fit the group cap.  SD1.5's ``up_blocks.1`` holds 590 MiB, too much for one root at the
@@ -12,8 +12,9 @@ Here the first eager forward only records the order in which the roots run; as i
 roots (in that order) are merged while their layers fit the cap: one group per run, decoded as the
 run's first root begins (:class:`_RunStart`) and taken back as its last root ends
 (:class:`_RunEnd`); the roots between run with their weights already handed over.  For SD1.5 at
-384 MiB: 18 -> 5 groups, the largest 360 MiB instead of 309 (computed on the CPU from the roots'
-sizes and the order a forward runs them in; not yet measured on a GPU).  A run group is correct
+384 MiB: 18 -> 5 groups, the largest 360 MiB instead of 309, the 512² peak unchanged; on the H200
+the eager step took 0.980-0.985x the time of one group per root, the pipelines taking turns
+(BENCHMARKS.md, session 17).  A run group is correct
 whatever order the roots run in later (it holds its slot, so nothing overwrites its weights, until
 its last root ends or the model's forward does, :class:`_RunPlanner`): order only decides whether
 members find their weights handed over or take the checked path.

@@ -710,6 +710,8 @@ class Bench:
                 # did CUDA graphs really wrap the step? (a skip means launch-bound replays)
                 entry["cudagraph_skips"] = int(counters["inductor"].get("cudagraph_skips", 0))
             self._step(entry, "unet_ms", lambda: unet_step_ms(pipe, self.height))
+            if cfg.packed:    # again after forwards: eager groups merge into runs after the first one
+                entry["unet_dequant_launches"] = launch_counts(pipe.unet)
             self._step(entry, "unet_ms_pipelined", lambda: unet_step_pipelined_ms(pipe, self.height))
             if cfg.attention == "sdpa" and not cfg.compile:
                 self._step(entry, "attention_kernels", lambda: attention_kernels_used(pipe, self.height))
