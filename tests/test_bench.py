@@ -63,6 +63,21 @@ def test_binary_search_skips_a_lo_known_to_fit():
     assert len(warm["probes"]) < len(full["probes"])
 
 
+def test_binary_search_reports_each_probe_as_it_ends():
+    """on_probe hears every probe, in order, before the search goes on: a search killed mid-way (a
+    large side's probe can outlast the time box) has already logged its bracket."""
+    heard = []
+
+    def fits(s):
+        if s == 8192:     # the search's second probe: the first must be reported already
+            assert heard == [(256, True)]
+        return s <= 5000
+
+    res = binary_search_max(fits, 256, 8192, on_probe=lambda s, ok: heard.append((s, ok)))
+    assert heard == res["probes"] and res["max"] == 4992
+    assert heard[:2] == [(256, True), (8192, False)]
+
+
 def test_weight_bytes_counts_params_and_buffers_once():
     m = torch.nn.Linear(10, 4)
     m.register_buffer("b", torch.zeros(3, dtype=torch.float16))

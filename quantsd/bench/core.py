@@ -45,13 +45,16 @@ __all__ = ["BenchConfig", "cuda_time_ms", "default_configs", "optional_configs",
 
 # --------------------------------------------------------------------------- pure logic (CPU-tested)
 def binary_search_max(fits: Callable[[int], bool], lo: int, hi: int, step: int = 64,
-                      deadline: float | None = None, lo_fits: bool = False) -> dict:
+                      deadline: float | None = None, lo_fits: bool = False,
+                      on_probe: Callable[[int, bool], None] | None = None) -> dict:
     """Largest multiple of ``step`` in [lo, hi] with ``fits(s)`` True, assuming monotonicity.
 
     Returns {"max": s or None, "fit": largest s seen fitting, "fail": smallest s seen failing,
     "probes": [(s, ok), ...], "complete": bool}.  ``lo`` is probed first (if it fails the answer
     is None) unless ``lo_fits`` says it is known to fit (e.g. found under a smaller cap); stops
-    early (complete=False) when ``time.monotonic()`` passes ``deadline``.
+    early (complete=False) when ``time.monotonic()`` passes ``deadline``.  ``on_probe(s, ok)`` hears
+    each probe as it ends: a search cut from outside (a large side's probe can take a minute) still
+    leaves its bracket in the log.
     """
     lo = int(math.ceil(lo / step)) * step
     hi = int(hi // step) * step
@@ -60,6 +63,8 @@ def binary_search_max(fits: Callable[[int], bool], lo: int, hi: int, step: int =
     def probe(s: int) -> bool:
         ok = bool(fits(s))
         probes.append((s, ok))
+        if on_probe is not None:
+            on_probe(s, ok)
         return ok
 
     if lo > hi:
@@ -458,10 +463,12 @@ def _release(pipe, compiled: bool) -> None:
 
 
 def max_resolution(pipe, cap_gb: float, cfg_mode: str, lo: int = 256, hi: int = 8192,
-                   deadline: float | None = None, lo_fits: bool = False) -> dict:
+                   deadline: float | None = None, lo_fits: bool = False,
+                   on_probe: Callable[[int, bool], None] | None = None) -> dict:
     """Largest square side (multiple of 64) whose probe fits with the caching allocator capped at
     ``cap_gb`` GiB (``torch.cuda.set_per_process_memory_fraction``; resident weights count).
-    ``lo_fits``: ``lo`` is known to fit (the answer under a smaller cap), so it is not probed."""
+    ``lo_fits``: ``lo`` is known to fit (the answer under a smaller cap), so it is not probed;
+    ``on_probe``: :func:`binary_search_max`'s."""
     from ..dequant_groups import launch_counts, regroup_pipeline
 
     total = torch.cuda.get_device_properties(pipe.unet.device).total_memory
@@ -476,7 +483,8 @@ def max_resolution(pipe, cap_gb: float, cfg_mode: str, lo: int = 256, hi: int = 
     try:
         # a grouping that depends on the device's memory sees the cap, as on such a card
         grouping = {"regrouped": regroup_pipeline(pipe), "dequant_launches": launch_counts(pipe.unet)}
-        res = binary_search_max(lambda s: fits_under_cap(pipe, s, cfg_mode), lo, hi, 64, deadline, lo_fits)
+        res = binary_search_max(lambda s: fits_under_cap(pipe, s, cfg_mode), lo, hi, 64, deadline, lo_fits,
+                                on_probe)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, pipe.unet.device)
         regroup_pipeline(pipe)
@@ -603,7 +611,10 @@ class Bench:
         for cap in sorted(self.caps_gb):
             res = self._step(entry, f"max_res_{mode}_{cap:g}gb",
                              lambda: max_resolution(pipe, cap, mode, lo=known or 256, hi=8192,
-                                                    deadline=self._deadline, lo_fits=known is not None))
+                                                    deadline=self._deadline, lo_fits=known is not None,
+                                                    on_probe=lambda s, ok: self.log(
+                                                        f"    {cfg.name} {mode} {cap:g} GiB: {s}² "
+                                                        + ("fits" if ok else "does not fit"))))
             known = res.get("max") if isinstance(res, dict) and res.get("max") else known
         _release(pipe, cfg.compile)
         del pipe
