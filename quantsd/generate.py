@@ -143,7 +143,7 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
                        sync_free_scheduler: bool = True, compile_guards: str = "full",
                        grouped_dequant: bool = True, dense_below: int = 0, prefetch_weights: bool = False,
                        eager_prehook: bool | None = None, group_max_bytes: int | None = None,
-                       eager_runs: bool | None = None):
+                       eager_runs: bool | None = None, direct_attention: bool = True):
     """Apply generation options to a loaded pipeline (in place; returns it).
 
     ``lean_vae``: the VAE decoder's resnet blocks run SiLU and the residual add in place on
@@ -172,6 +172,10 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     ``QUANTSD_EAGER_RUNS=0``): those groups merged in execution order after the first forward
     (:mod:`quantsd.eager_runs`; fewer launches and arms: SD1.5 18 -> 5 a step, the eager step 0.985x
     the time of one group per block on the H200, same peak).
+    ``direct_attention`` (default on; eager only): the UNet's and the VAE's diffusers ``Attention``
+    modules call their processor directly when no extra keyword arguments come, skipping diffusers'
+    ``inspect.signature`` on every call (:mod:`quantsd.attention_calls`; same outputs; ~0.5 ms of
+    host time per eager SD1.5 step).
     ``group_max_bytes`` (grouped): the cap on a group's dense weights (None: the environment's
     ``QUANTSD_GROUP_MAX_MIB``, else eager 384 MiB on a device the process may use 16 GiB of and 96 MiB
     below (:func:`quantsd.dequant_groups.eager_max_bytes`), 32 MiB compiled); larger eager groups mean
@@ -203,6 +207,13 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
         set_attention(pipe.vae, attention)
     if attention_slicing:
         pipe.enable_attention_slicing()
+    if direct_attention and not compile:   # (before offload and grouping: their forwards wrap this one)
+        from .attention_calls import direct_attention_calls
+
+        for name in ("unet", "vae"):
+            component = getattr(pipe, name, None)
+            if isinstance(component, torch.nn.Module):
+                direct_attention_calls(component)
     if vae_tiling:
         pipe.vae.enable_tiling()
     if vae_slicing:
