@@ -49,13 +49,14 @@ def _attention_class():
 def direct_attention_calls(module: nn.Module) -> int:
     """Give every diffusers ``Attention`` below ``module`` (itself included) the direct forward;
     returns how many got it.  An instance that already has a forward of its own (accelerate's
-    offload hooks, another wrapper) is left alone: its wrapper may rely on the class's forward."""
+    offload hooks, another wrapper) is left alone: its wrapper may rely on the class's forward; so
+    is a subclass that overrides ``forward`` (it may do more than call its processor)."""
     cls = _attention_class()
     if cls is None:
         return 0
     n = 0
     for m in module.modules():
-        if isinstance(m, cls) and "forward" not in m.__dict__:
+        if isinstance(m, cls) and type(m).forward is cls.forward and "forward" not in m.__dict__:
             m.__dict__["forward"] = _DirectAttentionForward(m)   # (not nn.Module.__setattr__: a plain attribute)
             n += 1
     return n

@@ -106,3 +106,15 @@ def test_configure_pipeline_sets_direct_calls_eager_only_and_deep_copies_keep_th
     twin = copy.deepcopy(pipe.unet)
     assert all(a.__dict__["forward"].module is a for a in _attentions(twin))
     assert torch.equal(_unet_call(twin), _unet_call(plain.unet))
+
+
+def test_a_subclass_with_its_own_forward_is_left_alone():
+    """An Attention subclass that overrides forward keeps it (it may do more than call the processor)."""
+
+    class Scaled(ap.Attention):
+        def forward(self, hidden_states, *args, **kwargs):
+            return 2 * super().forward(hidden_states, *args, **kwargs)
+
+    holder = torch.nn.Sequential(ap.Attention(8, heads=1, dim_head=8), Scaled(8, heads=1, dim_head=8))
+    assert direct_attention_calls(holder) == 1
+    assert "forward" in holder[0].__dict__ and "forward" not in holder[1].__dict__
