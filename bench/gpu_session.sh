@@ -36,7 +36,9 @@ log() { echo "[$(el)s] $*"; }
   $PY -c "import torch, triton, sys; print('torch', torch.__version__, 'triton', triton.__version__, 'python', sys.version.split()[0]); print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
   $PY -c "import diffusers, transformers; print('diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
   $PY -c "import pytest; print('pytest', pytest.__version__)" 2>&1 | tail -1
-  git log --oneline -1 2>/dev/null; } > "$OUT/env.txt" 2>&1
+  # the device copy's git metadata can be stale: QUANTSD_TREE (the commit, passed in the command) names the tree
+  echo "tree: ${QUANTSD_TREE:-unknown (set QUANTSD_TREE)}; git says: $(git log --oneline -1 2>/dev/null | cut -c1-60)"; } \
+    > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
 # ---- 1. kernel correctness on the GPU (<= 240 s)

@@ -91,16 +91,20 @@ def test_default_configs():
     assert names == ["fp16-sdpa", "packed", "fp32-classic", "fp16-sdpa-compiled", "fp16-sdpa-compiled-cl",
                      "packed-compiled"]
     assert [(c.name, c.grouped, c.prefetch, c.prehook, c.compile) for c in optional_configs(True, True)] == [
-        ("packed-checked", True, False, False, False), ("packed-roots", True, False, None, False),
+        ("fp16-sdpa-inspect", True, False, None, False), ("packed-checked", True, False, False, False), ("packed-roots", True, False, None, False),
         ("packed-groups-512", True, False, None, False),
         ("packed-groups-384", True, False, None, False), ("packed-groups-256", True, False, None, False),
         ("packed-groups-96", True, False, None, False),
         ("packed-compiled-per-layer", False, False, None, True),
         ("packed-compiled-prefetch", True, True, None, True)]
-    assert [c.name for c in optional_configs(True, False)] == ["packed-checked", "packed-roots", "packed-groups-512",
-                                                               "packed-groups-384", "packed-groups-256", "packed-groups-96"]
-    assert [c.group_max_mib for c in optional_configs(True, False)[2:]] == [512, 384, 256, 96]
-    assert [c.runs for c in optional_configs(True, False)] == [None, False, None, None, None, None]
+    assert [c.name for c in optional_configs(True, False)] == ["fp16-sdpa-inspect", "packed-checked", "packed-roots",
+                                                               "packed-groups-512", "packed-groups-384",
+                                                               "packed-groups-256", "packed-groups-96"]
+    assert [c.group_max_mib for c in optional_configs(True, False)[3:]] == [512, 384, 256, 96]
+    assert [c.runs for c in optional_configs(True, False)] == [None, None, False, None, None, None, None]
+    assert [(c.packed, c.direct_attention) for c in optional_configs(True, False)][:2] == [(False, False),
+                                                                                          (True, True)]
+    assert all(c.direct_attention for c in default_configs(True, True))
     assert optional_configs(False, True) == []
     assert [c.name for c in default_configs(False, False)] == ["fp16-sdpa", "fp32-classic"]
     fp32 = default_configs(False, False)[1]
@@ -327,6 +331,21 @@ def test_build_pipeline_passes_the_prehook_choice_to_grouping(monkeypatch):
     assert [kw["prehook"] for kw in seen] == [False, None, None, None]
     assert [kw["max_bytes"] for kw in seen] == [None, None, 256 << 20, None]
     assert [kw["runs"] for kw in seen] == [None, None, None, False]
+
+
+def test_build_pipeline_gives_direct_attention_calls_except_to_the_inspect_variant():
+    """Every eager configuration's attentions call their processor directly; fp16-sdpa-inspect keeps
+    diffusers' own forward (its place in the eager pair measures what the direct calls save)."""
+    from diffusers.models.attention_processor import Attention
+
+    from quantsd.bench.core import build_pipeline
+
+    def direct(pipe):
+        return {"forward" in m.__dict__ for m in pipe.unet.modules() if isinstance(m, Attention)}
+
+    inspect_cfg = [c for c in optional_configs(True, False) if c.name == "fp16-sdpa-inspect"][0]
+    assert direct(build_pipeline("tiny", BenchConfig("fp16-sdpa"), torch.device("cpu"))) == {True}
+    assert direct(build_pipeline("tiny", inspect_cfg, torch.device("cpu"))) == {False}
 
 
 def test_packed_ratios_against_each_dense_baseline_of_the_same_mode():

@@ -149,6 +149,7 @@ class BenchConfig:
     prehook: bool | None = None      # eager packed: prehook groups (None: QUANTSD_EAGER_PREHOOK, on unless 0)
     runs: bool | None = None         # eager packed: groups merged in execution order (None: on unless QUANTSD_EAGER_RUNS=0)
     group_max_mib: float | None = None   # packed, grouped: group cap (None: QUANTSD_GROUP_MAX_MIB, else the default)
+    direct_attention: bool = True    # eager: attentions call their processor directly (quantsd.attention_calls)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -187,7 +188,7 @@ def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
 
 
 # optional eager packed configurations that join the eager pair's turns (compared with fp16-sdpa and packed)
-EAGER_VARIANTS = ("packed-checked", "packed-roots", "packed-groups-512", "packed-groups-384", "packed-groups-256", "packed-groups-96")
+EAGER_VARIANTS = ("fp16-sdpa-inspect", "packed-checked", "packed-roots", "packed-groups-512", "packed-groups-384", "packed-groups-256", "packed-groups-96")
 
 
 def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
@@ -201,10 +202,14 @@ def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
     :func:`quantsd.dequant_groups.eager_max_bytes`; SD1.5's UNet then has 12, 18, 25 or 34 blocks of
     their own -- one group each before the runs merge them -- the largest holding 492, 309, 185 or 93 MiB); all join the eager pair's turns; compiled with
     one dequant launch per layer instead of per group (what grouping buys), and with weight prefetch
-    (:mod:`quantsd.prefetch`, measured slower so far)."""
+    (:mod:`quantsd.prefetch`, measured slower so far).  And the dense eager baseline with diffusers' own
+    attention forward (``fp16-sdpa-inspect``: ``inspect.signature`` on every attention call, what
+    :mod:`quantsd.attention_calls` removes from every eager configuration); it joins the eager pair's
+    turns too, so its ratio to ``fp16-sdpa`` is what the direct calls save."""
     if not recipe:
         return []
-    eager = [BenchConfig("packed-checked", packed=True, prehook=False, sweep=()),
+    eager = [BenchConfig("fp16-sdpa-inspect", direct_attention=False, sweep=()),
+             BenchConfig("packed-checked", packed=True, prehook=False, sweep=()),
              BenchConfig("packed-roots", packed=True, runs=False, sweep=()),
              BenchConfig("packed-groups-512", packed=True, group_max_mib=512, sweep=()),
              BenchConfig("packed-groups-384", packed=True, group_max_mib=384, sweep=()),
@@ -277,7 +282,7 @@ def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=No
                               sync_free_scheduler=sync_free_scheduler,
                               grouped_dequant=cfg.packed and cfg.grouped and grouped_dequant,
                               dense_below=dense_below if cfg.packed else 0, prefetch_weights=cfg.prefetch,
-                              eager_prehook=cfg.prehook, eager_runs=cfg.runs,
+                              eager_prehook=cfg.prehook, eager_runs=cfg.runs, direct_attention=cfg.direct_attention,
                               group_max_bytes=None if cfg.group_max_mib is None else int(cfg.group_max_mib * (1 << 20)))
     if cfg.packed:
         # the bench never edits weights: its eager groups check them once, as within each `quantsd
