@@ -5,7 +5,7 @@
 #      fp16-sdpa with $VARIANTS in the same turns (default packed-roots,fp16-sdpa-inspect), plus the 512² peak
 #   3. bench/eager_host_profile.py --machinery-only: the arming's host time isolated and in situ, by part
 #      (again with QUANTSD_EAGER_RUNS=0, one group per block, when packed-roots is among the variants)
-#   4. bench/max_res.py under a 4 GiB cap (MAXRES=0 skips)
+#   4. bench/max_res.py under a 4 GiB cap (MAXRES=0 skips; MAXRES_CAPS=8 or 4,8 other caps, MAXRES_S its time box)
 # Everything lands in $OUT/eager.tar.gz (the device returns at most 8 files: the plot, bench log and max-res
 # files are then removed from the loose copy) and a summary on stdout.
 set -u
@@ -47,10 +47,10 @@ case ",${VARIANTS:-packed-roots}," in *,packed-roots,*)
 esac
 
 if [ "${MAXRES:-1}" = 1 ]; then
-  log "max_res under 4 GiB"
-  timeout -k 10 "${MAXRES_S:-110}" $PY bench/max_res.py --configs packed --caps 4 --lean --time-budget 95 \
-      --out "$R/maxres" > "$R/maxres.log" 2>&1
-  grep "max_res" "$R/maxres.log" | tail -2
+  log "max_res under ${MAXRES_CAPS:-4} GiB"
+  timeout -k 10 "${MAXRES_S:-110}" $PY bench/max_res.py --configs packed --caps "${MAXRES_CAPS:-4}" --lean \
+      --time-budget $(( ${MAXRES_S:-110} - 15 )) --out "$R/maxres" > "$R/maxres.log" 2>&1
+  grep -E "max_res|GiB: " "$R/maxres.log" | tail -12
 fi
 
 (cd "$OUT" && tar czf eager.tar.gz eager)
