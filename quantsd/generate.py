@@ -143,7 +143,8 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
                        sync_free_scheduler: bool = True, compile_guards: str = "full",
                        grouped_dequant: bool = True, dense_below: int = 0, prefetch_weights: bool = False,
                        eager_prehook: bool | None = None, group_max_bytes: int | None = None,
-                       eager_runs: bool | None = None, direct_attention: bool = True):
+                       eager_runs: bool | None = None, direct_attention: bool = True,
+                       sdpa_backend: str | None = None):
     """Apply generation options to a loaded pipeline (in place; returns it).
 
     ``lean_vae``: the VAE decoder's resnet blocks run SiLU and the residual add in place on
@@ -176,6 +177,10 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     modules call their processor directly when no extra keyword arguments come, skipping diffusers'
     ``inspect.signature`` on every call (:mod:`quantsd.attention_calls`; same outputs; ~0.5 ms of
     host time per eager SD1.5 step).
+    ``sdpa_backend`` ("flash", "cudnn", "efficient", "math"; None or "auto": PyTorch's choice, which
+    on an H200 with torch 2.11 is cuDNN's fused attention): the text encoder's, UNet's and VAE's
+    ``F.scaled_dot_product_attention`` calls prefer that kernel, falling back to the others where it
+    cannot run (:mod:`quantsd.sdpa_backend`).
     ``group_max_bytes`` (grouped): the cap on a group's dense weights (None: the environment's
     ``QUANTSD_GROUP_MAX_MIB``, else eager 384 MiB on a device the process may use 16 GiB of and 96 MiB
     below (:func:`quantsd.dequant_groups.eager_max_bytes`), 32 MiB compiled); larger eager groups mean
@@ -256,6 +261,13 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
 
             enable_weight_prefetch(pipe.unet)
         pipe.unet = compile_unet(pipe.unet, compile_mode, compile_guards)
+    if sdpa_backend is not None:    # (last: around a compiled UNet, so its graph is traced under the choice)
+        from .sdpa_backend import set_sdpa_backend
+
+        for name in ("text_encoder", "unet", "vae"):
+            component = getattr(pipe, name, None)
+            if isinstance(component, torch.nn.Module):
+                set_sdpa_backend(component, sdpa_backend)
     return pipe
 
 
@@ -351,6 +363,7 @@ def generate(
     grouped_dequant: bool = True,
     dense_below: int = 0,
     prefetch_weights: bool = False,
+    sdpa_backend: str | None = None,
 ):
     """Generate one image; returns (PIL.Image, info dict).
 
@@ -367,7 +380,9 @@ def generate(
     ``compile_guards="minimal"`` (with ``compile``) trades Dynamo's per-call module checks for less
     host time per step; ``grouped_dequant`` (default True) dequantizes the packed layers of a block
     in one launch in eager mode; ``dense_below`` keeps the UNet's smallest packed layers dense;
-    ``prefetch_weights`` (with ``compile``) decodes packed weights ahead on a second CUDA stream.
+    ``prefetch_weights`` (with ``compile``) decodes packed weights ahead on a second CUDA stream;
+    ``sdpa_backend`` ("flash", "cudnn", "efficient", "math"; None/"auto": PyTorch's choice) the
+    fused attention kernel preferred.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -390,7 +405,8 @@ def generate(
                        vae_slicing=vae_slicing, offload=offload, tiny_vae=tiny_vae, lean_vae=lean_vae,
                        drop_vae_encoder=drop_vae_encoder, ff_chunk=ff_chunk,
                        sync_free_scheduler=sync_free_scheduler, compile_guards=compile_guards,
-                       grouped_dequant=grouped_dequant, dense_below=dense_below, prefetch_weights=prefetch_weights)
+                       grouped_dequant=grouped_dequant, dense_below=dense_below, prefetch_weights=prefetch_weights,
+                       sdpa_backend=sdpa_backend)
     scale = getattr(pipe, "vae_scale_factor", 8)
     default = int(pipe.unet.config.sample_size) * scale
     height = height or default
@@ -417,7 +433,8 @@ def generate(
             "channels_last": channels_last, "offload": offload, "ff_chunk": ff_chunk,
             "compile_guards": compile_guards if compile else None,
             "dequant_groups": _count_groups(pipe), "dense_below": dense_below or None,
-            "prefetch_weights": prefetch_weights, "tiny_vae": None if tiny_vae is None else str(tiny_vae)}
+            "prefetch_weights": prefetch_weights, "tiny_vae": None if tiny_vae is None else str(tiny_vae),
+            "sdpa_backend": sdpa_backend or "auto"}
     return out.images[0], info
 
 

@@ -91,19 +91,23 @@ def test_default_configs():
     assert names == ["fp16-sdpa", "packed", "fp32-classic", "fp16-sdpa-compiled", "fp16-sdpa-compiled-cl",
                      "packed-compiled"]
     assert [(c.name, c.grouped, c.prefetch, c.prehook, c.compile) for c in optional_configs(True, True)] == [
-        ("fp16-sdpa-inspect", True, False, None, False), ("packed-checked", True, False, False, False), ("packed-roots", True, False, None, False),
+        ("fp16-sdpa-inspect", True, False, None, False), ("fp16-sdpa-flash", True, False, None, False),
+        ("packed-flash", True, False, None, False), ("packed-checked", True, False, False, False), ("packed-roots", True, False, None, False),
         ("packed-groups-512", True, False, None, False),
         ("packed-groups-384", True, False, None, False), ("packed-groups-256", True, False, None, False),
         ("packed-groups-96", True, False, None, False),
+        ("fp16-sdpa-compiled-flash", True, False, None, True), ("packed-compiled-flash", True, False, None, True),
         ("packed-compiled-per-layer", False, False, None, True),
         ("packed-compiled-prefetch", True, True, None, True)]
-    assert [c.name for c in optional_configs(True, False)] == ["fp16-sdpa-inspect", "packed-checked", "packed-roots",
+    assert [c.name for c in optional_configs(True, False)] == ["fp16-sdpa-inspect", "fp16-sdpa-flash", "packed-flash",
+                                                               "packed-checked", "packed-roots",
                                                                "packed-groups-512", "packed-groups-384",
                                                                "packed-groups-256", "packed-groups-96"]
-    assert [c.group_max_mib for c in optional_configs(True, False)[3:]] == [512, 384, 256, 96]
-    assert [c.runs for c in optional_configs(True, False)] == [None, None, False, None, None, None, None]
-    assert [(c.packed, c.direct_attention) for c in optional_configs(True, False)][:2] == [(False, False),
-                                                                                          (True, True)]
+    assert [c.group_max_mib for c in optional_configs(True, False)[5:]] == [512, 384, 256, 96]
+    assert [c.runs for c in optional_configs(True, False)] == [None, None, None, None, False, None, None, None, None]
+    assert [(c.packed, c.direct_attention, c.sdpa_backend) for c in optional_configs(True, False)][:4] == [
+        (False, False, None), (False, True, "flash"), (True, True, "flash"), (True, True, None)]
+    assert all(c.sdpa_backend is None for c in default_configs(True, True))
     assert all(c.direct_attention for c in default_configs(True, True))
     assert optional_configs(False, True) == []
     assert [c.name for c in default_configs(False, False)] == ["fp16-sdpa", "fp32-classic"]
@@ -346,6 +350,38 @@ def test_build_pipeline_gives_direct_attention_calls_except_to_the_inspect_varia
     inspect_cfg = [c for c in optional_configs(True, False) if c.name == "fp16-sdpa-inspect"][0]
     assert direct(build_pipeline("tiny", BenchConfig("fp16-sdpa"), torch.device("cpu"))) == {True}
     assert direct(build_pipeline("tiny", inspect_cfg, torch.device("cpu"))) == {False}
+
+
+def test_attention_backend_comes_from_the_dispatched_aten_ops():
+    """The backend is the SDPA op that ran, not a kernel-name fragment (cuDNN's kernels say "flash"):
+    one backend, several joined, or classic attention where no SDPA op ran."""
+    from quantsd.bench.core import attention_backend_of
+
+    assert attention_backend_of({"aten::_scaled_dot_product_cudnn_attention": 32}) == "cudnn"
+    assert attention_backend_of({"aten::_scaled_dot_product_flash_attention": 32}) == "flash"
+    assert attention_backend_of({"aten::_scaled_dot_product_flash_attention": 16,
+                                 "aten::_scaled_dot_product_efficient_attention": 16}) == "flash+mem_efficient"
+    assert attention_backend_of({"aten::_scaled_dot_product_flash_attention": 0}) == "classic"
+    assert attention_backend_of({}) == "classic"
+
+
+def test_attention_backend_of_a_real_cpu_forward():
+    """On the CPU the tiny UNet's SDPA calls dispatch to an op the table knows (flash for CPU or math),
+    and diffusers' classic processor to none: the profiler's op names still match SDPA_OPS."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from quantsd.bench.core import SDPA_OPS, attention_backend_of, build_pipeline
+
+    def backend(cfg):
+        pipe = build_pipeline("tiny", cfg, torch.device("cpu"))
+        lat = torch.randn(2, 4, 16, 16)
+        ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            pipe.unet(lat, torch.tensor([10, 10]), encoder_hidden_states=ctx, return_dict=False)
+        return attention_backend_of({e.key: e.count for e in prof.key_averages() if e.key in SDPA_OPS})
+
+    assert backend(BenchConfig("fp32-sdpa", dtype="float32")) in ("flash", "math")
+    assert backend(BenchConfig("fp32-classic", dtype="float32", attention="classic")) == "classic"
 
 
 def test_packed_ratios_against_each_dense_baseline_of_the_same_mode():

@@ -150,6 +150,7 @@ class BenchConfig:
     runs: bool | None = None         # eager packed: groups merged in execution order (None: on unless QUANTSD_EAGER_RUNS=0)
     group_max_mib: float | None = None   # packed, grouped: group cap (None: QUANTSD_GROUP_MAX_MIB, else the default)
     direct_attention: bool = True    # eager: attentions call their processor directly (quantsd.attention_calls)
+    sdpa_backend: str | None = None  # the SDPA kernel preferred (quantsd.sdpa_backend; None: PyTorch's choice)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -188,7 +189,7 @@ def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
 
 
 # optional eager packed configurations that join the eager pair's turns (compared with fp16-sdpa and packed)
-EAGER_VARIANTS = ("fp16-sdpa-inspect", "packed-checked", "packed-roots", "packed-groups-512", "packed-groups-384", "packed-groups-256", "packed-groups-96")
+EAGER_VARIANTS = ("fp16-sdpa-inspect", "fp16-sdpa-flash", "packed-flash", "packed-checked", "packed-roots", "packed-groups-512", "packed-groups-384", "packed-groups-256", "packed-groups-96")
 
 
 def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
@@ -205,10 +206,15 @@ def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
     (:mod:`quantsd.prefetch`, measured slower so far).  And the dense eager baseline with diffusers' own
     attention forward (``fp16-sdpa-inspect``: ``inspect.signature`` on every attention call, what
     :mod:`quantsd.attention_calls` removes from every eager configuration); it joins the eager pair's
-    turns too, so its ratio to ``fp16-sdpa`` is what the direct calls save."""
+    turns too, so its ratio to ``fp16-sdpa`` is what the direct calls save.  And both eager and compiled
+    with FlashAttention preferred over PyTorch's own choice (``fp16-sdpa-flash``, ``packed-flash``,
+    ``fp16-sdpa-compiled-flash``, ``packed-compiled-flash``: :mod:`quantsd.sdpa_backend`; torch 2.11
+    on the H200 picks cuDNN's attention)."""
     if not recipe:
         return []
     eager = [BenchConfig("fp16-sdpa-inspect", direct_attention=False, sweep=()),
+             BenchConfig("fp16-sdpa-flash", sdpa_backend="flash", sweep=()),
+             BenchConfig("packed-flash", packed=True, sdpa_backend="flash", sweep=()),
              BenchConfig("packed-checked", packed=True, prehook=False, sweep=()),
              BenchConfig("packed-roots", packed=True, runs=False, sweep=()),
              BenchConfig("packed-groups-512", packed=True, group_max_mib=512, sweep=()),
@@ -217,7 +223,9 @@ def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
              BenchConfig("packed-groups-96", packed=True, group_max_mib=96, sweep=())]
     if not compile:
         return eager
-    return eager + [BenchConfig("packed-compiled-per-layer", packed=True, compile=True, grouped=False, sweep=()),
+    return eager + [BenchConfig("fp16-sdpa-compiled-flash", compile=True, sdpa_backend="flash", sweep=()),
+                    BenchConfig("packed-compiled-flash", packed=True, compile=True, sdpa_backend="flash", sweep=()),
+                    BenchConfig("packed-compiled-per-layer", packed=True, compile=True, grouped=False, sweep=()),
                     BenchConfig("packed-compiled-prefetch", packed=True, compile=True, prefetch=True, sweep=())]
 
 
@@ -283,6 +291,7 @@ def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=No
                               grouped_dequant=cfg.packed and cfg.grouped and grouped_dequant,
                               dense_below=dense_below if cfg.packed else 0, prefetch_weights=cfg.prefetch,
                               eager_prehook=cfg.prehook, eager_runs=cfg.runs, direct_attention=cfg.direct_attention,
+                              sdpa_backend=cfg.sdpa_backend,
                               group_max_bytes=None if cfg.group_max_mib is None else int(cfg.group_max_mib * (1 << 20)))
     if cfg.packed:
         # the bench never edits weights: its eager groups check them once, as within each `quantsd
@@ -523,23 +532,47 @@ def sdpa_report(device, dtype=torch.float16, heads: int = 8, tokens: int = 4096,
     return rep
 
 
+# the SDPA backend each aten op stands for (the op PyTorch's dispatcher chose for the call)
+SDPA_OPS = {"aten::_scaled_dot_product_flash_attention": "flash",
+            "aten::_scaled_dot_product_flash_attention_for_cpu": "flash",
+            "aten::_scaled_dot_product_efficient_attention": "mem_efficient",
+            "aten::_scaled_dot_product_cudnn_attention": "cudnn",
+            "aten::_scaled_dot_product_attention_math": "math",
+            "aten::_scaled_dot_product_fused_attention_overrideable": "overrideable"}
+
+
+def attention_backend_of(op_counts: dict[str, int]) -> str:
+    """The SDPA backend(s) a forward used, from its aten op counts: one name, several joined by "+",
+    or "classic" where no SDPA op ran (explicit softmax(QK^T)V).
+
+    Why the ops and not the kernels' names: cuDNN's fused attention kernels have "flash" in their
+    names, so a name count reports PyTorch's cuDNN backend as "flash" (the bench did until session 17,
+    when torch 2.11 on the H200 dispatched SD1.5's attention to cuDNN)."""
+    used = sorted({SDPA_OPS[op] for op, n in op_counts.items() if n and op in SDPA_OPS})
+    return "+".join(used) if used else "classic"
+
+
 def attention_kernels_used(pipe, side: int = 512) -> dict:
-    """Which SDPA kernels one UNet forward actually launched (profiler kernel names)."""
+    """Which SDPA backend one UNet forward actually used (the profiler's aten ops: ``sdpa_ops``), and
+    its kernels by name fragment (``kernel_counts``)."""
     from torch.profiler import ProfilerActivity, profile
 
     lat, t, ctx = _unet_inputs(pipe, 2, side, pipe.unet.device, pipe.unet.dtype)
-    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         pipe.unet(lat, t, encoder_hidden_states=ctx, return_dict=False)
         torch.cuda.synchronize()
     counts: dict[str, int] = {}
+    ops: dict[str, int] = {}
     for ev in prof.key_averages():
+        if ev.key in SDPA_OPS:
+            ops[ev.key] = ops.get(ev.key, 0) + ev.count
         name = ev.key.lower()
+        if name.startswith("aten::"):
+            continue
         for tag in ("flash", "fmha", "efficient_attention", "cudnn", "softmax", "dequant"):
             if tag in name:
                 counts[tag] = counts.get(tag, 0) + ev.count
-    backend = ("flash" if counts.get("flash") else "mem_efficient" if counts.get("fmha") or
-               counts.get("efficient_attention") else "cudnn" if counts.get("cudnn") else "math/classic")
-    return {"backend": backend, "kernel_counts": counts}
+    return {"backend": attention_backend_of(ops), "sdpa_ops": ops, "kernel_counts": counts}
 
 
 # --------------------------------------------------------------------------- the run
@@ -962,7 +995,8 @@ def markdown_report(results: dict) -> str:
     sd = results.get("sdpa") or {}
     if sd:
         lines += ["", f"SDPA: flash enabled {sd.get('flash_sdp_enabled')}, mem-efficient {sd.get('mem_efficient_sdp_enabled')}, "
-                  f"math {sd.get('math_sdp_enabled')}; flash probe ({sd.get('dtype')}): "
+                  f"cuDNN enabled {sd.get('cudnn_sdp_enabled')}, math {sd.get('math_sdp_enabled')} (the attention column: "
+                  f"the backend the dispatcher chose, from the forward's aten ops); flash probe ({sd.get('dtype')}): "
                   + ", ".join(f"{k} {v}" for k, v in (sd.get("probes") or {}).items())]
     return "\n".join(lines) + "\n"
 

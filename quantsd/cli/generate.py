@@ -31,7 +31,11 @@ from ._base import FORMAT, main, model_option
 @click.option("--cfg-cutoff", type=click.FloatRange(0, 1), default=None,
               help="Dynamic CFG: classifier-free guidance only for this fraction of the steps, then batch 1.")
 @click.option("--attention", type=click.Choice(["sdpa", "classic"]), default=None,
-              help="Attention processor: sdpa (F.scaled_dot_product_attention, flash on CUDA) or classic.")
+              help="Attention processor: sdpa (F.scaled_dot_product_attention; --sdpa-backend picks its kernel) or classic.")
+@click.option("--sdpa-backend", type=click.Choice(["auto", "flash", "cudnn", "efficient", "math"]), default="auto",
+              show_default=True,
+              help="Fused attention kernel preferred by SDPA (others are the fallback); auto: PyTorch's choice "
+                   "(cuDNN on an H200 with torch 2.11).")
 @click.option("--attention-slicing", is_flag=True, help="Compute attention in slices (less memory).")
 @click.option("--vae-tiling", is_flag=True, help="Decode latents in tiles (large images in little memory).")
 @click.option("--vae-slicing", is_flag=True, help="Decode a batch one image at a time.")
@@ -57,7 +61,8 @@ from ._base import FORMAT, main, model_option
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @FORMAT
 def generate_cmd(model, prompt, negative_prompt, seed, steps, guidance, height, width, weights, device, dtype,
-                 compile_, compile_guards, channels_last, scheduler, cfg_cutoff, attention, attention_slicing,
+                 compile_, compile_guards, channels_last, scheduler, cfg_cutoff, attention, sdpa_backend,
+                 attention_slicing,
                  vae_tiling, vae_slicing,
                  lean_vae, drop_vae_encoder, ff_chunk, no_grouped, dense_below, prefetch_weights, offload, tiny_vae, out,
                  fmt) -> None:
@@ -73,7 +78,8 @@ def generate_cmd(model, prompt, negative_prompt, seed, steps, guidance, height, 
                            vae_tiling=vae_tiling, vae_slicing=vae_slicing, offload=offload, tiny_vae=tiny_vae,
                            lean_vae=lean_vae, drop_vae_encoder=drop_vae_encoder, ff_chunk=ff_chunk,
                            grouped_dequant=not no_grouped, dense_below=dense_below,
-                           prefetch_weights=prefetch_weights)
+                           prefetch_weights=prefetch_weights,
+                           sdpa_backend=None if sdpa_backend == "auto" else sdpa_backend)
     save_png(image, out, info)
     info["output"] = out
     if fmt == "json":

@@ -1,0 +1,104 @@
+"""quantsd.sdpa_backend: a component's SDPA calls prefer the chosen backend (the aten op the
+dispatcher picks changes), fall back where it cannot run, and the choice is replaced, never stacked."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch.profiler import ProfilerActivity, profile
+
+import quantsd
+from quantsd.bench.core import SDPA_OPS, attention_backend_of
+from quantsd.generate import configure_pipeline
+from quantsd.sdpa_backend import sdpa_backend_of, set_sdpa_backend
+
+
+def _unet_backend(unet):
+    torch.manual_seed(0)
+    lat = torch.randn(2, unet.config.in_channels, 16, 16)
+    ctx = torch.randn(2, 77, unet.config.cross_attention_dim)
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = unet(lat, torch.tensor([10, 10]), encoder_hidden_states=ctx, return_dict=False)[0]
+    return attention_backend_of({e.key: e.count for e in prof.key_averages() if e.key in SDPA_OPS}), out
+
+
+def test_the_preferred_backend_is_the_one_dispatched():
+    """On the CPU, fp32: "math" dispatches the math op, "flash" the CPU flash kernel; the outputs agree
+    to float rounding; "auto" removes the preference."""
+    unet = quantsd.load_pipeline("tiny").unet
+    set_sdpa_backend(unet, "math")
+    math_backend, math_out = _unet_backend(unet)
+    set_sdpa_backend(unet, "flash")
+    flash_backend, flash_out = _unet_backend(unet)
+    assert (math_backend, flash_backend) == ("math", "flash")
+    torch.testing.assert_close(flash_out, math_out, rtol=1e-4, atol=1e-5)
+    assert sdpa_backend_of(unet) == "flash"
+    set_sdpa_backend(unet, "auto")
+    assert sdpa_backend_of(unet) == "auto" and "forward" not in unet.__dict__
+
+
+def test_a_preference_that_cannot_run_falls_back():
+    """cuDNN attention does not exist on the CPU: preferring it falls back (flash for CPU) instead of
+    failing."""
+    unet = quantsd.load_pipeline("tiny").unet
+    set_sdpa_backend(unet, "cudnn")
+    backend, _ = _unet_backend(unet)
+    assert backend in ("flash", "math")
+
+
+def test_replaced_never_stacked_and_an_instance_forward_is_kept():
+    unet = quantsd.load_pipeline("tiny").unet
+    calls = []
+    own = unet.forward
+
+    def wrapper(*args, **kwargs):      # e.g. accelerate's hook
+        calls.append(1)
+        return own(*args, **kwargs)
+
+    unet.__dict__["forward"] = wrapper
+    set_sdpa_backend(unet, "math")
+    set_sdpa_backend(unet, "flash")
+    assert unet.__dict__["forward"].inner is wrapper
+    backend, _ = _unet_backend(unet)
+    assert backend == "flash" and calls == [1]
+    set_sdpa_backend(unet, None)
+    assert unet.__dict__["forward"] is wrapper
+    with pytest.raises(ValueError, match="unknown SDPA backend 'fast'"):
+        set_sdpa_backend(unet, "fast")
+
+
+def test_configure_pipeline_and_the_cli_take_the_choice(tmp_path):
+    pipe = configure_pipeline(quantsd.load_pipeline("tiny"), sdpa_backend="math")
+    assert [sdpa_backend_of(getattr(pipe, n)) for n in ("text_encoder", "unet", "vae")] == ["math"] * 3
+    from quantsd.cli import main
+
+    out = tmp_path / "img.png"
+    r = CliRunner().invoke(main, ["generate", "-m", "tiny", "-p", "a red square", "--steps", "1",
+                                  "--sdpa-backend", "math", "-o", str(out), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and '"sdpa_backend": "math"' in r.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_flash_and_cudnn_preferences_dispatch_their_ops():
+    """fp16 on CUDA: "flash" dispatches PyTorch's FlashAttention op, "cudnn" the cuDNN one where the
+    card has it (else a fallback), "math" the math op; flash and math agree to fp16 rounding."""
+    unet = quantsd.load_pipeline("tiny").unet.to("cuda", torch.float16)
+
+    def run():
+        torch.manual_seed(0)
+        lat = torch.randn(2, unet.config.in_channels, 16, 16, device="cuda", dtype=torch.float16)
+        ctx = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=torch.float16)
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = unet(lat, torch.tensor([10, 10], device="cuda"), encoder_hidden_states=ctx, return_dict=False)[0]
+            torch.cuda.synchronize()
+        return attention_backend_of({e.key: e.count for e in prof.key_averages() if e.key in SDPA_OPS}), out
+
+    set_sdpa_backend(unet, "flash")
+    flash, flash_out = run()
+    set_sdpa_backend(unet, "math")
+    math, math_out = run()
+    set_sdpa_backend(unet, "cudnn")
+    cudnn, _ = run()
+    assert (flash, math) == ("flash", "math") and cudnn in ("cudnn", "flash")
+    torch.testing.assert_close(flash_out, math_out, rtol=2e-2, atol=2e-2)
