@@ -54,7 +54,23 @@ def _profile(fn, steps: int, top: int) -> dict:
     by_own = sorted(rows, key=lambda r: -r["own_us_per_step"])[:top]
     by_cum = sorted(rows, key=lambda r: -r["cum_us_per_step"])[:top]
     return {"total_own_ms_per_step": round(sum(r["own_us_per_step"] for r in rows) / 1e3, 2),
-            "top_own": by_own, "top_cum": by_cum}
+            "top_own": by_own, "top_cum": by_cum, "all_own": {r["fn"]: r["own_us_per_step"] for r in rows}}
+
+
+def _cprofile_diff(profiles: dict, a: str = "packed", b: str = "fp16", top: int = 30) -> dict:
+    """Own time per step, ``a`` minus ``b``, over every function either profile saw (not just each
+    one's top list): by function (the largest differences both ways) and by source file -- where the
+    packed step's extra host time sits.  (cProfile inflates functions with many calls alike in both.)"""
+    fa, fb = profiles[a]["all_own"], profiles[b]["all_own"]
+    by_fn = sorted(((round(fa.get(k, 0) - fb.get(k, 0), 1), k) for k in set(fa) | set(fb)), reverse=True)
+    files: dict[str, float] = {}
+    for d, k in by_fn:
+        f = k.split(":")[0] if not k.startswith("~") else "(built-in)"
+        files[f] = files.get(f, 0.0) + d
+    return {"total_us": round(sum(d for d, _ in by_fn), 1),
+            "by_file_us": dict(sorted(((f, round(v, 1)) for f, v in files.items()), key=lambda fv: -abs(fv[1]))[:top]),
+            "more_in_" + a: [[k, d] for d, k in by_fn[:top]],
+            "more_in_" + b: [[k, d] for d, k in by_fn[::-1][:top]]}
 
 
 def _aten_self_cpu(fn, steps: int, top: int) -> list[dict]:
@@ -322,6 +338,8 @@ def main() -> None:
                                 for name in names}
         res["profile"] = {name: _profile(lambda: calls[name](variants[name].unet), a.profile_steps, a.top)
                           for name in names}
+        res["cprofile_diff"] = _cprofile_diff(res["profile"])
+        print("cProfile own time, packed minus fp16, by file (us per step):", res["cprofile_diff"]["by_file_us"])
     print(json.dumps({k: v for k, v in res.items() if k != "profile"}))
     for name in names:
         print(name, "cProfile own time per step (ms):", res["profile"][name]["total_own_ms_per_step"])
