@@ -6,6 +6,8 @@
 #      packed-flash), plus the 512² peak
 #   3. bench/eager_host_profile.py --machinery-only: the arming's host time isolated and in situ, by part
 #      (again with QUANTSD_EAGER_RUNS=0, one group per block, when packed-roots is among the variants)
+#   3b. bench/eager_host_profile.py (HOSTPROF=0 skips): host ms per step fp16 vs packed and the full cProfile
+#      diff by file (where the packed step's extra host time sits)
 #   4. bench/max_res.py under a 4 GiB cap (MAXRES=0 skips; MAXRES_CAPS=8 or 4,8 other caps, MAXRES_S its time box)
 # Everything lands in $OUT/eager.tar.gz (the device returns at most 8 files: the plot, bench log and max-res
 # files are then removed from the loose copy) and a summary on stdout.
@@ -47,6 +49,13 @@ case ",${VARIANTS:-packed-roots}," in *,packed-roots,*)
       --out "$R/machinery_roots.json" 2>&1 | grep "^machinery" | cut -c1-600 ;;
 esac
 
+if [ "${HOSTPROF:-1}" = 1 ]; then
+  log "eager_host_profile (host ms, cProfile diff)"
+  timeout -k 10 "${HOSTPROF_S:-90}" $PY bench/eager_host_profile.py --rounds 9 --out "$R/hostprof.json" \
+      > "$R/hostprof.log" 2>&1
+  grep -E "^\{|by file" "$R/hostprof.log" | cut -c1-900
+fi
+
 if [ "${MAXRES:-1}" = 1 ]; then
   log "max_res under ${MAXRES_CAPS:-4} GiB"
   timeout -k 10 "${MAXRES_S:-110}" $PY bench/max_res.py --configs packed --caps "${MAXRES_CAPS:-4}" --lean \
@@ -56,5 +65,5 @@ fi
 
 (cd "$OUT" && tar czf eager.tar.gz eager)
 # the device returns at most 8 files: keep the summaries loose, the rest only in the archive
-rm -rf "$R/bench/time_vs_pixels.png" "$R/maxres" "$R/maxres.log" "$R/bench.log"
+rm -rf "$R/bench/time_vs_pixels.png" "$R/maxres" "$R/maxres.log" "$R/bench.log" "$R/hostprof.log"
 log "done: $OUT/eager.tar.gz"
