@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The eager packed-vs-fp16 measurements in one GPU call (<= 8 minutes of command time):
-#   1. pytest -m gpu on the grouped/slot code, $PYTEST_FILES (default tests/test_dequant_groups.py; PYTEST=0 skips)
+#   1. pytest -m gpu on the grouped/slot code and the SDPA backend choice, $PYTEST_FILES (default
+#      tests/test_dequant_groups.py tests/test_sdpa_backend.py; PYTEST=0 skips)
 #   2. quantsd bench: the eager pair alternating step by step (61 rounds), packed (the default) against
 #      fp16-sdpa with $VARIANTS in the same turns (default packed-roots,fp16-sdpa-inspect,fp16-sdpa-flash,
 #      packed-flash), plus the 512² peak
@@ -29,7 +30,7 @@ log() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 
 if [ "${PYTEST:-1}" = 1 ]; then
   log "pytest -m gpu"
-  timeout -k 10 "${PYTEST_S:-120}" $PY -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_FILES:-tests/test_dequant_groups.py} \
+  timeout -k 10 "${PYTEST_S:-120}" $PY -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_FILES:-tests/test_dequant_groups.py tests/test_sdpa_backend.py} \
       > "$R/pytest_gpu.txt" 2>&1
   tail -1 "$R/pytest_gpu.txt"
 fi
