@@ -190,6 +190,11 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     of the UNet (``compile_mode`` "reduce-overhead" = CUDA graphs where shapes are static).
     """
     _check_compile_guards(compile_guards)   # before anything changes
+    if sdpa_backend is not None:
+        from .sdpa_backend import SDPA_BACKENDS
+
+        if sdpa_backend != "auto" and sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(f"unknown SDPA backend {sdpa_backend!r}: use auto, {', '.join(SDPA_BACKENDS)}")
     if prefetch_weights and not compile:
         raise ValueError("weight prefetch acts in compiled forwards: add compile=True (--compile)")
     dev = resolve_device(device) if device is not None else pipe.unet.device

@@ -67,6 +67,11 @@ def test_replaced_never_stacked_and_an_instance_forward_is_kept():
 
 
 def test_configure_pipeline_and_the_cli_take_the_choice(tmp_path):
+    fresh = quantsd.load_pipeline("tiny")
+    with pytest.raises(ValueError, match="unknown SDPA backend 'fast'"):
+        configure_pipeline(fresh, sdpa_backend="fast", attention="classic")
+    # refused before anything changed: the attention processors are still diffusers' defaults
+    assert not any(type(p).__name__ == "AttnProcessor" for p in fresh.unet.attn_processors.values())
     pipe = configure_pipeline(quantsd.load_pipeline("tiny"), sdpa_backend="math")
     assert [sdpa_backend_of(getattr(pipe, n)) for n in ("text_encoder", "unet", "vae")] == ["math"] * 3
     from quantsd.cli import main
