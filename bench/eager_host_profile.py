@@ -334,8 +334,9 @@ def main() -> None:
             res["checked_over_fp16"] = {k: round(res[f"{k}_ms"]["packed-checked"] / res[f"{k}_ms"]["fp16"], 3)
                                         for k in ("host", "step")}
         res["conv_host_us"] = _conv_host_us(dev)
-        res["aten_self_cpu"] = {name: _aten_self_cpu(lambda: calls[name](variants[name].unet), 2, a.top)
-                                for name in names}
+        # every op (the diff below must not compare two truncated lists), the top ones kept in the JSON
+        aten_all = {name: _aten_self_cpu(lambda: calls[name](variants[name].unet), 2, 10**6) for name in names}
+        res["aten_self_cpu"] = {name: rows[:a.top] for name, rows in aten_all.items()}
         res["profile"] = {name: _profile(lambda: calls[name](variants[name].unet), a.profile_steps, a.top)
                           for name in names}
         res["cprofile_diff"] = _cprofile_diff(res["profile"])
@@ -345,10 +346,13 @@ def main() -> None:
         print(name, "cProfile own time per step (ms):", res["profile"][name]["total_own_ms_per_step"])
         for r in res["profile"][name]["top_own"][:15]:
             print(f"  {r['own_us_per_step']:9.1f} us {r['calls_per_step']:7.1f}x {r['fn']}")
-    aten = {name: {r["op"]: r["self_cpu_us_per_step"] for r in res["aten_self_cpu"][name]} for name in names}
+    aten = {name: {r["op"]: r["self_cpu_us_per_step"] for r in aten_all[name]} for name in names}
     diff = sorted(((aten["packed"].get(op, 0) - aten["fp16"].get(op, 0), op) for op in set(aten["packed"]) | set(aten["fp16"])),
                   reverse=True)
     print("aten self CPU us per step, packed minus fp16:", [(op, round(d, 1)) for d, op in diff[:12]])
+    res["aten_self_cpu_diff"] = {"total_us": round(sum(d for d, _ in diff), 1),
+                                 "more_in_packed": [[op, round(d, 1)] for d, op in diff[:30]],
+                                 "more_in_fp16": [[op, round(d, 1)] for d, op in diff[::-1][:30]]}
     Path(a.out).write_text(json.dumps(res, indent=1))
 
 
