@@ -178,9 +178,9 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     ``inspect.signature`` on every call (:mod:`quantsd.attention_calls`; same outputs; ~0.5 ms of
     host time per eager SD1.5 step).
     ``sdpa_backend`` ("flash", "cudnn", "efficient", "math"; None or "auto": PyTorch's choice, which
-    on an H200 with torch 2.11 is cuDNN's fused attention): the text encoder's, UNet's and VAE's
-    ``F.scaled_dot_product_attention`` calls prefer that kernel, falling back to the others where it
-    cannot run (:mod:`quantsd.sdpa_backend`).
+    on an H200 with torch 2.11 is cuDNN's fused attention): the text encoder's, UNet's and VAE
+    encoder's and decoder's ``F.scaled_dot_product_attention`` calls prefer that kernel, falling back
+    to the others where it cannot run (:mod:`quantsd.sdpa_backend`).
     ``group_max_bytes`` (grouped): the cap on a group's dense weights (None: the environment's
     ``QUANTSD_GROUP_MAX_MIB``, else eager 384 MiB on a device the process may use 16 GiB of and 96 MiB
     below (:func:`quantsd.dequant_groups.eager_max_bytes`), 32 MiB compiled); larger eager groups mean
@@ -269,8 +269,11 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     if sdpa_backend is not None:    # (last: around a compiled UNet, so its graph is traced under the choice)
         from .sdpa_backend import set_sdpa_backend
 
-        for name in ("text_encoder", "unet", "vae"):
-            component = getattr(pipe, name, None)
+        vae = getattr(pipe, "vae", None)
+        # (the VAE's own forward never runs in a pipeline: it calls vae.decode, whose work is the decoder's)
+        parts = [getattr(pipe, "text_encoder", None), pipe.unet,
+                 *([getattr(vae, n, None) for n in ("encoder", "decoder")] if vae is not None else [])]
+        for component in parts:
             if isinstance(component, torch.nn.Module):
                 set_sdpa_backend(component, sdpa_backend)
     return pipe

@@ -73,7 +73,13 @@ def test_configure_pipeline_and_the_cli_take_the_choice(tmp_path):
     # refused before anything changed: the attention processors are still diffusers' defaults
     assert not any(type(p).__name__ == "AttnProcessor" for p in fresh.unet.attn_processors.values())
     pipe = configure_pipeline(quantsd.load_pipeline("tiny"), sdpa_backend="math")
-    assert [sdpa_backend_of(getattr(pipe, n)) for n in ("text_encoder", "unet", "vae")] == ["math"] * 3
+    parts = [pipe.text_encoder, pipe.unet, pipe.vae.encoder, pipe.vae.decoder]
+    assert [sdpa_backend_of(m) for m in parts] == ["math"] * 4
+    # the decode a pipeline runs (vae.decode, not vae.forward) dispatches under the choice
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        pipe.vae.decode(torch.randn(1, pipe.vae.config.latent_channels, 8, 8))
+    ops = {e.key: e.count for e in prof.key_averages() if e.key in SDPA_OPS}
+    assert attention_backend_of(ops) == "math"
     from quantsd.cli import main
 
     out = tmp_path / "img.png"

@@ -147,7 +147,7 @@ class BenchConfig:
     grouped: bool = True             # packed: one dequant launch per group of layers (quantsd.dequant_groups)
     channels_last: bool = False      # parameters in channels-last memory format (configure_pipeline's channels_last)
     prehook: bool | None = None      # eager packed: prehook groups (None: QUANTSD_EAGER_PREHOOK, on unless 0)
-    runs: bool | None = None         # eager packed: groups merged in execution order (None: on unless QUANTSD_EAGER_RUNS=0)
+    runs: bool | None = None         # eager packed: groups merged in execution order (None: unless QUANTSD_EAGER_RUNS=0)
     group_max_mib: float | None = None   # packed, grouped: group cap (None: QUANTSD_GROUP_MAX_MIB, else the default)
     direct_attention: bool = True    # eager: attentions call their processor directly (quantsd.attention_calls)
     sdpa_backend: str | None = None  # the SDPA kernel preferred (quantsd.sdpa_backend; None: PyTorch's choice)
@@ -189,7 +189,8 @@ def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
 
 
 # optional eager packed configurations that join the eager pair's turns (compared with fp16-sdpa and packed)
-EAGER_VARIANTS = ("fp16-sdpa-inspect", "fp16-sdpa-flash", "packed-flash", "packed-checked", "packed-roots", "packed-groups-512", "packed-groups-384", "packed-groups-256", "packed-groups-96")
+EAGER_VARIANTS = ("fp16-sdpa-inspect", "fp16-sdpa-flash", "packed-flash", "packed-checked", "packed-roots",
+                  "packed-groups-512", "packed-groups-384", "packed-groups-256", "packed-groups-96")
 
 
 def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
