@@ -25,19 +25,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quantsd import models as M  # noqa: E402
+from eager_host_overhead_cpu import narrow_unet_config  # noqa: E402  (bench/, the script's own folder)
 from quantsd.attention_calls import direct_attention_calls, remove_direct_attention_calls  # noqa: E402
 
 
 def narrow_unet(div: int):
     from diffusers import UNet2DConditionModel
 
-    cfg = dict(M.SD15_UNET)
-    cfg["block_out_channels"] = tuple(c // div for c in cfg["block_out_channels"])
-    cfg["norm_num_groups"] = min(cfg["block_out_channels"][0], 32)
-    cfg["cross_attention_dim"] = max(8, cfg["cross_attention_dim"] // div // 8 * 8)
     torch.manual_seed(0)
-    return UNet2DConditionModel(**cfg).eval()
+    return UNet2DConditionModel(**narrow_unet_config(div)).eval()
 
 
 def main() -> None:

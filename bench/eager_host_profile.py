@@ -57,12 +57,17 @@ def _profile(fn, steps: int, top: int) -> dict:
             "top_own": by_own, "top_cum": by_cum, "all_own": {r["fn"]: r["own_us_per_step"] for r in rows}}
 
 
+def _differences(fa: dict, fb: dict) -> list[tuple[float, str]]:
+    """(``fa[k] - fb[k]``, k) over every key of either (0 where missing), largest first."""
+    return sorted(((round(fa.get(k, 0) - fb.get(k, 0), 1), k) for k in set(fa) | set(fb)), reverse=True)
+
+
 def _cprofile_diff(profiles: dict, a: str = "packed", b: str = "fp16", top: int = 30) -> dict:
     """Own time per step, ``a`` minus ``b``, over every function either profile saw (not just each
     one's top list): by function (the largest differences both ways) and by source file -- where the
     packed step's extra host time sits.  (cProfile inflates functions with many calls alike in both.)"""
     fa, fb = profiles[a]["all_own"], profiles[b]["all_own"]
-    by_fn = sorted(((round(fa.get(k, 0) - fb.get(k, 0), 1), k) for k in set(fa) | set(fb)), reverse=True)
+    by_fn = _differences(fa, fb)
     files: dict[str, float] = {}
     for d, k in by_fn:
         f = k.split(":")[0] if not k.startswith("~") else "(built-in)"
@@ -347,12 +352,11 @@ def main() -> None:
         for r in res["profile"][name]["top_own"][:15]:
             print(f"  {r['own_us_per_step']:9.1f} us {r['calls_per_step']:7.1f}x {r['fn']}")
     aten = {name: {r["op"]: r["self_cpu_us_per_step"] for r in aten_all[name]} for name in names}
-    diff = sorted(((aten["packed"].get(op, 0) - aten["fp16"].get(op, 0), op) for op in set(aten["packed"]) | set(aten["fp16"])),
-                  reverse=True)
-    print("aten self CPU us per step, packed minus fp16:", [(op, round(d, 1)) for d, op in diff[:12]])
+    diff = _differences(aten["packed"], aten["fp16"])
+    print("aten self CPU us per step, packed minus fp16:", [(op, d) for d, op in diff[:12]])
     res["aten_self_cpu_diff"] = {"total_us": round(sum(d for d, _ in diff), 1),
-                                 "more_in_packed": [[op, round(d, 1)] for d, op in diff[:30]],
-                                 "more_in_fp16": [[op, round(d, 1)] for d, op in diff[::-1][:30]]}
+                                 "more_in_packed": [[op, d] for d, op in diff[:30]],
+                                 "more_in_fp16": [[op, d] for d, op in diff[::-1][:30]]}
     Path(a.out).write_text(json.dumps(res, indent=1))
 
 

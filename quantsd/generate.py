@@ -191,10 +191,9 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     """
     _check_compile_guards(compile_guards)   # before anything changes
     if sdpa_backend is not None:
-        from .sdpa_backend import SDPA_BACKENDS
+        from .sdpa_backend import check_sdpa_backend
 
-        if sdpa_backend != "auto" and sdpa_backend not in SDPA_BACKENDS:
-            raise ValueError(f"unknown SDPA backend {sdpa_backend!r}: use auto, {', '.join(SDPA_BACKENDS)}")
+        check_sdpa_backend(sdpa_backend)
     if prefetch_weights and not compile:
         raise ValueError("weight prefetch acts in compiled forwards: add compile=True (--compile)")
     dev = resolve_device(device) if device is not None else pipe.unet.device

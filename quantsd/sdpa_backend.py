@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["SDPA_BACKENDS", "set_sdpa_backend", "sdpa_backend_of"]
+__all__ = ["SDPA_BACKENDS", "check_sdpa_backend", "set_sdpa_backend", "sdpa_backend_of"]
 
 # the choices, each with the order the dispatcher tries them in
 SDPA_BACKENDS = {
@@ -28,6 +28,12 @@ SDPA_BACKENDS = {
 }
 
 
+def check_sdpa_backend(backend: str | None) -> None:
+    """Refuse a backend name that is none of auto (or None) and :data:`SDPA_BACKENDS`."""
+    if backend is not None and backend != "auto" and backend not in SDPA_BACKENDS:
+        raise ValueError(f"unknown SDPA backend {backend!r}: use auto, {', '.join(SDPA_BACKENDS)}")
+
+
 class _SDPABackendForward:
     """A component's forward run inside ``sdpa_kernel(order, set_priority=True)``.  A forward already
     set on the instance (accelerate's hooks, torch.compile's ``OptimizedModule``) is kept and called
@@ -36,10 +42,11 @@ class _SDPABackendForward:
     def __init__(self, module: nn.Module, backend: str):
         self.module = module
         self.backend = backend
+        self.order = list(SDPA_BACKENDS[backend])
         self.inner = module.__dict__.get("forward")      # None: the class's forward
 
     def __call__(self, *args, **kwargs):
-        with sdpa_kernel(list(SDPA_BACKENDS[self.backend]), set_priority=True):
+        with sdpa_kernel(self.order, set_priority=True):
             if self.inner is None:
                 return type(self.module).forward(self.module, *args, **kwargs)
             return self.inner(*args, **kwargs)
@@ -48,8 +55,7 @@ class _SDPABackendForward:
 def set_sdpa_backend(module: nn.Module, backend: str | None) -> None:
     """Make ``module``'s forward prefer ``backend`` ("flash", "cudnn", "efficient" or "math") for its
     SDPA calls; None or "auto" gives the choice back to PyTorch's dispatcher."""
-    if backend is not None and backend != "auto" and backend not in SDPA_BACKENDS:
-        raise ValueError(f"unknown SDPA backend {backend!r}: use auto, {', '.join(SDPA_BACKENDS)}")
+    check_sdpa_backend(backend)
     current = module.__dict__.get("forward")
     if isinstance(current, _SDPABackendForward):    # (replace, never stack)
         if current.inner is None:
