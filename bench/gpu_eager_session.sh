@@ -6,7 +6,8 @@
 #      fp16-sdpa with $VARIANTS in the same turns (default packed-roots,fp16-sdpa-inspect,fp16-sdpa-flash,
 #      packed-flash), plus the 512² peak
 #   3. bench/eager_host_profile.py --machinery-only: the arming's host time isolated and in situ, by part
-#      (again with QUANTSD_EAGER_RUNS=0, one group per block, when packed-roots is among the variants)
+#      (again with QUANTSD_EAGER_RUNS=0, one group per block, when packed-roots is among the variants and
+#      MACHINERY_ROOTS is not 0)
 #   3b. bench/eager_host_profile.py (HOSTPROF=0 skips): host ms per step fp16 vs packed and the full cProfile
 #      diff by file (where the packed step's extra host time sits)
 #   4. bench/max_res.py under a 4 GiB cap (MAXRES=0 skips; MAXRES_CAPS=8 or 4,8 other caps, MAXRES_S its time box)
@@ -44,7 +45,7 @@ grep -E "taking turns|^\| (fp16|packed)" "$R/bench/report.md" 2>/dev/null
 log "eager_host_profile --machinery-only"
 timeout -k 10 "${MACHINERY_S:-90}" $PY bench/eager_host_profile.py --machinery-only --out "$R/machinery.json" \
     2>&1 | grep "^machinery" | cut -c1-600
-case ",${VARIANTS:-packed-roots}," in *,packed-roots,*)
+case "${MACHINERY_ROOTS:-1},${VARIANTS:-packed-roots}," in 1,*packed-roots,*)
   log "eager_host_profile --machinery-only, one group per block (QUANTSD_EAGER_RUNS=0)"
   QUANTSD_EAGER_RUNS=0 timeout -k 10 "${MACHINERY_S:-90}" $PY bench/eager_host_profile.py --machinery-only \
       --out "$R/machinery_roots.json" 2>&1 | grep "^machinery" | cut -c1-600 ;;
