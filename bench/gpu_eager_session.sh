@@ -3,8 +3,8 @@
 #   1. pytest -m gpu on the grouped/slot code and the SDPA backend choice, $PYTEST_FILES (default
 #      tests/test_dequant_groups.py tests/test_sdpa_backend.py; PYTEST=0 skips)
 #   2. quantsd bench: the eager pair alternating step by step (61 rounds), packed (the default) against
-#      fp16-sdpa with $VARIANTS in the same turns (default packed-roots,fp16-sdpa-inspect,fp16-sdpa-flash,
-#      packed-flash), plus the 512² peak
+#      fp16-sdpa with $VARIANTS in the same turns (default packed-roots,fp16-sdpa-inspect,fp16-sdpa-pytorch,
+#      packed-pytorch), plus the 512² peak
 #   3. bench/eager_host_profile.py --machinery-only: the arming's host time isolated and in situ, by part
 #      (again with QUANTSD_EAGER_RUNS=0, one group per block, when packed-roots is among the variants and
 #      MACHINERY_ROOTS is not 0)
@@ -38,7 +38,7 @@ fi
 
 log "quantsd bench (eager pair, 61 rounds of one step)"
 timeout -k 10 "${BENCH_S:-300}" $PY -m quantsd.cli bench -m sd15-arch --recipe recipes/paper-final.yaml --lean \
-    --max-res-cap-gb none --only "fp16-sdpa,packed,${VARIANTS:-packed-roots,fp16-sdpa-inspect,fp16-sdpa-flash,packed-flash}" --eager-pair-rounds 61 \
+    --max-res-cap-gb none --only "fp16-sdpa,packed,${VARIANTS:-packed-roots,fp16-sdpa-inspect,fp16-sdpa-pytorch,packed-pytorch}" --eager-pair-rounds 61 \
     --eager-pair-calls 1 -o "$R/bench" > "$R/bench.log" 2>&1
 grep -E "taking turns|^\| (fp16|packed)" "$R/bench/report.md" 2>/dev/null
 

@@ -144,7 +144,7 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
                        grouped_dequant: bool = True, dense_below: int = 0, prefetch_weights: bool = False,
                        eager_prehook: bool | None = None, group_max_bytes: int | None = None,
                        eager_runs: bool | None = None, direct_attention: bool = True,
-                       sdpa_backend: str | None = None):
+                       sdpa_backend: str | None = "auto"):
     """Apply generation options to a loaded pipeline (in place; returns it).
 
     ``lean_vae``: the VAE decoder's resnet blocks run SiLU and the residual add in place on
@@ -177,10 +177,12 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     modules call their processor directly when no extra keyword arguments come, skipping diffusers'
     ``inspect.signature`` on every call (:mod:`quantsd.attention_calls`; same outputs; ~0.5 ms of
     host time per eager SD1.5 step).
-    ``sdpa_backend`` ("flash", "cudnn", "efficient", "math"; None or "auto": PyTorch's choice, which
-    on an H200 with torch 2.11 is cuDNN's fused attention): the text encoder's, UNet's and VAE
-    encoder's and decoder's ``F.scaled_dot_product_attention`` calls prefer that kernel, falling back
-    to the others where it cannot run (:mod:`quantsd.sdpa_backend`).
+    ``sdpa_backend`` ("flash", "cudnn", "efficient", "math"; default "auto": FlashAttention for a
+    component computing in fp16/bf16 on CUDA, PyTorch's choice for the others; None or "pytorch":
+    PyTorch's choice, which on an H200 with torch 2.11 is cuDNN's fused attention): the text
+    encoder's, UNet's and VAE encoder's and decoder's ``F.scaled_dot_product_attention`` calls prefer
+    that kernel, falling back to the others where it cannot run (:mod:`quantsd.sdpa_backend`; "auto"
+    is resolved per component when this runs, so a component offloaded to the CPU gets PyTorch's).
     ``group_max_bytes`` (grouped): the cap on a group's dense weights (None: the environment's
     ``QUANTSD_GROUP_MAX_MIB``, else eager 384 MiB on a device the process may use 16 GiB of and 96 MiB
     below (:func:`quantsd.dequant_groups.eager_max_bytes`), 32 MiB compiled); larger eager groups mean
@@ -265,17 +267,23 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
 
             enable_weight_prefetch(pipe.unet)
         pipe.unet = compile_unet(pipe.unet, compile_mode, compile_guards)
-    if sdpa_backend is not None:    # (last: around a compiled UNet, so its graph is traced under the choice)
-        from .sdpa_backend import set_sdpa_backend
-
-        vae = getattr(pipe, "vae", None)
-        # (the VAE's own forward never runs in a pipeline: it calls vae.decode, whose work is the decoder's)
-        parts = [getattr(pipe, "text_encoder", None), pipe.unet,
-                 *([getattr(vae, n, None) for n in ("encoder", "decoder")] if vae is not None else [])]
-        for component in parts:
-            if isinstance(component, torch.nn.Module):
-                set_sdpa_backend(component, sdpa_backend)
+    # last: around a compiled UNet, so its graph is traced under the choice
+    _set_sdpa_backends(pipe, sdpa_backend)
     return pipe
+
+
+def _set_sdpa_backends(pipe, backend: str | None) -> None:
+    """The SDPA backend preference on every component that runs attention (None also takes back an
+    earlier one).  The VAE's goes on its encoder and decoder: a pipeline calls ``vae.decode``, never
+    ``vae.forward``."""
+    from .sdpa_backend import set_sdpa_backend
+
+    vae = getattr(pipe, "vae", None)
+    parts = [getattr(pipe, "text_encoder", None), pipe.unet,
+             *([getattr(vae, n, None) for n in ("encoder", "decoder")] if vae is not None else [])]
+    for component in parts:
+        if isinstance(component, torch.nn.Module):
+            set_sdpa_backend(component, backend)
 
 
 def cfg_cutoff_kwargs(steps: int, cutoff: float | None) -> dict:
@@ -370,7 +378,7 @@ def generate(
     grouped_dequant: bool = True,
     dense_below: int = 0,
     prefetch_weights: bool = False,
-    sdpa_backend: str | None = None,
+    sdpa_backend: str | None = "auto",
 ):
     """Generate one image; returns (PIL.Image, info dict).
 
@@ -388,8 +396,8 @@ def generate(
     host time per step; ``grouped_dequant`` (default True) dequantizes the packed layers of a block
     in one launch in eager mode; ``dense_below`` keeps the UNet's smallest packed layers dense;
     ``prefetch_weights`` (with ``compile``) decodes packed weights ahead on a second CUDA stream;
-    ``sdpa_backend`` ("flash", "cudnn", "efficient", "math"; None/"auto": PyTorch's choice) the
-    fused attention kernel preferred.
+    ``sdpa_backend`` ("auto": FlashAttention for fp16/bf16 on CUDA; "pytorch"/None: PyTorch's choice;
+    "flash", "cudnn", "efficient", "math") the fused attention kernel preferred.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -441,8 +449,15 @@ def generate(
             "compile_guards": compile_guards if compile else None,
             "dequant_groups": _count_groups(pipe), "dense_below": dense_below or None,
             "prefetch_weights": prefetch_weights, "tiny_vae": None if tiny_vae is None else str(tiny_vae),
-            "sdpa_backend": sdpa_backend or "auto"}
+            "sdpa_backend": _unet_sdpa_backend(pipe)}
     return out.images[0], info
+
+
+def _unet_sdpa_backend(pipe) -> str:
+    """The SDPA backend the UNet prefers ("pytorch": none, the dispatcher's choice)."""
+    from .sdpa_backend import sdpa_backend_of
+
+    return sdpa_backend_of(pipe.unet)
 
 
 def _count_groups(pipe) -> int:

@@ -2,7 +2,10 @@
 
 PyTorch's dispatcher picks the SDPA backend per call; with torch 2.11 on the H200 it picks cuDNN's
 fused attention for SD1.5's shapes (the profile's ``aten::_scaled_dot_product_cudnn_attention``),
-not FlashAttention.  :func:`set_sdpa_backend` makes a component prefer one backend: a forward set
+not FlashAttention.  quantsd's default, "auto", prefers FlashAttention for 16-bit components on
+CUDA (:func:`preferred_sdpa_backend`: DESIGN.md §7's backend, and measured faster there: the eager
+SD1.5 step 0.984x the time under cuDNN, H200, session 18) and leaves every other component to
+PyTorch's dispatcher ("pytorch").  :func:`set_sdpa_backend` makes a component prefer one backend: a forward set
 on the component instance (the UNet, the VAE) runs the component's own forward inside
 ``torch.nn.attention.sdpa_kernel`` with that backend first in priority and the others after it,
 so a shape the preferred kernel cannot run (fp32 for flash, an unsupported head dim) falls back
@@ -13,10 +16,12 @@ so the graph is traced, and its attention chosen, under the preference.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["SDPA_BACKENDS", "check_sdpa_backend", "set_sdpa_backend", "sdpa_backend_of"]
+__all__ = ["SDPA_BACKENDS", "SDPA_CHOICES", "check_sdpa_backend", "preferred_sdpa_backend", "resolve_sdpa_backend",
+           "set_sdpa_backend", "sdpa_backend_of"]
 
 # the choices, each with the order the dispatcher tries them in
 SDPA_BACKENDS = {
@@ -28,10 +33,34 @@ SDPA_BACKENDS = {
 }
 
 
+# what a user may name: "auto" (quantsd's choice per component), "pytorch" (the dispatcher's own), a backend
+SDPA_CHOICES = ("auto", "pytorch", *SDPA_BACKENDS)
+
+
 def check_sdpa_backend(backend: str | None) -> None:
-    """Refuse a backend name that is none of auto (or None) and :data:`SDPA_BACKENDS`."""
-    if backend is not None and backend != "auto" and backend not in SDPA_BACKENDS:
-        raise ValueError(f"unknown SDPA backend {backend!r}: use auto, {', '.join(SDPA_BACKENDS)}")
+    """Refuse a backend name that is none of :data:`SDPA_CHOICES` (None: "pytorch")."""
+    if backend is not None and backend not in SDPA_CHOICES:
+        raise ValueError(f"unknown SDPA backend {backend!r}: use {', '.join(SDPA_CHOICES)}")
+
+
+def preferred_sdpa_backend(dtype: torch.dtype, device_type: str) -> str | None:
+    """What "auto" prefers for a component computing in ``dtype`` on ``device_type``: "flash" for
+    fp16/bf16 on CUDA (the only case FlashAttention runs; there it is measured faster than PyTorch's
+    pick, cuDNN, on the H200), else None: PyTorch's own choice, as without quantsd."""
+    if device_type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return "flash"
+    return None
+
+
+def resolve_sdpa_backend(module: nn.Module, backend: str | None) -> str | None:
+    """The backend ``backend`` means for ``module``: "auto" resolved by the dtype and device of the
+    module's first floating-point parameter (:func:`preferred_sdpa_backend`; a module offloaded to the
+    CPU at this point gets PyTorch's choice), None for "pytorch" or None, else ``backend`` itself."""
+    check_sdpa_backend(backend)
+    if backend == "auto":
+        param = next((p for p in module.parameters() if p.is_floating_point()), None)
+        return None if param is None else preferred_sdpa_backend(param.dtype, param.device.type)
+    return None if backend in (None, "pytorch") else backend
 
 
 class _SDPABackendForward:
@@ -54,19 +83,20 @@ class _SDPABackendForward:
 
 def set_sdpa_backend(module: nn.Module, backend: str | None) -> None:
     """Make ``module``'s forward prefer ``backend`` ("flash", "cudnn", "efficient" or "math") for its
-    SDPA calls; None or "auto" gives the choice back to PyTorch's dispatcher."""
-    check_sdpa_backend(backend)
+    SDPA calls; "auto": :func:`resolve_sdpa_backend`'s pick for it; None or "pytorch" gives the choice
+    back to PyTorch's dispatcher."""
+    backend = resolve_sdpa_backend(module, backend)
     current = module.__dict__.get("forward")
     if isinstance(current, _SDPABackendForward):    # (replace, never stack)
         if current.inner is None:
             del module.__dict__["forward"]
         else:
             module.__dict__["forward"] = current.inner
-    if backend is not None and backend != "auto":
+    if backend is not None:
         module.__dict__["forward"] = _SDPABackendForward(module, backend)   # (a plain attribute, as nn.Module allows)
 
 
 def sdpa_backend_of(module: nn.Module) -> str:
-    """The backend :func:`set_sdpa_backend` set on ``module`` ("auto" where none)."""
+    """The backend :func:`set_sdpa_backend` set on ``module`` ("pytorch" where none: the dispatcher's)."""
     current = module.__dict__.get("forward")
-    return current.backend if isinstance(current, _SDPABackendForward) else "auto"
+    return current.backend if isinstance(current, _SDPABackendForward) else "pytorch"

@@ -9,7 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 import quantsd
 from quantsd.bench.core import SDPA_OPS, attention_backend_of
 from quantsd.generate import configure_pipeline
-from quantsd.sdpa_backend import sdpa_backend_of, set_sdpa_backend
+from quantsd.sdpa_backend import preferred_sdpa_backend, resolve_sdpa_backend, sdpa_backend_of, set_sdpa_backend
 
 
 def _unet_backend(unet):
@@ -23,7 +23,7 @@ def _unet_backend(unet):
 
 def test_the_preferred_backend_is_the_one_dispatched():
     """On the CPU, fp32: "math" dispatches the math op, "flash" the CPU flash kernel; the outputs agree
-    to float rounding; "auto" removes the preference."""
+    to float rounding; "pytorch" removes the preference, and so does "auto" on the CPU."""
     unet = quantsd.load_pipeline("tiny").unet
     set_sdpa_backend(unet, "math")
     math_backend, math_out = _unet_backend(unet)
@@ -32,8 +32,25 @@ def test_the_preferred_backend_is_the_one_dispatched():
     assert (math_backend, flash_backend) == ("math", "flash")
     torch.testing.assert_close(flash_out, math_out, rtol=1e-4, atol=1e-5)
     assert sdpa_backend_of(unet) == "flash"
-    set_sdpa_backend(unet, "auto")
-    assert sdpa_backend_of(unet) == "auto" and "forward" not in unet.__dict__
+    set_sdpa_backend(unet, "pytorch")
+    assert sdpa_backend_of(unet) == "pytorch" and "forward" not in unet.__dict__
+    set_sdpa_backend(unet, "flash")
+    set_sdpa_backend(unet, "auto")    # fp32 on the CPU: FlashAttention-2 cannot run, PyTorch chooses
+    assert sdpa_backend_of(unet) == "pytorch" and "forward" not in unet.__dict__
+
+
+def test_auto_prefers_flash_for_16_bit_cuda_only():
+    """"auto" is FlashAttention first where FA2 runs (fp16/bf16 on CUDA), PyTorch's choice elsewhere;
+    it is resolved from the module's own parameters."""
+    assert preferred_sdpa_backend(torch.float16, "cuda") == "flash"
+    assert preferred_sdpa_backend(torch.bfloat16, "cuda") == "flash"
+    assert preferred_sdpa_backend(torch.float32, "cuda") is None
+    assert preferred_sdpa_backend(torch.float16, "cpu") is None
+    unet = quantsd.load_pipeline("tiny").unet
+    assert resolve_sdpa_backend(unet, "auto") is None
+    assert resolve_sdpa_backend(unet.to(torch.float16), "auto") is None     # still the CPU
+    assert resolve_sdpa_backend(unet, "pytorch") is None and resolve_sdpa_backend(unet, "cudnn") == "cudnn"
+    assert resolve_sdpa_backend(torch.nn.ReLU(), "auto") is None            # no parameters: nothing to go by
 
 
 def test_a_preference_that_cannot_run_falls_back():
@@ -62,6 +79,9 @@ def test_replaced_never_stacked_and_an_instance_forward_is_kept():
     assert backend == "flash" and calls == [1]
     set_sdpa_backend(unet, None)
     assert unet.__dict__["forward"] is wrapper
+    set_sdpa_backend(unet, "flash")
+    set_sdpa_backend(unet, "pytorch")
+    assert unet.__dict__["forward"] is wrapper
     with pytest.raises(ValueError, match="unknown SDPA backend 'fast'"):
         set_sdpa_backend(unet, "fast")
 
@@ -87,14 +107,26 @@ def test_configure_pipeline_and_the_cli_take_the_choice(tmp_path):
                                   "--sdpa-backend", "math", "-o", str(out), "--format", "json"])
     assert r.exit_code == 0, r.output
     assert out.is_file() and '"sdpa_backend": "math"' in r.output
+    # the default, auto, on the CPU: no preference set anywhere, the image's info says so
+    r = CliRunner().invoke(main, ["generate", "-m", "tiny", "-p", "a red square", "--steps", "1",
+                                  "-o", str(out), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert '"sdpa_backend": "pytorch"' in r.output
+    pipe = configure_pipeline(quantsd.load_pipeline("tiny"), sdpa_backend="math")
+    configure_pipeline(pipe)     # configured again with the default: the earlier preference is taken back
+    assert [sdpa_backend_of(m) for m in (pipe.text_encoder, pipe.unet, pipe.vae.decoder)] == ["pytorch"] * 3
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_flash_and_cudnn_preferences_dispatch_their_ops():
     """fp16 on CUDA: "flash" dispatches PyTorch's FlashAttention op, "cudnn" the cuDNN one where the
-    card has it (else a fallback), "math" the math op; flash and math agree to fp16 rounding."""
+    card has it (else a fallback), "math" the math op; flash and math agree to fp16 rounding; "auto"
+    (the default) is flash here, fp32 on CUDA stays PyTorch's."""
     unet = quantsd.load_pipeline("tiny").unet.to("cuda", torch.float16)
+    set_sdpa_backend(unet, "auto")
+    assert sdpa_backend_of(unet) == "flash"
+    assert resolve_sdpa_backend(quantsd.load_pipeline("tiny").unet.to("cuda"), "auto") is None
 
     def run():
         torch.manual_seed(0)

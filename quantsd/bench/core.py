@@ -150,7 +150,8 @@ class BenchConfig:
     runs: bool | None = None         # eager packed: groups merged in execution order (None: unless QUANTSD_EAGER_RUNS=0)
     group_max_mib: float | None = None   # packed, grouped: group cap (None: QUANTSD_GROUP_MAX_MIB, else the default)
     direct_attention: bool = True    # eager: attentions call their processor directly (quantsd.attention_calls)
-    sdpa_backend: str | None = None  # the SDPA kernel preferred (quantsd.sdpa_backend; None: PyTorch's choice)
+    sdpa_backend: str | None = "auto"   # the SDPA kernel preferred (quantsd.sdpa_backend; "auto": configure_pipeline's
+                                        # default, FlashAttention for fp16 on CUDA; "pytorch": the dispatcher's choice)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -189,7 +190,7 @@ def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
 
 
 # optional eager packed configurations that join the eager pair's turns (compared with fp16-sdpa and packed)
-EAGER_VARIANTS = ("fp16-sdpa-inspect", "fp16-sdpa-flash", "packed-flash", "packed-checked", "packed-roots",
+EAGER_VARIANTS = ("fp16-sdpa-inspect", "fp16-sdpa-pytorch", "packed-pytorch", "packed-checked", "packed-roots",
                   "packed-groups-512", "packed-groups-384", "packed-groups-256", "packed-groups-96")
 
 
@@ -208,14 +209,14 @@ def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
     attention forward (``fp16-sdpa-inspect``: ``inspect.signature`` on every attention call, what
     :mod:`quantsd.attention_calls` removes from every eager configuration); it joins the eager pair's
     turns too, so its ratio to ``fp16-sdpa`` is what the direct calls save.  And both eager and compiled
-    with FlashAttention preferred over PyTorch's own choice (``fp16-sdpa-flash``, ``packed-flash``,
-    ``fp16-sdpa-compiled-flash``, ``packed-compiled-flash``: :mod:`quantsd.sdpa_backend`; torch 2.11
-    on the H200 picks cuDNN's attention)."""
+    with PyTorch's own SDPA backend choice instead of quantsd's default FlashAttention preference
+    (``fp16-sdpa-pytorch``, ``packed-pytorch``, ``fp16-sdpa-compiled-pytorch``, ``packed-compiled-pytorch``:
+    :mod:`quantsd.sdpa_backend`; torch 2.11 on the H200 picks cuDNN's attention)."""
     if not recipe:
         return []
     eager = [BenchConfig("fp16-sdpa-inspect", direct_attention=False, sweep=()),
-             BenchConfig("fp16-sdpa-flash", sdpa_backend="flash", sweep=()),
-             BenchConfig("packed-flash", packed=True, sdpa_backend="flash", sweep=()),
+             BenchConfig("fp16-sdpa-pytorch", sdpa_backend="pytorch", sweep=()),
+             BenchConfig("packed-pytorch", packed=True, sdpa_backend="pytorch", sweep=()),
              BenchConfig("packed-checked", packed=True, prehook=False, sweep=()),
              BenchConfig("packed-roots", packed=True, runs=False, sweep=()),
              BenchConfig("packed-groups-512", packed=True, group_max_mib=512, sweep=()),
@@ -224,8 +225,9 @@ def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
              BenchConfig("packed-groups-96", packed=True, group_max_mib=96, sweep=())]
     if not compile:
         return eager
-    return eager + [BenchConfig("fp16-sdpa-compiled-flash", compile=True, sdpa_backend="flash", sweep=()),
-                    BenchConfig("packed-compiled-flash", packed=True, compile=True, sdpa_backend="flash", sweep=()),
+    return eager + [BenchConfig("fp16-sdpa-compiled-pytorch", compile=True, sdpa_backend="pytorch", sweep=()),
+                    BenchConfig("packed-compiled-pytorch", packed=True, compile=True, sdpa_backend="pytorch",
+                                sweep=()),
                     BenchConfig("packed-compiled-per-layer", packed=True, compile=True, grouped=False, sweep=()),
                     BenchConfig("packed-compiled-prefetch", packed=True, compile=True, prefetch=True, sweep=())]
 

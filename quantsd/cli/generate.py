@@ -32,10 +32,11 @@ from ._base import FORMAT, main, model_option
               help="Dynamic CFG: classifier-free guidance only for this fraction of the steps, then batch 1.")
 @click.option("--attention", type=click.Choice(["sdpa", "classic"]), default=None,
               help="Attention processor: sdpa (F.scaled_dot_product_attention; --sdpa-backend picks its kernel) or classic.")
-@click.option("--sdpa-backend", type=click.Choice(["auto", "flash", "cudnn", "efficient", "math"]), default="auto",
-              show_default=True,
-              help="Fused attention kernel preferred by SDPA (others are the fallback); auto: PyTorch's choice "
-                   "(cuDNN on an H200 with torch 2.11).")
+@click.option("--sdpa-backend", type=click.Choice(["auto", "pytorch", "flash", "cudnn", "efficient", "math"]),
+              default="auto", show_default=True,
+              help="Fused attention kernel preferred by SDPA (others are the fallback); auto: FlashAttention for "
+                   "fp16/bf16 on CUDA, else PyTorch's choice; pytorch: PyTorch's choice (cuDNN on an H200 with "
+                   "torch 2.11).")
 @click.option("--attention-slicing", is_flag=True, help="Compute attention in slices (less memory).")
 @click.option("--vae-tiling", is_flag=True, help="Decode latents in tiles (large images in little memory).")
 @click.option("--vae-slicing", is_flag=True, help="Decode a batch one image at a time.")
@@ -79,7 +80,7 @@ def generate_cmd(model, prompt, negative_prompt, seed, steps, guidance, height, 
                            lean_vae=lean_vae, drop_vae_encoder=drop_vae_encoder, ff_chunk=ff_chunk,
                            grouped_dequant=not no_grouped, dense_below=dense_below,
                            prefetch_weights=prefetch_weights,
-                           sdpa_backend=None if sdpa_backend == "auto" else sdpa_backend)
+                           sdpa_backend=sdpa_backend)
     save_png(image, out, info)
     info["output"] = out
     if fmt == "json":
