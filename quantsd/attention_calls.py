@@ -7,7 +7,8 @@ the host's Python, and the inspection costs ~16 us a call on this project's CPU 
 ``bench/attention_calls_cpu.py``).
 
 :func:`direct_attention_calls` sets a forward on each ``Attention`` instance (``module.forward``,
-as :mod:`quantsd.eager_slots` does: no hook, so ``nn.Module.__call__`` keeps its fast path) that
+a :class:`quantsd.instance_forward.InstanceForward`: no hook, so ``nn.Module.__call__`` keeps its
+fast path) that
 calls the processor directly when no extra keyword argument comes -- exactly what diffusers'
 forward does then -- and diffusers' own forward otherwise (LoRA scales, IP-adapter inputs: the
 same filtering, the same warnings), or while torch.compile traces.  The processor is read at
@@ -19,16 +20,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .instance_forward import InstanceForward
+
 __all__ = ["direct_attention_calls", "remove_direct_attention_calls"]
 
 
-class _DirectAttentionForward:
+class _DirectAttentionForward(InstanceForward):
     """An ``Attention`` instance's forward: its processor called directly when no extra keyword
-    argument comes, the class's forward otherwise.  A deep copy or an unpickled model gets its own
-    (the module is copied with it)."""
-
-    def __init__(self, module: nn.Module):
-        self.module = module
+    argument comes, the class's forward otherwise (installed only where the instance has no forward
+    of its own: ``inner`` is None)."""
 
     def __call__(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         module = self.module
@@ -57,16 +57,11 @@ def direct_attention_calls(module: nn.Module) -> int:
     n = 0
     for m in module.modules():
         if isinstance(m, cls) and type(m).forward is cls.forward and "forward" not in m.__dict__:
-            m.__dict__["forward"] = _DirectAttentionForward(m)   # (not nn.Module.__setattr__: a plain attribute)
+            _DirectAttentionForward.install(m)
             n += 1
     return n
 
 
 def remove_direct_attention_calls(module: nn.Module) -> int:
     """Undo :func:`direct_attention_calls` below ``module``; returns how many were removed."""
-    n = 0
-    for m in module.modules():
-        if isinstance(m.__dict__.get("forward"), _DirectAttentionForward):
-            del m.__dict__["forward"]
-            n += 1
-    return n
+    return sum(_DirectAttentionForward.remove(m) for m in module.modules())

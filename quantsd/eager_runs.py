@@ -30,11 +30,6 @@ from .eager_slots import _ArmingForward, _SlotPool
 __all__ = ["install_runs"]
 
 
-def _forward(armer: _ArmingForward, args, kwargs):
-    module, inner = armer.module, armer.inner
-    return type(module).forward(module, *args, **kwargs) if inner is None else inner(*args, **kwargs)
-
-
 class _RunLearner(_ArmingForward):
     """A root's arming forward during the first eager forward: also records that the root ran."""
 
@@ -54,13 +49,13 @@ class _RunStart(_ArmingForward):
 
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():
-            return _forward(self, args, kwargs)
+            return self.call_inner(*args, **kwargs)
         for g in self.groups:
             if g._slot is not None or g._flat is not None:
                 g.disarm()
             g.arm(self.pool)
         try:
-            return _forward(self, args, kwargs)
+            return self.call_inner(*args, **kwargs)
         except BaseException:
             for g in self.groups:
                 g.disarm()
@@ -72,9 +67,9 @@ class _RunEnd(_ArmingForward):
 
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():
-            return _forward(self, args, kwargs)
+            return self.call_inner(*args, **kwargs)
         try:
-            return _forward(self, args, kwargs)
+            return self.call_inner(*args, **kwargs)
         finally:
             for g in self.groups:
                 g.disarm()
@@ -152,8 +147,8 @@ class _RunPlanner:
             g._ready()
             run_groups.append(g)
             largest = max(largest, g.numel)
-            run[0].module.__dict__["forward"] = _RunStart(run[0].module, [g], pool)
-            run[-1].module.__dict__["forward"] = _RunEnd(run[-1].module, [g], pool)
+            _RunStart.install(run[0].module, [g], pool)
+            _RunEnd.install(run[-1].module, [g], pool)
         # the pool's slots (all free: this runs as the forward ends) are made again at the new size,
         # on the same pool object: trusted_weights restores the trust on the objects it saw
         pool.resize(max(largest, pool.numel))
@@ -169,8 +164,6 @@ def install_runs(model: nn.Module, hooked: list[tuple[nn.Module, list]], pool: _
     """Learning arming forwards on every root of ``hooked`` ((root, its groups), all of ``pool``) and
     the planner hook on ``model``, run before the pool's own (``prepend``)."""
     log: list = []
-    learners = [_RunLearner(root, gs, pool, log) for root, gs in hooked]
-    for a in learners:
-        a.module.__dict__["forward"] = a
+    learners = [_RunLearner.install(root, gs, pool, log) for root, gs in hooked]
     planner = _RunPlanner(learners, pool, max_bytes)
     model.register_forward_hook(planner.after_forward, always_call=True, prepend=True)

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .instance_forward import InstanceForward
+
 if TYPE_CHECKING:
     from .dequant_groups import DequantGroup
 
@@ -128,25 +130,21 @@ class _SlotPool:
                 self.live[i] = False
 
 
-class _ArmingForward:
-    """A prehook root's forward, set on the root instance (``root.forward``): arm the root's groups,
-    run the root's own forward, disarm them even if it raised (eager forwards only: under
-    torch.compile the members trace the graph op).
-
-    Why not a forward pre-hook and an always-called forward hook: any hook sends
-    ``nn.Module.__call__`` down its slow path, and with 28 roots that was ~0.66 ms of an eager SD1.5
-    step's host time on the H200 box (session 13 profile); a forward on the instance keeps the fast
-    path.  A forward already set on the instance (accelerate's hooks) is kept and called inside.  A
-    deep copy or an unpickled model gets its own: the module, the groups and the pool are copied
-    with it."""
+class _ArmingForward(InstanceForward):
+    """A prehook root's forward, set on the root instance (``root.forward``, an
+    :class:`~quantsd.instance_forward.InstanceForward`: no hook, so ``nn.Module.__call__`` keeps its
+    fast path): arm the root's groups, run the root's own forward, disarm them even if it raised
+    (eager forwards only: under torch.compile the members trace the graph op).  A forward already
+    set on the instance (accelerate's hooks) is kept and called inside.  The module, the groups and
+    the pool are copied with a deep copy."""
 
     def __init__(self, module: nn.Module, groups: list[DequantGroup], pool: "_SlotPool | None" = None):
-        self.module = module
-        self.inner = module.__dict__.get("forward")      # None: the class's forward
+        super().__init__(module)
         self.groups = groups
         self.pool = pool
 
     def __call__(self, *args, **kwargs):
+        # (call_inner inlined: this runs once per root and eager step)
         inner, module = self.inner, self.module
         if torch.compiler.is_compiling():
             return type(module).forward(module, *args, **kwargs) if inner is None else inner(*args, **kwargs)
@@ -160,26 +158,10 @@ class _ArmingForward:
             for g in groups:
                 g.disarm()
 
-    @staticmethod
-    def install(module: nn.Module, groups: list[DequantGroup], pool: "_SlotPool | None") -> "_ArmingForward":
-        armer = _ArmingForward(module, groups, pool)
-        module.__dict__["forward"] = armer      # (not nn.Module.__setattr__: no module, parameter or buffer)
-        return armer
-
-    @staticmethod
-    def remove(module: nn.Module) -> None:
-        """Take ``module``'s arming forward off (nothing if it has none), restoring what it wrapped."""
-        armer = module.__dict__.get("forward")
-        if isinstance(armer, _ArmingForward):
-            if armer.inner is None:
-                del module.__dict__["forward"]
-            else:
-                module.__dict__["forward"] = armer.inner
-
 
 def arming_forwards(module: nn.Module) -> list[_ArmingForward]:
     """The prehook roots' arming forwards below ``module`` (itself included), in module order."""
-    return [f for m in module.modules() if isinstance(f := m.__dict__.get("forward"), _ArmingForward)]
+    return [f for m in module.modules() if (f := _ArmingForward.installed(m)) is not None]
 
 
 def slot_pools(module: nn.Module) -> list["_SlotPool"]:

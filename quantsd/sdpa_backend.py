@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .instance_forward import InstanceForward
+
 __all__ = ["SDPA_BACKENDS", "SDPA_CHOICES", "check_sdpa_backend", "preferred_sdpa_backend", "resolve_sdpa_backend",
            "set_sdpa_backend", "sdpa_backend_of"]
 
@@ -63,22 +65,19 @@ def resolve_sdpa_backend(module: nn.Module, backend: str | None) -> str | None:
     return None if backend in (None, "pytorch") else backend
 
 
-class _SDPABackendForward:
+class _SDPABackendForward(InstanceForward):
     """A component's forward run inside ``sdpa_kernel(order, set_priority=True)``.  A forward already
     set on the instance (accelerate's hooks, torch.compile's ``OptimizedModule``) is kept and called
-    inside; a deep copy or an unpickled model gets its own."""
+    inside."""
 
     def __init__(self, module: nn.Module, backend: str):
-        self.module = module
+        super().__init__(module)
         self.backend = backend
         self.order = list(SDPA_BACKENDS[backend])
-        self.inner = module.__dict__.get("forward")      # None: the class's forward
 
     def __call__(self, *args, **kwargs):
         with sdpa_kernel(self.order, set_priority=True):
-            if self.inner is None:
-                return type(self.module).forward(self.module, *args, **kwargs)
-            return self.inner(*args, **kwargs)
+            return self.call_inner(*args, **kwargs)
 
 
 def set_sdpa_backend(module: nn.Module, backend: str | None) -> None:
@@ -86,17 +85,12 @@ def set_sdpa_backend(module: nn.Module, backend: str | None) -> None:
     SDPA calls; "auto": :func:`resolve_sdpa_backend`'s pick for it; None or "pytorch" gives the choice
     back to PyTorch's dispatcher."""
     backend = resolve_sdpa_backend(module, backend)
-    current = module.__dict__.get("forward")
-    if isinstance(current, _SDPABackendForward):    # (replace, never stack)
-        if current.inner is None:
-            del module.__dict__["forward"]
-        else:
-            module.__dict__["forward"] = current.inner
+    _SDPABackendForward.remove(module)      # (replace, never stack)
     if backend is not None:
-        module.__dict__["forward"] = _SDPABackendForward(module, backend)   # (a plain attribute, as nn.Module allows)
+        _SDPABackendForward.install(module, backend)
 
 
 def sdpa_backend_of(module: nn.Module) -> str:
     """The backend :func:`set_sdpa_backend` set on ``module`` ("pytorch" where none: the dispatcher's)."""
-    current = module.__dict__.get("forward")
-    return current.backend if isinstance(current, _SDPABackendForward) else "pytorch"
+    current = _SDPABackendForward.installed(module)
+    return "pytorch" if current is None else current.backend
