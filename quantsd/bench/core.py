@@ -121,15 +121,44 @@ def interleaved_rounds(fns: dict[str, Callable[[], Any]], rounds: int, calls: in
     return out
 
 
+def median_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for the median of ``values`` (the sign test's: order
+    statistics k and n-k+1 with P(Binomial(n, 1/2) < k) <= (1 - level) / 2), or None when there are
+    too few values for that level (n < 6 at 95%).  Why not a bootstrap: no random draws, and exact
+    coverage for any distribution of independent rounds."""
+    import math
+
+    n = len(values)
+    alpha = (1 - level) / 2
+    k, tail = 0, 0.0        # tail: P(Binomial(n, 1/2) <= k - 1)
+    while True:
+        nxt = tail + math.comb(n, k) / 2 ** n
+        if nxt > alpha:
+            break
+        tail, k = nxt, k + 1
+    if k == 0:
+        return None
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[n - k]
+
+
+def _ci_text(summary: dict, lead: str = " ", tail: str = "") -> str:
+    """" (95% CI a-b)" for a :func:`paired_ratio` summary that has an interval, else ""."""
+    ci = summary.get("ratio_ci95")
+    return f"{lead}(95% CI {ci[0]:.3f}-{ci[1]:.3f}){tail}" if ci else ""
+
+
 def paired_ratio(per_round: dict[str, list[float]], num: str, den: str) -> dict:
     """``num`` / ``den`` from :func:`interleaved_rounds`' numbers: the median of the per-round ratios
-    (each ratio compares two measurements taken moments apart) with their range, and each side's
-    median and minimum (the least disturbed round)."""
+    (each ratio compares two measurements taken moments apart) with their range and a 95% interval
+    for it (:func:`median_ci`), and each side's median and minimum (the least disturbed round)."""
     a, b = per_round[num], per_round[den]
     if not a or len(a) != len(b):
         raise ValueError(f"{num!r} and {den!r} need the same, non-zero number of rounds")
     ratios = [x / y for x, y in zip(a, b)]
+    ci = median_ci(ratios)
     return {"ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ratio_ci95": None if ci is None else [round(ci[0], 4), round(ci[1], 4)],
             "ratio_of_minima": min(a) / min(b), "rounds": len(ratios), "ratios": [round(r, 4) for r in ratios],
             f"{num}_ms": statistics.median(a), f"{den}_ms": statistics.median(b)}
 
@@ -967,14 +996,16 @@ def markdown_report(results: dict) -> str:
         u, im = pair["unet"], pair["image"]
         lines += ["", f"Eager packed / fp16-sdpa, the pipelines taking turns ({u['rounds']} rounds of "
                   f"{pair['calls']} UNet steps, {im['rounds']} of one image): UNet step {u['ratio_median']:.3f}x "
-                  f"(per round {u['ratio_min']:.3f}-{u['ratio_max']:.3f}; fastest rounds {u['ratio_of_minima']:.3f}x; "
+                  f"{_ci_text(u, lead='', tail=' ')}(per round {u['ratio_min']:.3f}-{u['ratio_max']:.3f}; "
+                  f"fastest rounds {u['ratio_of_minima']:.3f}x; "
                   f"median steps {u['packed_ms']:.1f} vs {u['fp16-sdpa_ms']:.1f} ms), image {im['ratio_median']:.3f}x "
                   f"(per round {im['ratio_min']:.3f}-{im['ratio_max']:.3f})"]
         for name in EAGER_VARIANTS:
             v = pair.get(name)
             if isinstance(v, dict):
-                lines[-1] += (f"; {name} in the same turns: UNet step {v['unet']['ratio_median']:.3f}x fp16-sdpa, "
-                              f"{v['unet_vs_packed']['ratio_median']:.3f}x packed, image {v['image']['ratio_median']:.3f}x")
+                lines[-1] += (f"; {name} in the same turns: UNet step {v['unet']['ratio_median']:.3f}x fp16-sdpa"
+                              f"{_ci_text(v['unet'], lead=' ')}, {v['unet_vs_packed']['ratio_median']:.3f}x packed"
+                              f"{_ci_text(v['unet_vs_packed'], lead=' ')}, image {v['image']['ratio_median']:.3f}x")
     launches = [(c["name"], c["unet_dequant_launches"]) for c in results.get("configs", [])
                 if isinstance(c.get("unet_dequant_launches"), dict)]
     if launches:
