@@ -491,3 +491,20 @@ def test_eager_pair_runs_once_both_eager_rows_built(monkeypatch, tmp_path):
     b.results["configs"] = [{"name": "fp16-sdpa", "build": {"ok": True}}, {"name": "packed", "build": {"ok": True}}]
     b._eager_pair(cfgs, None, None)
     assert "eager_interleaved" not in b.results
+
+
+def test_median_ci_is_the_sign_test_interval():
+    """The interval's ends are order statistics around the median: for n = 61 the 23rd and 39th
+    values (P(Bin(61, 1/2) <= 22) = 0.0242 <= 0.025 < P(<= 23)); too few values give None; and a
+    pair summary carries it."""
+    from quantsd.bench.core import median_ci, paired_ratio
+
+    values = [float(v) for v in range(61)][::-1]         # any order
+    assert median_ci(values) == (22.0, 38.0)
+    assert median_ci([1.0, 2.0, 3.0, 4.0, 5.0]) is None
+    assert median_ci([float(v) for v in range(6)]) == (0.0, 5.0)
+    lo, hi = median_ci([float(v) for v in range(6)], level=0.5)
+    assert 0.0 < lo <= hi < 5.0
+    per_round = {"a": [1.0 + i / 100 for i in range(10)], "b": [1.0] * 10}
+    s = paired_ratio(per_round, "a", "b")
+    assert s["ratio_ci95"] == [1.01, 1.08] and s["ratio_ci95"][0] <= s["ratio_median"] <= s["ratio_ci95"][1]
