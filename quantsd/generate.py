@@ -177,12 +177,14 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     modules call their processor directly when no extra keyword arguments come, skipping diffusers'
     ``inspect.signature`` on every call (:mod:`quantsd.attention_calls`; same outputs; ~0.5 ms of
     host time per eager SD1.5 step).
-    ``sdpa_backend`` ("flash", "cudnn", "efficient", "math"; default "auto": FlashAttention for a
-    component computing in fp16/bf16 on CUDA, PyTorch's choice for the others; None or "pytorch":
-    PyTorch's choice, which on an H200 with torch 2.11 is cuDNN's fused attention): the text
-    encoder's, UNet's and VAE encoder's and decoder's ``F.scaled_dot_product_attention`` calls prefer
-    that kernel, falling back to the others where it cannot run (:mod:`quantsd.sdpa_backend`; "auto"
-    is resolved per component when this runs, so a component offloaded to the CPU gets PyTorch's).
+    ``sdpa_backend`` ("flash", "cudnn", "efficient", "math"; default "auto": FlashAttention for an
+    eager component computing in fp16/bf16 on CUDA, PyTorch's choice for the others -- a compiled
+    UNet among them: under CUDA graphs cuDNN's kernel is the faster one on the H200; None or
+    "pytorch": PyTorch's choice, which on an H200 with torch 2.11 is cuDNN's fused attention): the
+    text encoder's, UNet's and VAE encoder's and decoder's ``F.scaled_dot_product_attention`` calls
+    prefer that kernel, falling back to the others where it cannot run (:mod:`quantsd.sdpa_backend`;
+    "auto" is resolved per component when this runs, so a component offloaded to the CPU gets
+    PyTorch's).
     ``group_max_bytes`` (grouped): the cap on a group's dense weights (None: the environment's
     ``QUANTSD_GROUP_MAX_MIB``, else eager 384 MiB on a device the process may use 16 GiB of and 96 MiB
     below (:func:`quantsd.dequant_groups.eager_max_bytes`), 32 MiB compiled); larger eager groups mean
@@ -396,7 +398,7 @@ def generate(
     host time per step; ``grouped_dequant`` (default True) dequantizes the packed layers of a block
     in one launch in eager mode; ``dense_below`` keeps the UNet's smallest packed layers dense;
     ``prefetch_weights`` (with ``compile``) decodes packed weights ahead on a second CUDA stream;
-    ``sdpa_backend`` ("auto": FlashAttention for fp16/bf16 on CUDA; "pytorch"/None: PyTorch's choice;
+    ``sdpa_backend`` ("auto": FlashAttention for eager fp16/bf16 on CUDA; "pytorch"/None: PyTorch's choice;
     "flash", "cudnn", "efficient", "math") the fused attention kernel preferred.
     """
     if steps < 1:

@@ -2,16 +2,20 @@
 
 PyTorch's dispatcher picks the SDPA backend per call; with torch 2.11 on the H200 it picks cuDNN's
 fused attention for SD1.5's shapes (the profile's ``aten::_scaled_dot_product_cudnn_attention``),
-not FlashAttention.  quantsd's default, "auto", prefers FlashAttention for 16-bit components on
-CUDA (:func:`preferred_sdpa_backend`: DESIGN.md §7's backend, and measured faster there: the eager
-SD1.5 step 0.984x the time under cuDNN, H200, session 18) and leaves every other component to
-PyTorch's dispatcher ("pytorch").  :func:`set_sdpa_backend` makes a component prefer one backend: a forward set
+not FlashAttention.  quantsd's default, "auto" (:func:`resolve_sdpa_backend`), prefers
+FlashAttention for 16-bit components on CUDA that run eagerly -- DESIGN.md §7's backend, and
+measured faster there: the eager SD1.5 step 0.984x (dense) and 0.982x (packed) the time under cuDNN,
+H200, session 18 -- and leaves compiled modules and everything else to PyTorch's dispatcher
+("pytorch"): under torch.compile with CUDA graphs the step is GPU-bound and cuDNN's kernel is the
+faster one (7.17 vs 7.91 ms a compiled step back to back, H200, session 18).
+:func:`set_sdpa_backend` makes a component prefer one backend: a forward set
 on the component instance (the UNet, the VAE) runs the component's own forward inside
 ``torch.nn.attention.sdpa_kernel`` with that backend first in priority and the others after it,
-so a shape the preferred kernel cannot run (fp32 for flash, an unsupported head dim) falls back
-instead of failing.  Entered once per component call (one context per UNet step, not one per
-attention call: the eager step is host-bound).  Set on a compiled UNet it wraps the compiled module,
-so the graph is traced, and its attention chosen, under the preference.
+so a shape the preferred kernel cannot run (fp32 for flash, an unsupported head dim such as the
+VAE's 512) falls back instead of failing.  Entered once per component call (one context per UNet
+step, not one per attention call: the eager step is host-bound).  Set on a compiled UNet
+explicitly, it wraps the compiled module, so the graph is traced, and its attention chosen, under
+the preference.
 """
 
 from __future__ import annotations
@@ -46,20 +50,31 @@ def check_sdpa_backend(backend: str | None) -> None:
 
 
 def preferred_sdpa_backend(dtype: torch.dtype, device_type: str) -> str | None:
-    """What "auto" prefers for a component computing in ``dtype`` on ``device_type``: "flash" for
-    fp16/bf16 on CUDA (the only case FlashAttention runs; there it is measured faster than PyTorch's
-    pick, cuDNN, on the H200), else None: PyTorch's own choice, as without quantsd."""
+    """What "auto" prefers for an eager component computing in ``dtype`` on ``device_type``: "flash"
+    for fp16/bf16 on CUDA (the only case FlashAttention runs; there the eager step is measured faster
+    than under PyTorch's pick, cuDNN, on the H200), else None: PyTorch's own choice, as without
+    quantsd."""
     if device_type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         return "flash"
     return None
 
 
+def _compiled_module_type() -> type:
+    """torch.compile's wrapper class (``OptimizedModule``)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return OptimizedModule
+
+
 def resolve_sdpa_backend(module: nn.Module, backend: str | None) -> str | None:
     """The backend ``backend`` means for ``module``: "auto" resolved by the dtype and device of the
     module's first floating-point parameter (:func:`preferred_sdpa_backend`; a module offloaded to the
-    CPU at this point gets PyTorch's choice), None for "pytorch" or None, else ``backend`` itself."""
+    CPU at this point gets PyTorch's choice) for an eager module, and PyTorch's choice (None) for a
+    torch.compile'd one; None for "pytorch" or None, else ``backend`` itself."""
     check_sdpa_backend(backend)
     if backend == "auto":
+        if isinstance(module, _compiled_module_type()):
+            return None
         param = next((p for p in module.parameters() if p.is_floating_point()), None)
         return None if param is None else preferred_sdpa_backend(param.dtype, param.device.type)
     return None if backend in (None, "pytorch") else backend

@@ -96,7 +96,7 @@ def test_default_configs():
         ("packed-groups-512", True, False, None, False),
         ("packed-groups-384", True, False, None, False), ("packed-groups-256", True, False, None, False),
         ("packed-groups-96", True, False, None, False),
-        ("fp16-sdpa-compiled-pytorch", True, False, None, True), ("packed-compiled-pytorch", True, False, None, True),
+        ("fp16-sdpa-compiled-flash", True, False, None, True), ("packed-compiled-flash", True, False, None, True),
         ("packed-compiled-per-layer", False, False, None, True),
         ("packed-compiled-prefetch", True, True, None, True)]
     assert [c.name for c in optional_configs(True, False)] == ["fp16-sdpa-inspect", "fp16-sdpa-pytorch", "packed-pytorch",
@@ -108,6 +108,7 @@ def test_default_configs():
     assert [(c.packed, c.direct_attention, c.sdpa_backend) for c in optional_configs(True, False)][:4] == [
         (False, False, "auto"), (False, True, "pytorch"), (True, True, "pytorch"), (True, True, "auto")]
     assert all(c.sdpa_backend == "auto" for c in default_configs(True, True))
+    assert [c.sdpa_backend for c in optional_configs(True, True) if c.name.endswith("-compiled-flash")] == ["flash"] * 2
     assert all(c.direct_attention for c in default_configs(True, True))
     assert optional_configs(False, True) == []
     assert [c.name for c in default_configs(False, False)] == ["fp16-sdpa", "fp32-classic"]

@@ -40,8 +40,8 @@ def test_the_preferred_backend_is_the_one_dispatched():
 
 
 def test_auto_prefers_flash_for_16_bit_cuda_only():
-    """"auto" is FlashAttention first where FA2 runs (fp16/bf16 on CUDA), PyTorch's choice elsewhere;
-    it is resolved from the module's own parameters."""
+    """"auto" is FlashAttention first where FA2 runs (fp16/bf16 on CUDA) and the module is eager,
+    PyTorch's choice elsewhere; it is resolved from the module's own parameters."""
     assert preferred_sdpa_backend(torch.float16, "cuda") == "flash"
     assert preferred_sdpa_backend(torch.bfloat16, "cuda") == "flash"
     assert preferred_sdpa_backend(torch.float32, "cuda") is None
@@ -51,6 +51,9 @@ def test_auto_prefers_flash_for_16_bit_cuda_only():
     assert resolve_sdpa_backend(unet.to(torch.float16), "auto") is None     # still the CPU
     assert resolve_sdpa_backend(unet, "pytorch") is None and resolve_sdpa_backend(unet, "cudnn") == "cudnn"
     assert resolve_sdpa_backend(torch.nn.ReLU(), "auto") is None            # no parameters: nothing to go by
+    # a torch.compile'd module: PyTorch's choice (cuDNN's kernel is the faster one under CUDA graphs), unless named
+    compiled = torch.compile(unet)
+    assert resolve_sdpa_backend(compiled, "auto") is None and resolve_sdpa_backend(compiled, "flash") == "flash"
 
 
 def test_a_preference_that_cannot_run_falls_back():

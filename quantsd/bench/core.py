@@ -180,7 +180,7 @@ class BenchConfig:
     group_max_mib: float | None = None   # packed, grouped: group cap (None: QUANTSD_GROUP_MAX_MIB, else the default)
     direct_attention: bool = True    # eager: attentions call their processor directly (quantsd.attention_calls)
     sdpa_backend: str | None = "auto"   # the SDPA kernel preferred (quantsd.sdpa_backend; "auto": configure_pipeline's
-                                        # default, FlashAttention for fp16 on CUDA; "pytorch": the dispatcher's choice)
+                                        # default, FlashAttention for eager fp16 on CUDA; "pytorch": the dispatcher's)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -237,10 +237,11 @@ def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
     (:mod:`quantsd.prefetch`, measured slower so far).  And the dense eager baseline with diffusers' own
     attention forward (``fp16-sdpa-inspect``: ``inspect.signature`` on every attention call, what
     :mod:`quantsd.attention_calls` removes from every eager configuration); it joins the eager pair's
-    turns too, so its ratio to ``fp16-sdpa`` is what the direct calls save.  And both eager and compiled
-    with PyTorch's own SDPA backend choice instead of quantsd's default FlashAttention preference
-    (``fp16-sdpa-pytorch``, ``packed-pytorch``, ``fp16-sdpa-compiled-pytorch``, ``packed-compiled-pytorch``:
-    :mod:`quantsd.sdpa_backend`; torch 2.11 on the H200 picks cuDNN's attention)."""
+    turns too, so its ratio to ``fp16-sdpa`` is what the direct calls save.  And the other SDPA
+    backend of each mode (:mod:`quantsd.sdpa_backend`; "auto" prefers FlashAttention eager and leaves
+    compiled UNets to PyTorch, which on the H200 with torch 2.11 picks cuDNN's attention): eager
+    with PyTorch's choice (``fp16-sdpa-pytorch``, ``packed-pytorch``), compiled with FlashAttention
+    preferred (``fp16-sdpa-compiled-flash``, ``packed-compiled-flash``)."""
     if not recipe:
         return []
     eager = [BenchConfig("fp16-sdpa-inspect", direct_attention=False, sweep=()),
@@ -254,9 +255,8 @@ def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
              BenchConfig("packed-groups-96", packed=True, group_max_mib=96, sweep=())]
     if not compile:
         return eager
-    return eager + [BenchConfig("fp16-sdpa-compiled-pytorch", compile=True, sdpa_backend="pytorch", sweep=()),
-                    BenchConfig("packed-compiled-pytorch", packed=True, compile=True, sdpa_backend="pytorch",
-                                sweep=()),
+    return eager + [BenchConfig("fp16-sdpa-compiled-flash", compile=True, sdpa_backend="flash", sweep=()),
+                    BenchConfig("packed-compiled-flash", packed=True, compile=True, sdpa_backend="flash", sweep=()),
                     BenchConfig("packed-compiled-per-layer", packed=True, compile=True, grouped=False, sweep=()),
                     BenchConfig("packed-compiled-prefetch", packed=True, compile=True, prefetch=True, sweep=())]
 

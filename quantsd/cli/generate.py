@@ -35,8 +35,8 @@ from ._base import FORMAT, main, model_option
 @click.option("--sdpa-backend", type=click.Choice(["auto", "pytorch", "flash", "cudnn", "efficient", "math"]),
               default="auto", show_default=True,
               help="Fused attention kernel preferred by SDPA (others are the fallback); auto: FlashAttention for "
-                   "fp16/bf16 on CUDA, else PyTorch's choice; pytorch: PyTorch's choice (cuDNN on an H200 with "
-                   "torch 2.11).")
+                   "eager fp16/bf16 on CUDA, else (and for a --compile'd UNet) PyTorch's choice; pytorch: PyTorch's "
+                   "choice (cuDNN on an H200 with torch 2.11).")
 @click.option("--attention-slicing", is_flag=True, help="Compute attention in slices (less memory).")
 @click.option("--vae-tiling", is_flag=True, help="Decode latents in tiles (large images in little memory).")
 @click.option("--vae-slicing", is_flag=True, help="Decode a batch one image at a time.")
