@@ -270,14 +270,14 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
             enable_weight_prefetch(pipe.unet)
         pipe.unet = compile_unet(pipe.unet, compile_mode, compile_guards)
     # last: around a compiled UNet, so its graph is traced under the choice
-    _set_sdpa_backends(pipe, sdpa_backend)
+    _set_sdpa_backends(pipe, sdpa_backend, compiled_unet=compile)
     return pipe
 
 
-def _set_sdpa_backends(pipe, backend: str | None) -> None:
+def _set_sdpa_backends(pipe, backend: str | None, compiled_unet: bool = False) -> None:
     """The SDPA backend preference on every component that runs attention (None also takes back an
-    earlier one).  The VAE's goes on its encoder and decoder: a pipeline calls ``vae.decode``, never
-    ``vae.forward``."""
+    earlier one; "auto" resolved per component, the UNet as compiled when ``compiled_unet``).  The
+    VAE's goes on its encoder and decoder: a pipeline calls ``vae.decode``, never ``vae.forward``."""
     from .sdpa_backend import set_sdpa_backend
 
     vae = getattr(pipe, "vae", None)
@@ -285,7 +285,7 @@ def _set_sdpa_backends(pipe, backend: str | None) -> None:
              *([getattr(vae, n, None) for n in ("encoder", "decoder")] if vae is not None else [])]
     for component in parts:
         if isinstance(component, torch.nn.Module):
-            set_sdpa_backend(component, backend)
+            set_sdpa_backend(component, backend, compiled=compiled_unet and component is pipe.unet)
 
 
 def cfg_cutoff_kwargs(steps: int, cutoff: float | None) -> dict:

@@ -66,14 +66,15 @@ def _compiled_module_type() -> type:
     return OptimizedModule
 
 
-def resolve_sdpa_backend(module: nn.Module, backend: str | None) -> str | None:
+def resolve_sdpa_backend(module: nn.Module, backend: str | None, compiled: bool = False) -> str | None:
     """The backend ``backend`` means for ``module``: "auto" resolved by the dtype and device of the
     module's first floating-point parameter (:func:`preferred_sdpa_backend`; a module offloaded to the
     CPU at this point gets PyTorch's choice) for an eager module, and PyTorch's choice (None) for a
-    torch.compile'd one; None for "pytorch" or None, else ``backend`` itself."""
+    compiled one (``compiled``, or a torch.compile ``OptimizedModule``); None for "pytorch" or None,
+    else ``backend`` itself."""
     check_sdpa_backend(backend)
     if backend == "auto":
-        if isinstance(module, _compiled_module_type()):
+        if compiled or isinstance(module, _compiled_module_type()):
             return None
         param = next((p for p in module.parameters() if p.is_floating_point()), None)
         return None if param is None else preferred_sdpa_backend(param.dtype, param.device.type)
@@ -95,11 +96,11 @@ class _SDPABackendForward(InstanceForward):
             return self.call_inner(*args, **kwargs)
 
 
-def set_sdpa_backend(module: nn.Module, backend: str | None) -> None:
+def set_sdpa_backend(module: nn.Module, backend: str | None, compiled: bool = False) -> None:
     """Make ``module``'s forward prefer ``backend`` ("flash", "cudnn", "efficient" or "math") for its
-    SDPA calls; "auto": :func:`resolve_sdpa_backend`'s pick for it; None or "pytorch" gives the choice
-    back to PyTorch's dispatcher."""
-    backend = resolve_sdpa_backend(module, backend)
+    SDPA calls; "auto": :func:`resolve_sdpa_backend`'s pick for it (``compiled``: it runs under
+    torch.compile); None or "pytorch" gives the choice back to PyTorch's dispatcher."""
+    backend = resolve_sdpa_backend(module, backend, compiled)
     _SDPABackendForward.remove(module)      # (replace, never stack)
     if backend is not None:
         _SDPABackendForward.install(module, backend)

@@ -54,6 +54,8 @@ def test_auto_prefers_flash_for_16_bit_cuda_only():
     # a torch.compile'd module: PyTorch's choice (cuDNN's kernel is the faster one under CUDA graphs), unless named
     compiled = torch.compile(unet)
     assert resolve_sdpa_backend(compiled, "auto") is None and resolve_sdpa_backend(compiled, "flash") == "flash"
+    # compile_unet(guards="minimal") returns the module itself: configure_pipeline says it is compiled
+    assert resolve_sdpa_backend(unet, "auto", compiled=True) is None
 
 
 def test_a_preference_that_cannot_run_falls_back():
@@ -148,3 +150,18 @@ def test_on_cuda_flash_and_cudnn_preferences_dispatch_their_ops():
     cudnn, _ = run()
     assert (flash, math) == ("flash", "math") and cudnn in ("cudnn", "flash")
     torch.testing.assert_close(flash_out, math_out, rtol=2e-2, atol=2e-2)
+
+
+def test_configure_pipeline_leaves_a_compiled_unet_to_pytorch(monkeypatch):
+    """With "auto", a --compile'd UNet keeps PyTorch's choice while the eager components get the
+    preference (here "flash" stands in for a CUDA device's pick; torch.compile is lazy, nothing is
+    compiled), whichever guard mode wrapped it."""
+    import quantsd.sdpa_backend as sb
+
+    monkeypatch.setattr(sb, "preferred_sdpa_backend", lambda dtype, device_type: "flash")
+    for guards in ("full", "minimal"):
+        pipe = configure_pipeline(quantsd.load_pipeline("tiny"), compile=True, compile_guards=guards)
+        assert sdpa_backend_of(pipe.unet) == "pytorch"
+        assert [sdpa_backend_of(m) for m in (pipe.text_encoder, pipe.vae.decoder)] == ["flash", "flash"]
+    eager = configure_pipeline(quantsd.load_pipeline("tiny"))
+    assert sdpa_backend_of(eager.unet) == "flash"
