@@ -31,7 +31,7 @@ log() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 
 if [ "${PYTEST:-1}" = 1 ]; then
   log "pytest -m gpu"
-  timeout -k 10 "${PYTEST_S:-120}" $PY -m pytest -q -m gpu -p no:cacheprovider ${PYTEST_FILES:-tests/test_dequant_groups.py tests/test_sdpa_backend.py} \
+  timeout -k 10 "${PYTEST_S:-120}" $PY -m pytest -v -m gpu -p no:cacheprovider ${PYTEST_FILES:-tests/test_dequant_groups.py tests/test_sdpa_backend.py} \
       > "$R/pytest_gpu.txt" 2>&1
   tail -1 "$R/pytest_gpu.txt"
 fi

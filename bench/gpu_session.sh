@@ -46,7 +46,7 @@ log "pytest -m gpu (kernels, CUDA==CPU)"
 if [ "${PYTEST:-1}" = 0 ]; then
   echo "skipped (PYTEST=0)" > "$OUT/pytest_gpu.txt"
 elif $PY -c "import pytest" 2>/dev/null; then
-  timeout -k 10 "${PYTEST_S:-240}" $PY -m pytest -q -m gpu -p no:cacheprovider \
+  timeout -k 10 "${PYTEST_S:-240}" $PY -m pytest -v -m gpu -p no:cacheprovider \
       ${PYTEST_FILES:-tests/test_kernels.py tests/test_quant_cuda.py tests/test_schedulers.py tests/test_dequant_groups.py tests/test_compile_guards.py tests/test_fused.py tests/test_prefetch.py tests/test_sdpa_backend.py} \
       > "$OUT/pytest_gpu.txt" 2>&1
   echo "exit=$?" >> "$OUT/pytest_gpu.txt"
