@@ -124,8 +124,8 @@ def interleaved_rounds(fns: dict[str, Callable[[], Any]], rounds: int, calls: in
 def median_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float] | None:
     """A distribution-free confidence interval for the median of ``values`` (the sign test's: order
     statistics k and n-k+1 with P(Binomial(n, 1/2) < k) <= (1 - level) / 2), or None when there are
-    too few values for that level (n < 6 at 95%).  Why not a bootstrap: no random draws, and exact
-    coverage for any distribution of independent rounds."""
+    too few values for that level (n < 6 at 95%).  Why not a bootstrap: no random draws, and at
+    least the stated coverage for any distribution of independent rounds."""
     import math
 
     n = len(values)
