@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The eager packed-vs-fp16 measurements in one GPU call (<= 8 minutes of command time):
-#   1. pytest -m gpu on the grouped/slot code and the SDPA backend choice, $PYTEST_FILES (default
-#      tests/test_dequant_groups.py tests/test_sdpa_backend.py; PYTEST=0 skips)
+#   1. pytest -m gpu on the SDPA backend choice and the grouped/slot code, $PYTEST_FILES (default
+#      tests/test_sdpa_backend.py tests/test_dequant_groups.py; PYTEST=0 skips)
 #   2. quantsd bench: the eager pair alternating step by step (61 rounds), packed (the default) against
-#      fp16-sdpa with $VARIANTS in the same turns (default packed-roots,fp16-sdpa-inspect,fp16-sdpa-pytorch,
-#      packed-pytorch), plus the 512² peak
+#      fp16-sdpa with $VARIANTS in the same turns (default fp16-sdpa-pytorch,packed-pytorch: PyTorch's own SDPA
+#      backend against the default FlashAttention preference; packed-roots and fp16-sdpa-inspect were measured in
+#      session 18), plus the 512² peak
 #   3. bench/eager_host_profile.py --machinery-only: the arming's host time isolated and in situ, by part
 #      (again with QUANTSD_EAGER_RUNS=0, one group per block, when packed-roots is among the variants and
 #      MACHINERY_ROOTS is not 0)
@@ -31,21 +32,21 @@ log() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 
 if [ "${PYTEST:-1}" = 1 ]; then
   log "pytest -m gpu"
-  timeout -k 10 "${PYTEST_S:-120}" $PY -m pytest -v -m gpu -p no:cacheprovider ${PYTEST_FILES:-tests/test_dequant_groups.py tests/test_sdpa_backend.py} \
+  timeout -k 10 "${PYTEST_S:-120}" $PY -m pytest -v -m gpu -p no:cacheprovider ${PYTEST_FILES:-tests/test_sdpa_backend.py tests/test_dequant_groups.py} \
       > "$R/pytest_gpu.txt" 2>&1
   tail -1 "$R/pytest_gpu.txt"
 fi
 
 log "quantsd bench (eager pair, 61 rounds of one step)"
 timeout -k 10 "${BENCH_S:-300}" $PY -m quantsd.cli bench -m sd15-arch --recipe recipes/paper-final.yaml --lean \
-    --max-res-cap-gb none --only "fp16-sdpa,packed,${VARIANTS:-packed-roots,fp16-sdpa-inspect,fp16-sdpa-pytorch,packed-pytorch}" --eager-pair-rounds 61 \
+    --max-res-cap-gb none --only "fp16-sdpa,packed,${VARIANTS:-fp16-sdpa-pytorch,packed-pytorch}" --eager-pair-rounds 61 \
     --eager-pair-calls 1 -o "$R/bench" > "$R/bench.log" 2>&1
 grep -E "taking turns|^\| (fp16|packed)" "$R/bench/report.md" 2>/dev/null
 
 log "eager_host_profile --machinery-only"
 timeout -k 10 "${MACHINERY_S:-90}" $PY bench/eager_host_profile.py --machinery-only --out "$R/machinery.json" \
     2>&1 | grep "^machinery" | cut -c1-600
-case "${MACHINERY_ROOTS:-1},${VARIANTS:-packed-roots}," in 1,*packed-roots,*)
+case "${MACHINERY_ROOTS:-1},${VARIANTS:-}," in 1,*packed-roots,*)
   log "eager_host_profile --machinery-only, one group per block (QUANTSD_EAGER_RUNS=0)"
   QUANTSD_EAGER_RUNS=0 timeout -k 10 "${MACHINERY_S:-90}" $PY bench/eager_host_profile.py --machinery-only \
       --out "$R/machinery_roots.json" 2>&1 | grep "^machinery" | cut -c1-600 ;;
