@@ -509,3 +509,30 @@ def test_median_ci_is_the_sign_test_interval():
     per_round = {"a": [1.0 + i / 100 for i in range(10)], "b": [1.0] * 10}
     s = paired_ratio(per_round, "a", "b")
     assert s["ratio_ci95"] == [1.01, 1.08] and s["ratio_ci95"][0] <= s["ratio_median"] <= s["ratio_ci95"][1]
+
+
+def test_bench_sdpa_backend_applies_where_a_configuration_names_none():
+    """quantsd bench --sdpa-backend X: every configuration on the default ("auto") takes X; the
+    variants that name a backend keep theirs; the report header says so; a bad name is refused."""
+    from quantsd.bench.configs import with_sdpa_backend
+    from quantsd.bench.report import markdown_report
+
+    cfgs = default_configs(True, True) + optional_configs(True, True)
+    out = with_sdpa_backend(cfgs, "cudnn")
+    named = {c.name: c.sdpa_backend for c in cfgs if c.sdpa_backend != "auto"}
+    assert named == {"fp16-sdpa-pytorch": "pytorch", "packed-pytorch": "pytorch",
+                     "fp16-sdpa-compiled-flash": "flash", "packed-compiled-flash": "flash"}
+    assert {c.name: c.sdpa_backend for c in out if c.name in named} == named
+    assert all(c.sdpa_backend == "cudnn" for c in out if c.name not in named)
+    assert [c.name for c in out] == [c.name for c in cfgs] and cfgs[0].sdpa_backend == "auto"   # a copy
+    assert with_sdpa_backend(cfgs, "auto") == cfgs
+    with pytest.raises(ValueError, match="unknown SDPA backend 'fast'"):
+        with_sdpa_backend(cfgs, "fast")
+    md = markdown_report({"meta": {"model": "m", "sdpa_backend": "pytorch"}, "configs": []})
+    assert "SDPA backend preference pytorch" in md
+    assert "SDPA backend preference" not in markdown_report({"meta": {"model": "m", "sdpa_backend": "auto"},
+                                                             "configs": []})
+    from quantsd.cli import main
+
+    r = CliRunner().invoke(main, ["bench", "--sdpa-backend", "fast", "-o", "unused"])
+    assert r.exit_code != 0 and "fast" in r.output

@@ -3,12 +3,13 @@ default list, the variants run only when named, and ``--only`` selection."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 
-__all__ = ["BenchConfig", "EAGER_VARIANTS", "default_configs", "optional_configs", "select_configs"]
+__all__ = ["BenchConfig", "EAGER_VARIANTS", "default_configs", "optional_configs", "select_configs",
+           "with_sdpa_backend"]
 
 
 @dataclass
@@ -107,3 +108,13 @@ def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
                     BenchConfig("packed-compiled-flash", packed=True, compile=True, sdpa_backend="flash", sweep=()),
                     BenchConfig("packed-compiled-per-layer", packed=True, compile=True, grouped=False, sweep=()),
                     BenchConfig("packed-compiled-prefetch", packed=True, compile=True, prefetch=True, sweep=())]
+
+
+def with_sdpa_backend(configs: list[BenchConfig], backend: str) -> list[BenchConfig]:
+    """``configs`` with every configuration that follows the default SDPA choice ("auto") set to
+    ``backend`` instead (``quantsd bench --sdpa-backend``: another card may favour another kernel);
+    a variant that names its own backend keeps it, so it still measures the other choice."""
+    from ..sdpa_backend import check_sdpa_backend
+
+    check_sdpa_backend(backend)
+    return [replace(c, sdpa_backend=backend) if c.sdpa_backend == "auto" else c for c in configs]

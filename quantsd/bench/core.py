@@ -34,7 +34,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 # (re-exported: scripts and tests import them from here)
-from .configs import EAGER_VARIANTS, BenchConfig, default_configs, optional_configs, select_configs  # noqa: F401
+from .configs import (EAGER_VARIANTS, BenchConfig, default_configs, optional_configs, select_configs,  # noqa: F401
+                      with_sdpa_backend)
 from .report import markdown_report, packed_ratios, plot_time_vs_pixels, summary_rows, write_reports  # noqa: F401
 from .stats import _pctl, binary_search_max, interleaved_rounds, median_ci, paired_ratio  # noqa: F401
 
@@ -429,6 +430,7 @@ class Bench:
     dense_below: int = 0               # packed: UNet layers of at most this many weights kept dense (0: off)
     eager_pair_rounds: int = 9         # packed vs fp16-sdpa eager, taking turns (eager_interleaved; 0: off)
     eager_pair_calls: int = 5          # UNet steps per pipeline and round (1: the pipelines alternate step by step)
+    sdpa_backend: str = "auto"         # the SDPA preference of every configuration that names none (with_sdpa_backend)
     configs: list[BenchConfig] | None = None
     log: Callable[[str], None] = print
     results: dict = field(default_factory=dict)
@@ -523,6 +525,7 @@ class Bench:
         has_q = recipe is not None or self.checkpoint is not None
         configs = self.configs or select_configs(default_configs(has_q, self.compile), self.only,
                                                  optional_configs(has_q, self.compile))
+        configs = with_sdpa_backend(configs, self.sdpa_backend)
         props = torch.cuda.get_device_properties(dev)
         import triton
 
@@ -533,7 +536,7 @@ class Bench:
                      "max_res_ff_chunk": self.max_res_ff_chunk, "sync_free_scheduler": True,
                      "compile_guards": self.compile_guards, "only": list(self.only),
                      "grouped_dequant": self.grouped_dequant, "dense_below": self.dense_below,
-                     **_fused_meta(),
+                     "sdpa_backend": self.sdpa_backend, **_fused_meta(),
                      "gpu": props.name, "gpu_memory_bytes": props.total_memory, "torch": torch.__version__,
                      "triton": triton.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")},
             "configs": [],

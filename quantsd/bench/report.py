@@ -60,6 +60,8 @@ def _run_notes(meta: dict) -> str:
         notes.append("packed with one dequant launch per layer")
     if meta.get("dense_below"):
         notes.append(f"packed UNet layers of <= {meta['dense_below']} weights kept dense")
+    if meta.get("sdpa_backend", "auto") != "auto":
+        notes.append(f"SDPA backend preference {meta['sdpa_backend']} (where a configuration names none)")
     if meta.get("compile") and (meta.get("fused_max_rows") or 0) > 0:
         tuned = f", {meta['fused_tuned_shapes']} tuned shapes" if meta.get("fused_tuned_shapes") else ""
         notes.append(f"fused dequant-GEMM for layers of <= {meta['fused_max_rows']} rows{tuned}")

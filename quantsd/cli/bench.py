@@ -56,10 +56,14 @@ def _caps(ctx, param, value):
 @click.option("--eager-pair-calls", type=click.IntRange(min=1), default=5, show_default=True, metavar="N",
               help="UNet steps per pipeline in each round of the eager pair (1: the pipelines alternate step by "
                    "step; more rounds then give the median as many ratios).")
+@click.option("--sdpa-backend", type=click.Choice(["auto", "pytorch", "flash", "cudnn", "efficient", "math"]),
+              default="auto", show_default=True,
+              help="SDPA kernel preferred by every configuration that names none (as quantsd generate "
+                   "--sdpa-backend; variants such as fp16-sdpa-pytorch keep their own).")
 @click.option("-o", "--output", "out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile_, only, compile_guards, caps,
               max_res_cfg, max_res_ff_chunk, time_budget, image_repeats, schedulers, lean, no_grouped, dense_below,
-              eager_pair_rounds, eager_pair_calls, out) -> None:
+              eager_pair_rounds, eager_pair_calls, sdpa_backend, out) -> None:
     """Speed, memory and max resolution of MODEL (fp32 classic-attention and fp16 SDPA baselines
     always; the quantized model with --recipe or a packed CHECKPOINT) on CUDA. Writes
     results.json, report.md and time_vs_pixels.png to the output directory."""
@@ -96,7 +100,7 @@ def bench_cmd(model, checkpoint, recipe, steps, guidance, height, width, compile
               time_budget_s=time_budget, image_repeats=image_repeats, schedulers=scheds, lean=lean,
               max_res_ff_chunk=max_res_ff_chunk or None, compile_guards=compile_guards, only=only_names,
               grouped_dequant=not no_grouped, dense_below=dense_below,
-              eager_pair_rounds=eager_pair_rounds, eager_pair_calls=eager_pair_calls,
+              eager_pair_rounds=eager_pair_rounds, eager_pair_calls=eager_pair_calls, sdpa_backend=sdpa_backend,
               log=lambda s: click.echo(s, err=True))
     results = b.run()
     click.echo(markdown_report(results))
