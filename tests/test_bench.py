@@ -536,3 +536,39 @@ def test_bench_sdpa_backend_applies_where_a_configuration_names_none():
 
     r = CliRunner().invoke(main, ["bench", "--sdpa-backend", "fast", "-o", "unused"])
     assert r.exit_code != 0 and "fast" in r.output
+
+
+def test_eager_pair_intervals_script_recomputes_every_pair(monkeypatch, tmp_path):
+    """bench/eager_pair_intervals.py: from a saved run's per-round times, every variant against
+    fp16-sdpa and packed, and a packed variant against the dense one of its backend, each with the
+    interval median_ci gives; a run without a pair gives nothing."""
+    import json
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from eager_pair_intervals import pair_intervals
+
+    from quantsd.bench.core import median_ci
+
+    dense = [10.0 + i / 10 for i in range(12)]
+    rounds = {"fp16-sdpa": dense, "packed": [1.02 * x for x in dense],
+              "fp16-sdpa-pytorch": [1.01 * x for x in dense], "packed-pytorch": [1.03 * x for x in dense]}
+    results = {"eager_interleaved": {"packed_vs_fp16_sdpa": {"unet_ms_rounds": rounds}}}
+    rows = {(r["num"], r["den"]): r for r in pair_intervals(results)}
+    assert set(rows) == {("packed", "fp16-sdpa"), ("fp16-sdpa-pytorch", "fp16-sdpa"), ("fp16-sdpa-pytorch", "packed"),
+                         ("packed-pytorch", "fp16-sdpa"), ("packed-pytorch", "packed"),
+                         ("packed-pytorch", "fp16-sdpa-pytorch")}
+    assert rows[("packed", "fp16-sdpa")]["median"] == 1.02
+    assert rows[("packed-pytorch", "fp16-sdpa-pytorch")]["median"] == round(1.03 / 1.01, 4)
+    ratios = [1.03 * x / (1.01 * x) for x in dense]
+    lo, hi = median_ci(ratios)
+    assert rows[("packed-pytorch", "fp16-sdpa-pytorch")]["ci95"] == [round(lo, 4), round(hi, 4)]
+    assert pair_intervals({"configs": []}) == []
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results))
+    monkeypatch.setattr(sys, "argv", ["eager_pair_intervals.py", str(path), "--out", str(tmp_path / "t.json")])
+    import eager_pair_intervals
+
+    eager_pair_intervals.main()
+    assert json.loads((tmp_path / "t.json").read_text())[str(path)][0]["num"] == "packed"
