@@ -36,7 +36,8 @@ interleaved round by round and medians/minima reported):
 * ``forward_ms``: one UNet forward, dense vs packed: checked groups (``packed_grouped``), prehook
   groups (``packed_prehook``, the eager default), prehook groups under ``trust_weights``
   (``packed_trusted``: sources checked once, as within a ``quantsd generate`` call), those merged in
-  execution order after the first forward (``packed_runs``, :mod:`quantsd.eager_runs`), one launch per
+  execution order after the first forward (``packed_runs``, :mod:`quantsd.eager_runs`; ``packed_runs_modcall``:
+  the same without the armed call, :func:`quantsd.nn.set_armed_calls`), one launch per
   layer (``packed_per_layer``); and ``extra_us_per_layer`` = (packed - dense) / packed layers;
 * ``forward_weight_us``: ``_forward_weight()`` of every packed layer in a loop, per layer
   (grouped, per layer), like bench/launch_overhead.py's ``layer_grouped`` / ``layer`` on the GPU;
@@ -258,11 +259,11 @@ def measure(dense, packed, inputs, rounds: int, per_round: int, layers) -> dict:
         return lambda: u(lat, t, encoder_hidden_states=ctx, return_dict=False)
 
     def variant(name):
-        if name == "packed_runs":   # trusted prehook groups merged in execution order (quantsd.eager_runs)
-            real = dg._dense_bytes
+        if name in ("packed_runs", "packed_runs_modcall"):   # trusted prehook groups merged in execution order
+            real = dg._dense_bytes                           # (quantsd.eager_runs); _modcall: without the armed call
             dg._dense_bytes = lambda m: _SD15_BYTES[id(m)]     # (SD1.5's sizes for the runs' cap too)
             try:
-                group_dequant(packed, MAX_BYTES, prehook=True, runs=True)
+                group_dequant(packed, MAX_BYTES, prehook=True, runs=True, armed_calls=name == "packed_runs")
                 dg.trust_weights(packed)
                 fwd(packed)()       # the first forward learns the order and merges
             finally:
@@ -276,7 +277,8 @@ def measure(dense, packed, inputs, rounds: int, per_round: int, layers) -> dict:
             ungroup_dequant(packed)
         return fwd(dense if name == "dense" else packed)
 
-    names = ["dense", "packed_grouped", "packed_prehook", "packed_trusted", "packed_runs", "packed_per_layer"]
+    names = ["dense", "packed_grouped", "packed_prehook", "packed_trusted", "packed_runs", "packed_runs_modcall",
+             "packed_per_layer"]
     fw_names = ["packed_grouped", "packed_prehook", "packed_trusted", "packed_runs", "packed_per_layer"]
     res = {k: [] for k in names}
     fw = {k: [] for k in fw_names}
@@ -300,11 +302,15 @@ def measure(dense, packed, inputs, rounds: int, per_round: int, layers) -> dict:
         ungroup_dequant(packed)
     ms = {k: round(_med(v) * 1e3, 3) for k, v in res.items()}
     best = {k: round(min(v) * 1e3, 3) for k, v in res.items()}
-    extra = {k: round(_med([(p - d) for p, d in zip(res[k], res["dense"])]) / n * 1e6, 2) for k in fw_names}
+    extra = {k: round(_med([(p - d) for p, d in zip(res[k], res["dense"])]) / n * 1e6, 2)
+             for k in [*fw_names, "packed_runs_modcall"]}
     return {
         "forward_ms": {"median_of_round_minima": ms, "min": best},
         "extra_us_per_layer": extra,
-        "extra_ms_per_forward": {k: round(extra[k] * n / 1e3, 3) for k in fw_names},
+        "extra_ms_per_forward": {k: round(v * n / 1e3, 3) for k, v in extra.items()},
+        # the armed call's saving per forward, from the same rounds (the runs' variant with and without it)
+        "armed_call_saves_ms_per_forward": round(_med([b - a for a, b in zip(res["packed_runs"],
+                                                                                 res["packed_runs_modcall"])]) * 1e3, 3),
         "launches_per_forward_runs": runs_launches,
         "forward_weight_us": {k: round(_med(v) * 1e6, 2) for k, v in fw.items()},
         "rounds": {k: [round(x * 1e3, 3) for x in v] for k, v in res.items()},

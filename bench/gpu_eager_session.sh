@@ -3,9 +3,9 @@
 #   1. pytest -m gpu on the SDPA backend choice and the grouped/slot code, $PYTEST_FILES (default
 #      tests/test_sdpa_backend.py tests/test_dequant_groups.py; PYTEST=0 skips)
 #   2. quantsd bench: the eager pair alternating step by step (61 rounds), packed (the default) against
-#      fp16-sdpa with $VARIANTS in the same turns (default fp16-sdpa-pytorch,packed-pytorch: PyTorch's own SDPA
-#      backend against the default FlashAttention preference; packed-roots and fp16-sdpa-inspect were measured in
-#      session 18), plus the 512² peak
+#      fp16-sdpa with $VARIANTS in the same turns (default fp16-sdpa-pytorch,packed-pytorch,packed-modcall:
+#      PyTorch's own SDPA backend against the default FlashAttention preference, and packed without the armed
+#      call; packed-roots and fp16-sdpa-inspect were measured in session 18), plus the 512² peak
 #   3. bench/eager_host_profile.py --machinery-only: the arming's host time isolated and in situ, by part
 #      (again with QUANTSD_EAGER_RUNS=0, one group per block, when packed-roots is among the variants and
 #      MACHINERY_ROOTS is not 0)
@@ -39,7 +39,7 @@ fi
 
 log "quantsd bench (eager pair, 61 rounds of one step)"
 timeout -k 10 "${BENCH_S:-300}" $PY -m quantsd.cli bench -m sd15-arch --recipe recipes/paper-final.yaml --lean \
-    --max-res-cap-gb none --only "fp16-sdpa,packed,${VARIANTS:-fp16-sdpa-pytorch,packed-pytorch}" --eager-pair-rounds 61 \
+    --max-res-cap-gb none --only "fp16-sdpa,packed,${VARIANTS:-fp16-sdpa-pytorch,packed-pytorch,packed-modcall}" --eager-pair-rounds 61 \
     --eager-pair-calls 1 -o "$R/bench" > "$R/bench.log" 2>&1
 grep -E "taking turns|^\| (fp16|packed)" "$R/bench/report.md" 2>/dev/null
 

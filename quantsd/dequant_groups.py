@@ -56,7 +56,7 @@ from .kernels.grouped import flat_layout
 from .eager_slots import (_ArmingForward, _capturing_now, _SlotPool, arming_forwards, slot_pools,  # noqa: F401
                           trust_weights, trusted_weights)
 from .eager_runs import _RunPlanner, install_runs
-from .nn import QuantConv2d, QuantLinear, QuantModule, _version_of
+from .nn import QuantConv2d, QuantLinear, QuantModule, _version_of, set_armed_calls
 
 __all__ = ["DequantGroup", "group_dequant", "group_pipeline", "regroup_pipeline", "eager_max_bytes", "trusted_weights",
            "trust_weights", "ungroup_dequant", "launch_counts", "DEFAULT_MAX_BYTES", "EAGER_MAX_BYTES",
@@ -498,7 +498,8 @@ def _dense_bytes(m: QuantModule) -> int:
 
 
 def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixed_bits: bool = True,
-                  channels_last: bool = False, prehook: bool = False, runs: bool = False) -> list[DequantGroup]:
+                  channels_last: bool = False, prehook: bool = False, runs: bool = False,
+                  armed_calls: bool = True) -> list[DequantGroup]:
     """Group the packed layers below ``module`` for eager forwards; returns the groups.
 
     A group root is the largest non-container module (not a ModuleList/ModuleDict, whose children
@@ -540,7 +541,11 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
 
     ``runs`` (with ``prehook``): after the first eager forward, the roots that ran one after the other
     share one group while their layers fit ``max_bytes``, armed by the first and taken back by the
-    last (:mod:`quantsd.eager_runs`): fewer launches and arms per step."""
+    last (:mod:`quantsd.eager_runs`): fewer launches and arms per step.
+
+    ``armed_calls`` (with ``prehook``; default on): the members take the armed call
+    (:func:`quantsd.nn.set_armed_calls`): an armed member's call goes straight to its op, without
+    ``nn.Module.__call__`` and the forward; :func:`ungroup_dequant` takes it back."""
     _refuse_cl_decode_env()
     ungroup_dequant(module)
     totals: dict[int, int] = {}
@@ -616,6 +621,11 @@ def group_dequant(module: nn.Module, max_bytes: int = DEFAULT_MAX_BYTES, *, mixe
                 groups.append(g)
         if prehook and len(run) == 1 and len(groups) > first:   # one root holds these groups' layers
             hooked.append((run[0], groups[first:]))
+    if hooked and armed_calls:
+        for _, gs in hooked:
+            for g in gs:
+                for m in g.members:
+                    set_armed_calls(m, True)
     if hooked:
         # one slot pool per dtype and device, sized to its largest group (the roots' groups share it)
         sizes: dict[tuple, int] = {}
@@ -688,6 +698,7 @@ def ungroup_dequant(module: nn.Module) -> None:
         for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), (_SlotPool, _RunPlanner))]:
             del hooks[key]
             m._forward_hooks_always_called.pop(key, None)
+        set_armed_calls(m, False)
         group = getattr(m, "_dq_group", None) if isinstance(m, QuantModule) else None
         if group is not None:
             group.invalidate()
@@ -721,7 +732,7 @@ def eager_max_bytes(device: torch.device) -> int:
 
 
 def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True, prehook: bool | None = None,
-                   runs: bool | None = None) -> int:
+                   runs: bool | None = None, armed_calls: bool | None = None) -> int:
     """:func:`group_dequant` on a diffusers pipeline's UNet; returns how many groups were made (0
     where no layer runs the Triton kernel, e.g. on the CPU).  ``max_bytes`` None: the environment's
     ``QUANTSD_GROUP_MAX_MIB`` (MiB, for experiments), else :data:`DEFAULT_MAX_BYTES` for a UNet that
@@ -738,7 +749,9 @@ def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True,
     ``QUANTSD_EAGER_PREHOOK=0``): on the H200 the eager packed step took 0.95x the time of checked
     groups, the pipelines taking turns (BENCHMARKS.md, session 13).  ``runs`` (eager prehook groups;
     None: ``QUANTSD_EAGER_RUNS=1``, off by default until measured): the roots merged in execution order
-    after the first forward (:mod:`quantsd.eager_runs`; SD1.5 at 384 MiB: 18 -> 5 groups)."""
+    after the first forward (:mod:`quantsd.eager_runs`; SD1.5 at 384 MiB: 18 -> 5 groups).
+    ``armed_calls`` (eager prehook groups; None: on unless ``QUANTSD_EAGER_ARMED_CALLS=0``): armed
+    members' calls go straight to their op (:func:`quantsd.nn.set_armed_calls`)."""
     unet = getattr(pipe, "unet", None)
     if not isinstance(unet, nn.Module):
         return 0
@@ -755,9 +768,12 @@ def group_pipeline(pipe, max_bytes: int | None = None, *, compiled: bool = True,
     channels_last = _env_flag("QUANTSD_DECODE_CHANNELS_LAST", default=compiled)
     prehook_on = not compiled and (_env_flag("QUANTSD_EAGER_PREHOOK", default=True) if prehook is None else prehook)
     runs_on = prehook_on and (_env_flag("QUANTSD_EAGER_RUNS", default=True) if runs is None else runs)
-    groups = group_dequant(unet, max_bytes, channels_last=channels_last, prehook=prehook_on, runs=runs_on)
-    unet.__dict__["_quantsd_grouping"] = {"prehook": prehook, "runs": runs, "max_bytes": max_bytes} if from_device \
-        else None
+    calls_on = prehook_on and (_env_flag("QUANTSD_EAGER_ARMED_CALLS", default=True) if armed_calls is None
+                               else armed_calls)
+    groups = group_dequant(unet, max_bytes, channels_last=channels_last, prehook=prehook_on, runs=runs_on,
+                           armed_calls=calls_on)
+    unet.__dict__["_quantsd_grouping"] = {"prehook": prehook, "runs": runs, "armed_calls": armed_calls,
+                                          "max_bytes": max_bytes} if from_device else None
     return len(groups)
 
 
@@ -772,7 +788,8 @@ def regroup_pipeline(pipe) -> bool:
     if args is None or eager_max_bytes(_device_of(unet)) == args["max_bytes"]:
         return False
     trust = max((p.trust for p in slot_pools(unet)), default=0)
-    group_pipeline(pipe, compiled=False, prehook=args["prehook"], runs=args.get("runs"))
+    group_pipeline(pipe, compiled=False, prehook=args["prehook"], runs=args.get("runs"),
+                   armed_calls=args.get("armed_calls"))
     for p in slot_pools(unet):      # (the new pools keep a trust the old ones had: trust_weights)
         p.trust = trust
     return True

@@ -144,7 +144,7 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
                        grouped_dequant: bool = True, dense_below: int = 0, prefetch_weights: bool = False,
                        eager_prehook: bool | None = None, group_max_bytes: int | None = None,
                        eager_runs: bool | None = None, direct_attention: bool = True,
-                       sdpa_backend: str | None = "auto"):
+                       sdpa_backend: str | None = "auto", eager_armed_calls: bool | None = None):
     """Apply generation options to a loaded pipeline (in place; returns it).
 
     ``lean_vae``: the VAE decoder's resnet blocks run SiLU and the residual add in place on
@@ -173,6 +173,9 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     ``QUANTSD_EAGER_RUNS=0``): those groups merged in execution order after the first forward
     (:mod:`quantsd.eager_runs`; fewer launches and arms: SD1.5 18 -> 5 a step, the eager step 0.985x
     the time of one group per block on the H200, same peak).
+    ``eager_armed_calls`` (None: on unless ``QUANTSD_EAGER_ARMED_CALLS=0``): an armed packed layer's
+    eager call goes straight to its op, skipping ``nn.Module.__call__`` and its forward where they
+    would add nothing (:func:`quantsd.nn.set_armed_calls`; same outputs; hooks still honoured).
     ``direct_attention`` (default on; eager only): the UNet's and the VAE's diffusers ``Attention``
     modules call their processor directly when no extra keyword arguments come, skipping diffusers'
     ``inspect.signature`` on every call (:mod:`quantsd.attention_calls`; same outputs; without it
@@ -262,7 +265,8 @@ def configure_pipeline(pipe, *, device=None, compile: bool = False, compile_mode
     if grouped_dequant and offload is None:
         from .dequant_groups import group_pipeline
 
-        group_pipeline(pipe, max_bytes=group_max_bytes, compiled=compile, prehook=eager_prehook, runs=eager_runs)
+        group_pipeline(pipe, max_bytes=group_max_bytes, compiled=compile, prehook=eager_prehook, runs=eager_runs,
+                       armed_calls=eager_armed_calls)
     if compile:
         if prefetch_weights:
             from .prefetch import enable_weight_prefetch

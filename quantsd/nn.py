@@ -29,6 +29,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from .kernels import fused as _fused
 from .kernels.dequant import op_call
@@ -37,7 +38,7 @@ from .quant.packing import pack_bits, unpack_bits
 from .quant.quantizers import PWLQ_METHODS, decode
 
 __all__ = ["dequantize_weight", "QuantLinear", "QuantConv2d", "QuantEmbedding", "QuantModule", "packed_modules",
-           "densify_small_layers"]
+           "densify_small_layers", "ArmedQuantLinear", "ArmedQuantConv2d", "set_armed_calls"]
 
 
 def dequantize_weight(
@@ -138,6 +139,16 @@ def _kernel_weight_eager(layer: "QuantModule", lut: torch.Tensor, dtype: torch.d
                     buffers["weight_breakpoint"], lut, dtype)
     cl = layer._codes_cl
     return w if cl is None else w.view(cl).permute(0, 3, 1, 2)
+
+
+# nn.Module's registries of hooks on every module (dicts mutated in place, never rebound) and the JIT
+# tracer's state: an armed packed layer takes nn.Module.__call__ whenever any of them is set
+# (QuantModule.__call__)
+_GLOBAL_FORWARD_HOOKS = _nn_module._global_forward_hooks
+_GLOBAL_FORWARD_PRE_HOOKS = _nn_module._global_forward_pre_hooks
+_GLOBAL_BACKWARD_HOOKS = _nn_module._global_backward_hooks
+_GLOBAL_BACKWARD_PRE_HOOKS = _nn_module._global_backward_pre_hooks
+_jit_tracing = torch._C._get_tracing_state
 
 
 def _bias(layer: nn.Module):
@@ -573,6 +584,66 @@ class QuantConv2d(QuantModule):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}, " + self._quant_repr())
+
+
+class _ArmedCalls:
+    """The eager hot path's call for packed layers in prehook groups (:func:`set_armed_calls`): an
+    armed layer's call goes straight to its op, anything else through ``nn.Module.__call__``.
+
+    Why: an eager SD1.5 step is bound by the host's Python and makes 282 packed layer calls;
+    ``nn.Module.__call__`` and the forward add three frames and their checks to each (~0.3-0.5 us of
+    a ~4 us call on this project's CPU, ``bench/layer_forward_host_cpu.py``).  Taken only where
+    ``nn.Module.__call__`` would do nothing but call ``forward``, and ``forward`` nothing but the op
+    with the weight the layer's group handed over: one positional input, no hook on the layer or on
+    every module, no forward set on the instance, no ``Module.compile``, no JIT tracing, and not
+    while torch.compile traces.  A class of its own, set only on the members of eager prehook groups
+    (:func:`quantsd.dequant_groups.group_dequant`), because Dynamo inlines a module class's own
+    ``__call__``: on every packed layer that was ~10 more guards a layer in compiled graphs."""
+
+    _conv = False       # the armed call is a convolution (ArmedQuantConv2d)
+
+    def __call__(self, *args, **kwargs):
+        if (torch.compiler.is_compiling() or kwargs or len(args) != 1
+                or (views := self._arm_cell[0]) is None
+                or self._forward_hooks or self._forward_pre_hooks or self._backward_hooks
+                or self._backward_pre_hooks or _GLOBAL_FORWARD_HOOKS or _GLOBAL_FORWARD_PRE_HOOKS
+                or _GLOBAL_BACKWARD_HOOKS or _GLOBAL_BACKWARD_PRE_HOOKS
+                or self._compiled_call_impl is not None or "forward" in self.__dict__ or _jit_tracing()):
+            return nn.Module.__call__(self, *args, **kwargs)
+        weight = views[self._dq_index]
+        params = self._parameters
+        bias = params["bias"] if "bias" in params else self.bias    # (= _bias, without its frame)
+        if not self._conv:
+            return F.linear(args[0], weight, bias)
+        if self.padding_mode != "zeros":
+            return self.compute(args[0], weight, bias)
+        return F.conv2d(args[0], weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _get_name(self) -> str:       # (printed as the layer it is)
+        return type(self).__mro__[2].__name__
+
+
+class ArmedQuantLinear(_ArmedCalls, QuantLinear):
+    """A :class:`QuantLinear` in an eager prehook group (:class:`_ArmedCalls`)."""
+
+
+class ArmedQuantConv2d(_ArmedCalls, QuantConv2d):
+    """A :class:`QuantConv2d` in an eager prehook group (:class:`_ArmedCalls`)."""
+
+    _conv = True
+
+
+_ARMED_CLASS = {QuantLinear: ArmedQuantLinear, QuantConv2d: ArmedQuantConv2d}
+_PLAIN_CLASS = {armed: plain for plain, armed in _ARMED_CLASS.items()}
+
+
+def set_armed_calls(layer: nn.Module, on: bool) -> None:
+    """Give a QuantLinear / QuantConv2d the armed call (:class:`_ArmedCalls`, ``on``) or take it back;
+    any other module (a subclass of those included) is left as it is."""
+    cls = type(layer)
+    target = _ARMED_CLASS.get(cls) if on else _PLAIN_CLASS.get(cls)
+    if target is not None:
+        layer.__class__ = target
 
 
 class QuantEmbedding(QuantModule):

@@ -92,7 +92,8 @@ def test_default_configs():
                      "packed-compiled"]
     assert [(c.name, c.grouped, c.prefetch, c.prehook, c.compile) for c in optional_configs(True, True)] == [
         ("fp16-sdpa-inspect", True, False, None, False), ("fp16-sdpa-pytorch", True, False, None, False),
-        ("packed-pytorch", True, False, None, False), ("packed-checked", True, False, False, False), ("packed-roots", True, False, None, False),
+        ("packed-pytorch", True, False, None, False), ("packed-modcall", True, False, None, False),
+        ("packed-checked", True, False, False, False), ("packed-roots", True, False, None, False),
         ("packed-groups-512", True, False, None, False),
         ("packed-groups-384", True, False, None, False), ("packed-groups-256", True, False, None, False),
         ("packed-groups-96", True, False, None, False),
@@ -100,11 +101,14 @@ def test_default_configs():
         ("packed-compiled-per-layer", False, False, None, True),
         ("packed-compiled-prefetch", True, True, None, True)]
     assert [c.name for c in optional_configs(True, False)] == ["fp16-sdpa-inspect", "fp16-sdpa-pytorch", "packed-pytorch",
-                                                               "packed-checked", "packed-roots",
+                                                               "packed-modcall", "packed-checked", "packed-roots",
                                                                "packed-groups-512", "packed-groups-384",
                                                                "packed-groups-256", "packed-groups-96"]
-    assert [c.group_max_mib for c in optional_configs(True, False)[5:]] == [512, 384, 256, 96]
-    assert [c.runs for c in optional_configs(True, False)] == [None, None, None, None, False, None, None, None, None]
+    assert [c.group_max_mib for c in optional_configs(True, False)[6:]] == [512, 384, 256, 96]
+    assert [c.runs for c in optional_configs(True, False)] == [None, None, None, None, None, False, None, None, None,
+                                                               None]
+    assert [c.name for c in optional_configs(True, False) if c.armed_calls is not None] == ["packed-modcall"]
+    assert optional_configs(True, False)[3].armed_calls is False
     assert [(c.packed, c.direct_attention, c.sdpa_backend) for c in optional_configs(True, False)][:4] == [
         (False, False, "auto"), (False, True, "pytorch"), (True, True, "pytorch"), (True, True, "auto")]
     assert all(c.sdpa_backend == "auto" for c in default_configs(True, True))

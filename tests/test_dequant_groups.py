@@ -396,6 +396,59 @@ def test_prehook_groups_hand_members_their_weights_under_interpreter():
     assert r.returncode == 0 and "PREHOOK OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
+_ARMED_CALLS_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.dedent("""
+    from quantsd.nn import ArmedQuantConv2d, ArmedQuantLinear
+    net = Net().half().eval()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float16)
+    layers = [m for _, m in packed_modules(net)]
+    plain = {QuantLinear, QuantConv2d}
+    forwards = []
+    real = {c: c.forward for c in plain}
+    def spy(c):
+        def forward(self, *a, **k):
+            forwards.append(self)
+            return real[c](self, *a, **k)
+        return forward
+    with torch.no_grad():
+        ref = net(x)
+        groups = DG.group_dequant(net, max_bytes=4096, prehook=True)
+        members = [m for g in groups for m in g.members]
+        assert {type(m) for m in members} == {ArmedQuantLinear, ArmedQuantConv2d}
+        assert "ArmedQuant" not in repr(net) and "QuantConv2d(" in repr(net)
+        for c in plain:
+            c.forward = spy(c)
+        try:
+            for _ in range(2):
+                assert torch.equal(net(x), ref)
+        finally:
+            for c in plain:
+                c.forward = real[c]
+        # only the head, a root itself (its arming forward is set on the instance), and the per-channel
+        # layers, in no group, went through a forward
+        once = [net.blocks[0].chan, net.blocks[1].chan, net.head]
+        assert forwards == once + once, forwards
+        assert all(type(m) in plain for m in once[:2])
+        DG.ungroup_dequant(net)
+        assert {type(m) for m in layers} <= plain and torch.equal(net(x), ref)
+        DG.group_dequant(net, max_bytes=4096, prehook=True, armed_calls=False)
+        assert {type(m) for m in layers} <= plain and torch.equal(net(x), ref)
+        DG.group_dequant(net, max_bytes=4096, prehook=True)
+        DG.group_dequant(net, max_bytes=4096)          # grouped for a compiled model: the plain classes
+        assert {type(m) for m in layers} <= plain and torch.equal(net(x), ref)
+    print("ARMED CALLS OK")
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="interpreter subprocess test is POSIX-only")
+def test_prehook_group_members_take_the_armed_call_under_interpreter():
+    """group_dequant(prehook=True) gives its members the armed call (quantsd.nn.set_armed_calls):
+    a forward of the model calls no member's forward (only the head's, a root with its own arming
+    forward) and gives the same bits; ungrouping, armed_calls=False and grouping for compiled
+    models leave the plain classes."""
+    r = _run_interpreted(_ARMED_CALLS_SCRIPT)
+    assert r.returncode == 0 and "ARMED CALLS OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 _SLOTS_SCRIPT = _SCRIPT.split("net = Net().half().eval()")[0] + textwrap.dedent("""
     import copy
     net = Net().half().eval()
@@ -947,7 +1000,7 @@ def test_group_pipeline_reads_the_size_cap_from_the_environment(monkeypatch):
 
     seen = []
     monkeypatch.setattr(DG, "group_dequant",
-                        lambda unet, max_bytes, channels_last, prehook=False, runs=False:
+                        lambda unet, max_bytes, channels_last, prehook=False, runs=False, armed_calls=True:
                         seen.append((max_bytes, channels_last)) or [])
     pipe = type("Pipe", (), {"unet": nn.Linear(2, 2)})()
     monkeypatch.delenv("QUANTSD_GROUP_MAX_MIB", raising=False)
@@ -1444,8 +1497,10 @@ def test_configure_pipeline_passes_the_group_cap(monkeypatch):
     configure_pipeline(pipe, group_max_bytes=256 << 20)
     configure_pipeline(pipe)
     configure_pipeline(pipe, eager_runs=False)
-    default = {"compiled": False, "prehook": None, "runs": None}
-    assert seen == [(256 << 20, default), (None, default), (None, {**default, "runs": False})]
+    configure_pipeline(pipe, eager_armed_calls=False)      # (the bench's packed-modcall)
+    default = {"compiled": False, "prehook": None, "runs": None, "armed_calls": None}
+    assert seen == [(256 << 20, default), (None, default), (None, {**default, "runs": False}),
+                    (None, {**default, "armed_calls": False})]
 
 
 def test_eager_cap_follows_the_memory_the_process_may_use(monkeypatch):
@@ -1467,7 +1522,7 @@ def test_eager_cap_follows_the_memory_the_process_may_use(monkeypatch):
     assert DG.eager_max_bytes(torch.device("cpu")) == DG.EAGER_MAX_BYTES
     seen = []
     monkeypatch.setattr(DG, "group_dequant",
-                        lambda unet, max_bytes, channels_last, prehook=False, runs=False:
+                        lambda unet, max_bytes, channels_last, prehook=False, runs=False, armed_calls=True:
                         seen.append(max_bytes) or [])
     monkeypatch.setattr(DG, "_device_of", lambda m: cuda)
     monkeypatch.delenv("QUANTSD_GROUP_MAX_MIB", raising=False)
@@ -1693,7 +1748,7 @@ def test_group_pipeline_takes_runs_from_the_argument_or_the_environment(monkeypa
     from quantsd import dequant_groups as DG
 
     seen = []
-    monkeypatch.setattr(DG, "group_dequant", lambda unet, max_bytes, channels_last, prehook=False, runs=False:
+    monkeypatch.setattr(DG, "group_dequant", lambda unet, max_bytes, channels_last, prehook=False, runs=False, armed_calls=True:
                         seen.append((prehook, runs)) or [])
     pipe = type("Pipe", (), {"unet": nn.Linear(2, 2)})()
     monkeypatch.delenv("QUANTSD_EAGER_RUNS", raising=False)

@@ -30,6 +30,8 @@ class BenchConfig:
     direct_attention: bool = True    # eager: attentions call their processor directly (quantsd.attention_calls)
     sdpa_backend: str | None = "auto"   # the SDPA kernel preferred (quantsd.sdpa_backend; "auto": configure_pipeline's
                                         # default, FlashAttention for eager fp16 on CUDA; "pytorch": the dispatcher's)
+    armed_calls: bool | None = None  # eager packed: armed layers' calls straight to their op (None: unless
+                                     # QUANTSD_EAGER_ARMED_CALLS=0; quantsd.nn.set_armed_calls)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -68,7 +70,8 @@ def default_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
 
 
 # optional eager packed configurations that join the eager pair's turns (compared with fp16-sdpa and packed)
-EAGER_VARIANTS = ("fp16-sdpa-inspect", "fp16-sdpa-pytorch", "packed-pytorch", "packed-checked", "packed-roots",
+EAGER_VARIANTS = ("fp16-sdpa-inspect", "fp16-sdpa-pytorch", "packed-pytorch", "packed-modcall", "packed-checked",
+                  "packed-roots",
                   "packed-groups-512", "packed-groups-384", "packed-groups-256", "packed-groups-96")
 
 
@@ -90,12 +93,15 @@ def optional_configs(recipe: bool, compile: bool) -> list[BenchConfig]:
     backend of each mode (:mod:`quantsd.sdpa_backend`; "auto" prefers FlashAttention eager and leaves
     compiled UNets to PyTorch, which on the H200 with torch 2.11 picks cuDNN's attention): eager
     with PyTorch's choice (``fp16-sdpa-pytorch``, ``packed-pytorch``), compiled with FlashAttention
-    preferred (``fp16-sdpa-compiled-flash``, ``packed-compiled-flash``)."""
+    preferred (``fp16-sdpa-compiled-flash``, ``packed-compiled-flash``).  And eager packed with its
+    armed layers called through ``nn.Module.__call__`` and their forward (``packed-modcall``: without
+    :func:`quantsd.nn.set_armed_calls`, the call path until session 18)."""
     if not recipe:
         return []
     eager = [BenchConfig("fp16-sdpa-inspect", direct_attention=False, sweep=()),
              BenchConfig("fp16-sdpa-pytorch", sdpa_backend="pytorch", sweep=()),
              BenchConfig("packed-pytorch", packed=True, sdpa_backend="pytorch", sweep=()),
+             BenchConfig("packed-modcall", packed=True, armed_calls=False, sweep=()),
              BenchConfig("packed-checked", packed=True, prehook=False, sweep=()),
              BenchConfig("packed-roots", packed=True, runs=False, sweep=()),
              BenchConfig("packed-groups-512", packed=True, group_max_mib=512, sweep=()),

@@ -121,7 +121,7 @@ def build_pipeline(model: str, cfg: BenchConfig, device: torch.device, recipe=No
                               grouped_dequant=cfg.packed and cfg.grouped and grouped_dequant,
                               dense_below=dense_below if cfg.packed else 0, prefetch_weights=cfg.prefetch,
                               eager_prehook=cfg.prehook, eager_runs=cfg.runs, direct_attention=cfg.direct_attention,
-                              sdpa_backend=cfg.sdpa_backend,
+                              sdpa_backend=cfg.sdpa_backend, eager_armed_calls=cfg.armed_calls,
                               group_max_bytes=None if cfg.group_max_mib is None else int(cfg.group_max_mib * (1 << 20)))
     if cfg.packed:
         # the bench never edits weights: its eager groups check them once, as within each `quantsd

@@ -29,7 +29,7 @@ def _caps(ctx, param, value):
 @click.option("--only", default="", metavar="NAMES",
               help="Run only these configurations (comma-separated: fp16-sdpa, packed, fp32-classic, "
                    "fp16-sdpa-compiled, fp16-sdpa-compiled-cl, packed-compiled; and, only when named, "
-                   "fp16-sdpa-inspect, fp16-sdpa-pytorch, packed-pytorch, packed-checked, packed-roots, packed-groups-512, -384, -256, -96 (eager, they join the eager pair), "
+                   "fp16-sdpa-inspect, fp16-sdpa-pytorch, packed-pytorch, packed-modcall, packed-checked, packed-roots, packed-groups-512, -384, -256, -96 (eager, they join the eager pair), "
                    "fp16-sdpa-compiled-flash, packed-compiled-flash, packed-compiled-per-layer, packed-compiled-prefetch); the default is all but the "
                    "named-only ones.")
 @click.option("--compile-guards", type=click.Choice(["full", "minimal"]), default="full", show_default=True,
