@@ -143,7 +143,7 @@ def _kernel_weight_eager(layer: "QuantModule", lut: torch.Tensor, dtype: torch.d
 
 # nn.Module's registries of hooks on every module (dicts mutated in place, never rebound) and the JIT
 # tracer's state: an armed packed layer takes nn.Module.__call__ whenever any of them is set
-# (QuantModule.__call__)
+# (_ArmedCalls.__call__)
 _GLOBAL_FORWARD_HOOKS = _nn_module._global_forward_hooks
 _GLOBAL_FORWARD_PRE_HOOKS = _nn_module._global_forward_pre_hooks
 _GLOBAL_BACKWARD_HOOKS = _nn_module._global_backward_hooks
@@ -591,8 +591,8 @@ class _ArmedCalls:
     armed layer's call goes straight to its op, anything else through ``nn.Module.__call__``.
 
     Why: an eager SD1.5 step is bound by the host's Python and makes 282 packed layer calls;
-    ``nn.Module.__call__`` and the forward add three frames and their checks to each (~0.3-0.5 us of
-    a ~4 us call on this project's CPU, ``bench/layer_forward_host_cpu.py``).  Taken only where
+    ``nn.Module.__call__`` and the forward add three frames and their checks to each (~0.5 us of a
+    ~4 us call on this project's CPU, ``bench/layer_forward_host_cpu.py``).  Taken only where
     ``nn.Module.__call__`` would do nothing but call ``forward``, and ``forward`` nothing but the op
     with the weight the layer's group handed over: one positional input, no hook on the layer or on
     every module, no forward set on the instance, no ``Module.compile``, no JIT tracing, and not
