@@ -27,22 +27,18 @@ def pair_intervals(results: dict) -> list[dict]:
     rounds = pair.get("unet_ms_rounds") or {}
     if not {"packed", "fp16-sdpa"} <= set(rounds):
         return []
-    rows = []
+
+    def row(num: str, den: str) -> dict:
+        r = paired_ratio(rounds, num, den)
+        return {"num": num, "den": den, "median": round(r["ratio_median"], 4), "ci95": r["ratio_ci95"],
+                "rounds": r["rounds"]}
+
     names = list(rounds)
-    for num in names:
-        for den in ("fp16-sdpa", "packed"):
-            if num == den or (num == "fp16-sdpa" and den == "packed"):
-                continue
-            r = paired_ratio(rounds, num, den)
-            rows.append({"num": num, "den": den, "median": round(r["ratio_median"], 4), "ci95": r["ratio_ci95"],
-                         "rounds": r["rounds"]})
+    rows = [row(num, den) for num in names for den in ("fp16-sdpa", "packed")
+            if num != den and not (num == "fp16-sdpa" and den == "packed")]
     # each packed variant against the dense variant of the same attention backend (``packed-x`` / ``fp16-sdpa-x``)
-    for num in names:
-        if num.startswith("packed-") and f"fp16-sdpa-{num[len('packed-'):]}" in rounds:
-            den = f"fp16-sdpa-{num[len('packed-'):]}"
-            r = paired_ratio(rounds, num, den)
-            rows.append({"num": num, "den": den, "median": round(r["ratio_median"], 4), "ci95": r["ratio_ci95"],
-                         "rounds": r["rounds"]})
+    rows += [row(num, f"fp16-sdpa-{num[len('packed-'):]}") for num in names
+             if num.startswith("packed-") and f"fp16-sdpa-{num[len('packed-'):]}" in rounds]
     return rows
 
 

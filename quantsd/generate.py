@@ -437,6 +437,7 @@ def generate(
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     t0 = time.perf_counter()
     from .dequant_groups import trusted_weights
+    from .sdpa_backend import sdpa_backend_of
 
     # inside the call the weights are not edited: eager groups check them once, not every step
     with torch.inference_mode(), trusted_weights(pipe.unet):
@@ -455,15 +456,8 @@ def generate(
             "compile_guards": compile_guards if compile else None,
             "dequant_groups": _count_groups(pipe), "dense_below": dense_below or None,
             "prefetch_weights": prefetch_weights, "tiny_vae": None if tiny_vae is None else str(tiny_vae),
-            "sdpa_backend": _unet_sdpa_backend(pipe)}
+            "sdpa_backend": sdpa_backend_of(pipe.unet)}
     return out.images[0], info
-
-
-def _unet_sdpa_backend(pipe) -> str:
-    """The SDPA backend the UNet prefers ("pytorch": none, the dispatcher's choice)."""
-    from .sdpa_backend import sdpa_backend_of
-
-    return sdpa_backend_of(pipe.unet)
 
 
 def _count_groups(pipe) -> int:

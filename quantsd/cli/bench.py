@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..sdpa_backend import SDPA_CHOICES
 from ._base import main, model_option
 
 
@@ -56,7 +57,7 @@ def _caps(ctx, param, value):
 @click.option("--eager-pair-calls", type=click.IntRange(min=1), default=5, show_default=True, metavar="N",
               help="UNet steps per pipeline in each round of the eager pair (1: the pipelines alternate step by "
                    "step; more rounds then give the median as many ratios).")
-@click.option("--sdpa-backend", type=click.Choice(["auto", "pytorch", "flash", "cudnn", "efficient", "math"]),
+@click.option("--sdpa-backend", type=click.Choice(SDPA_CHOICES),
               default="auto", show_default=True,
               help="SDPA kernel preferred by every configuration that names none (as quantsd generate "
                    "--sdpa-backend; variants such as fp16-sdpa-pytorch keep their own).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..sdpa_backend import SDPA_CHOICES
 from ._base import FORMAT, main, model_option
 
 
@@ -32,7 +33,7 @@ from ._base import FORMAT, main, model_option
               help="Dynamic CFG: classifier-free guidance only for this fraction of the steps, then batch 1.")
 @click.option("--attention", type=click.Choice(["sdpa", "classic"]), default=None,
               help="Attention processor: sdpa (F.scaled_dot_product_attention; --sdpa-backend picks its kernel) or classic.")
-@click.option("--sdpa-backend", type=click.Choice(["auto", "pytorch", "flash", "cudnn", "efficient", "math"]),
+@click.option("--sdpa-backend", type=click.Choice(SDPA_CHOICES),
               default="auto", show_default=True,
               help="Fused attention kernel preferred by SDPA (others are the fallback); auto: FlashAttention for "
                    "eager fp16/bf16 on CUDA, else (and for a --compile'd UNet) PyTorch's choice; pytorch: PyTorch's "
