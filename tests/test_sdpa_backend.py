@@ -117,6 +117,12 @@ def test_configure_pipeline_and_the_cli_take_the_choice(tmp_path):
                                   "-o", str(out), "--format", "json"])
     assert r.exit_code == 0, r.output
     assert '"sdpa_backend": "pytorch"' in r.output
+    r = CliRunner().invoke(main, ["generate", "-m", "tiny", "-p", "a red square", "--steps", "1",
+                                  "--sdpa-backend", "pytorch", "-o", str(out), "--format", "json"])
+    assert r.exit_code == 0 and '"sdpa_backend": "pytorch"' in r.output, r.output
+    r = CliRunner().invoke(main, ["generate", "-m", "tiny", "-p", "a red square", "--sdpa-backend", "fast",
+                                  "-o", str(out)])
+    assert r.exit_code != 0 and "fast" in r.output and "pytorch" in r.output
     pipe = configure_pipeline(quantsd.load_pipeline("tiny"), sdpa_backend="math")
     configure_pipeline(pipe)     # configured again with the default: the earlier preference is taken back
     assert [sdpa_backend_of(m) for m in (pipe.text_encoder, pipe.unet, pipe.vae.decoder)] == ["pytorch"] * 3
