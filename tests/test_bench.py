@@ -576,3 +576,52 @@ def test_eager_pair_intervals_script_recomputes_every_pair(monkeypatch, tmp_path
 
     eager_pair_intervals.main()
     assert json.loads((tmp_path / "t.json").read_text())[str(path)][0]["num"] == "packed"
+
+
+def test_pipelined_step_reports_the_hosts_issue_time_per_call(monkeypatch):
+    """Back to back, the host's time to issue a call is measured apart from the GPU's: each window's
+    wall time until the last call returns, per call, the median of the timed windows (the warm-up
+    window left out)."""
+    from types import SimpleNamespace
+
+    from quantsd.bench import core
+
+    issue_s = iter([0.050, 0.010, 0.030, 0.020])       # one per window: warm-up, then three timed
+
+    class SlowUNet:
+        device, dtype = torch.device("cpu"), torch.float32
+        calls = 0
+
+        def __call__(self, *a, **k):
+            SlowUNet.calls += 1
+            if SlowUNet.calls % 4 == 1:                   # one sleep per window of 4 calls
+                time.sleep(next(issue_s))
+
+    def fake_cuda_time_ms(fn, iters, warmup):
+        for _ in range(warmup + iters):
+            fn()
+        return {"median": 28.0, "min": 24.0, "max": 32.0, "n": iters}
+
+    monkeypatch.setattr(core, "cuda_time_ms", fake_cuda_time_ms)
+    pipe = SimpleNamespace(unet=SlowUNet(), text_encoder=SimpleNamespace(config=SimpleNamespace(hidden_size=8)))
+    out = core.unet_step_pipelined_ms(pipe, 64, calls=4, repeats=3)
+    assert SlowUNet.calls == 16
+    assert out["median"] == 7.0 and out["n"] == 3       # the GPU's per-call ms as before
+    assert 20 / 4 <= out["host_issue_ms"] < 30 / 4        # the median timed window (20 ms), per call: not the warm-up's
+
+
+def test_markdown_marks_a_host_bound_compiled_step():
+    """The report says how long the host took to issue each compiled step back to back, and marks the
+    rows where that reaches the step's own ms: their back-to-back number is the host's."""
+    from quantsd.bench.report import host_issue_lines
+
+    res = {"meta": {"model": "m"}, "configs": [
+        {"name": "fp16-sdpa", "unet_ms_pipelined": {"median": 27.0, "host_issue_ms": 26.9}},
+        {"name": "fp16-sdpa-compiled", "unet_ms_pipelined": {"median": 7.15, "host_issue_ms": 2.10}},
+        {"name": "packed-compiled", "unet_ms_pipelined": {"median": 7.45, "host_issue_ms": 7.30}}]}
+    text = markdown_report(res)
+    assert ("Host time to issue a compiled UNet step back to back: fp16-sdpa-compiled 2.10 of 7.15 ms, "
+            "packed-compiled 7.30 of 7.45 ms (host-bound)") in text
+    assert "fp16-sdpa 26.9" not in text                  # eager steps are host-bound by design: not listed
+    assert host_issue_lines(summary_rows({"configs": [{"name": "packed-compiled",
+                                                       "unet_ms_pipelined": {"median": 7.4}}]})) == []

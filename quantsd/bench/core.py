@@ -224,13 +224,28 @@ def unet_step_pipelined_ms(pipe, side: int, calls: int = 20, repeats: int = 5, b
 
     :func:`unet_step_ms` synchronizes after every call, so it adds the host's time to issue a step
     (Dynamo guards, CUDA-graph bookkeeping: ~1-3 ms for SD1.5) to the GPU time.  A sampling loop
-    without per-step synchronization overlaps the two; this measures that throughput."""
+    without per-step synchronization overlaps the two; this measures that throughput.
+
+    Also returned, ``host_issue_ms``: the host's wall time per call to issue each window's calls
+    (until the last one returns, before the GPU is waited for), median over the windows.  Where it
+    reaches the GPU's ms per call, the back-to-back step is bound by the host, not the GPU -- what a
+    compiled packed UNet's many graph inputs and guards risk on a slow host (BENCHMARKS.md, session 19)."""
     dev, dt = pipe.unet.device, pipe.unet.dtype
     lat, t, ctx = _unet_inputs(pipe, batch, side, dev, dt)
+    issue_ms = []
+
+    def run():
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            pipe.unet(lat, t, encoder_hidden_states=ctx, return_dict=False)
+        issue_ms.append((time.perf_counter() - t0) * 1e3 / calls)
+
     with torch.inference_mode():
-        run = lambda: [pipe.unet(lat, t, encoder_hidden_states=ctx, return_dict=False) for _ in range(calls)]  # noqa: E731
         res = cuda_time_ms(run, repeats, 1)
-    return {k: (v / calls if k != "n" else v) for k, v in res.items()}
+    out = {k: (v / calls if k != "n" else v) for k, v in res.items()}
+    timed = issue_ms[-repeats:]          # (the warm-up window's first)
+    out["host_issue_ms"] = sorted(timed)[len(timed) // 2]
+    return out
 
 
 def seconds_per_image(pipe, steps: int, guidance: float, height: int, width: int, repeats: int = 2,

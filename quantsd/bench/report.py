@@ -30,7 +30,8 @@ def summary_rows(results: dict) -> list[dict]:
     for c in results.get("configs", []):
         img = _get(c, "image", "median")
         row = {"config": c["name"], "unet_ms": _get(c, "unet_ms", "median"),
-               "unet_ms_pipelined": _get(c, "unet_ms_pipelined", "median"), "s_per_image": img,
+               "unet_ms_pipelined": _get(c, "unet_ms_pipelined", "median"),
+               "host_issue_ms": _get(c, "unet_ms_pipelined", "host_issue_ms"), "s_per_image": img,
                "speedup_vs_fp32_classic": (fp32 / img) if (fp32 and img) else None,
                "peak_vram_gib": (_get(c, "image", "peak_vram_bytes") or 0) / 2**30 or None,
                "unet_weights_mib": c.get("unet_weight_mib"),
@@ -88,6 +89,19 @@ def packed_ratios(rows: list[dict]) -> list[tuple[str, str, float]]:
     return [(p, d, ms[p] / ms[d]) for p, ds in _DENSE_OF.items() for d in ds if p in ms and d in ms]
 
 
+def host_issue_lines(rows: list[dict]) -> list[str]:
+    """The report's line on the host's time to issue a compiled step back to back, against that
+    step's ms: a row whose host time reaches 90% of it is marked host-bound (its back-to-back number is
+    then the host's, and a faster host would lower it).  Compiled rows only: an eager step is
+    host-bound by design."""
+    parts = []
+    for r in rows:
+        host, step = r.get("host_issue_ms"), r.get("unet_ms_pipelined")
+        if "compiled" in r["config"] and host and step:
+            parts.append(f"{r['config']} {host:.2f} of {step:.2f} ms" + (" (host-bound)" if host >= 0.9 * step else ""))
+    return ["", "Host time to issue a compiled UNet step back to back: " + ", ".join(parts)] if parts else []
+
+
 def markdown_report(results: dict) -> str:
     meta = results.get("meta", {})
     lines = [f"# quantsd bench: {meta.get('model')} ({meta.get('recipe') or meta.get('checkpoint') or 'baselines'})",
@@ -114,6 +128,7 @@ def markdown_report(results: dict) -> str:
     if ratios:
         lines += ["", "Packed UNet step / dense, back to back: " + ", ".join(
             f"{p} / {d} {r:.3f}x" for p, d, r in ratios)]
+    lines += host_issue_lines(rows)
     pair = _get(results, "eager_interleaved", "packed_vs_fp16_sdpa")
     if isinstance(pair, dict) and "unet" in pair:
         u, im = pair["unet"], pair["image"]
