@@ -95,6 +95,10 @@ def _triton_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 _PREFETCH_OP = None   # quantsd.prefetch's custom op, set when that module is imported (before any layer uses it)
+# True once quantsd.prefetch.enable_weight_prefetch has run in this process (never reset): compiled forwards
+# read a layer's ``_prefetch_slot`` only then.  One global that Dynamo guards once per graph, instead of
+# two guards a layer on every compiled call for an attribute that is None unless prefetch is on
+_PREFETCH_ENABLED = False
 _GROUP_OP = None      # quantsd.dequant_groups' custom op, set when that module is imported (before any group exists)
 
 
@@ -480,9 +484,10 @@ class QuantLinear(QuantModule):
         # (the compile test first: a traced read of ``_armed`` would be one more Dynamo guard per layer,
         # re-checked on every compiled call)
         if torch.compiler.is_compiling():
-            if self._prefetch_slot is not None:
+            if _PREFETCH_ENABLED and self._prefetch_slot is not None:
                 return _PREFETCH_OP(x, *self._prefetch_slot)
-            if _fused_rows_ok(self, x, x.numel() // self.in_features, "linear"):
+            # (the fused switch first: the rows read ``in_features``, one guard a layer, only when it is on)
+            if _fused.MAX_ROWS > 0 and _fused_rows_ok(self, x, x.numel() // self.in_features, "linear"):
                 return _fused.LINEAR_OP(x, *kernel_args(self), self.bias, self._plan_key)
             return F.linear(x, self._forward_weight(), self.bias)
         views = self._arm_cell[0]     # handed over by a prehook group's root (eager)
@@ -560,9 +565,9 @@ class QuantConv2d(QuantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():     # (first: see QuantLinear.forward)
-            if self._prefetch_slot is not None:
+            if _PREFETCH_ENABLED and self._prefetch_slot is not None:
                 return _PREFETCH_OP(x, *self._prefetch_slot)
-            if x.dim() == 4 and _fused_rows_ok(self, x, self._output_rows(x), "conv"):
+            if _fused.MAX_ROWS > 0 and x.dim() == 4 and _fused_rows_ok(self, x, self._output_rows(x), "conv"):
                 return _fused.CONV_OP(x, *kernel_args(self), self.bias, self._plan_key, self.stride, self.padding,
                                       self.dilation)
             return self.compute(x, self._forward_weight())

@@ -357,6 +357,7 @@ def enable_weight_prefetch(model: nn.Module, ring_bytes: Optional[int] = None, r
     pf = WeightPrefetcher(layers, ring_bytes, regions, channels_last_convs)
     for i, m in enumerate(layers):
         m._prefetch_slot = (pf.id, i)
+    _nn._PREFETCH_ENABLED = True       # (compiled forwards look at the slots from now on)
     model._quantsd_prefetcher = pf
     return pf
 

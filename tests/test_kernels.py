@@ -565,8 +565,8 @@ def test_compiled_packed_layer_adds_few_dynamo_guards():
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("GUARDS")][-1]
     dense, packed, grouped = map(int, line.split()[1:])
     assert dense > 20  # the log was captured
-    # ~20 a layer, one of them the grouped-dequant check (quantsd.dequant_groups)
-    assert (packed - dense) / 4 <= 21, (dense, packed)
+    # ~18 a layer (codes and table: a tensor check each, the plan constants), one of them the grouped-dequant check
+    assert (packed - dense) / 4 <= 18, (dense, packed)   # 20.25 before the prefetch and fused switches were read first
     assert (grouped - packed) / 4 <= 4, (packed, grouped)   # a grouped member: its group's key and size
 
 
