@@ -46,7 +46,7 @@ def capture(unet, max_rows: int, inputs) -> "OrderedDict":
 
     def hook(m, args):
         x = args[0]
-        rows = x.numel() // m.in_features if isinstance(m, QuantLinear) else m._output_rows(x)
+        rows = m._output_rows(x)
         if rows > max_rows:
             return
         key = (type(m).__name__, tuple(x.shape), m.weight_shape, m.bits, m.method, m.granularity,

@@ -176,13 +176,17 @@ def _permute_codes(packed: torch.Tensor, bits: int, shape: tuple, order: tuple) 
 _FUSED_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _fused_rows_ok(layer: "QuantModule", x: torch.Tensor, rows: int, kind: str) -> bool:
+def _fused_rows_ok(layer: "QuantModule", x: torch.Tensor, kind: str) -> bool:
     """Does this call take the fused dequant-GEMM (:mod:`quantsd.kernels.fused`)?  Only while
     torch.compile traces (the decision is then made once per compiled shape; eager forwards keep the
     per-layer / grouped dequant, whose launches are cheaper on the host), for a layer whose kernel
-    runs on its device, 16-bit compute, and a shape :func:`quantsd.kernels.fused.should_fuse` takes."""
-    return (_fused.MAX_ROWS > 0 and layer._lut is not None and layer._fusable and x.dtype == layer._dtype
-            and x.dtype in _FUSED_DTYPES and _fused.should_fuse(layer._plan_key, rows, kind))
+    runs on its device, 16-bit compute, and a shape :func:`quantsd.kernels.fused.should_fuse` takes
+    (a convolution's input batched, 4-d).  Called only while the fused path is on (the forwards test
+    ``_fused.MAX_ROWS > 0`` first: while it is off nothing here is traced, and what it reads --
+    ``in_features``, a conv's kernel size -- would be Dynamo guards on every layer of every compiled call)."""
+    return (layer._lut is not None and layer._fusable and x.dtype == layer._dtype
+            and x.dtype in _FUSED_DTYPES and (kind == "linear" or x.dim() == 4)
+            and _fused.should_fuse(layer._plan_key, layer._output_rows(x), kind))
 
 
 class QuantModule(nn.Module):
@@ -486,8 +490,7 @@ class QuantLinear(QuantModule):
         if torch.compiler.is_compiling():
             if _PREFETCH_ENABLED and self._prefetch_slot is not None:
                 return _PREFETCH_OP(x, *self._prefetch_slot)
-            # (the fused switch first: the rows read ``in_features``, one guard a layer, only when it is on)
-            if _fused.MAX_ROWS > 0 and _fused_rows_ok(self, x, x.numel() // self.in_features, "linear"):
+            if _fused.MAX_ROWS > 0 and _fused_rows_ok(self, x, "linear"):   # (the switch first: _fused_rows_ok)
                 return _fused.LINEAR_OP(x, *kernel_args(self), self.bias, self._plan_key)
             return F.linear(x, self._forward_weight(), self.bias)
         views = self._arm_cell[0]     # handed over by a prehook group's root (eager)
@@ -496,6 +499,10 @@ class QuantLinear(QuantModule):
     def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """This layer's op with a given dense weight (the weight prefetcher's, :mod:`quantsd.prefetch`)."""
         return F.linear(x, weight, self.bias)
+
+    def _output_rows(self, x: torch.Tensor) -> int:
+        """Rows of the product as a GEMM: every leading position of ``x``."""
+        return x.numel() // self.in_features
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
@@ -567,7 +574,7 @@ class QuantConv2d(QuantModule):
         if torch.compiler.is_compiling():     # (first: see QuantLinear.forward)
             if _PREFETCH_ENABLED and self._prefetch_slot is not None:
                 return _PREFETCH_OP(x, *self._prefetch_slot)
-            if _fused.MAX_ROWS > 0 and x.dim() == 4 and _fused_rows_ok(self, x, self._output_rows(x), "conv"):
+            if _fused.MAX_ROWS > 0 and _fused_rows_ok(self, x, "conv"):
                 return _fused.CONV_OP(x, *kernel_args(self), self.bias, self._plan_key, self.stride, self.padding,
                                       self.dilation)
             return self.compute(x, self._forward_weight())

@@ -617,11 +617,11 @@ def test_markdown_marks_a_host_bound_compiled_step():
 
     res = {"meta": {"model": "m"}, "configs": [
         {"name": "fp16-sdpa", "unet_ms_pipelined": {"median": 27.0, "host_issue_ms": 26.9}},
-        {"name": "fp16-sdpa-compiled", "unet_ms_pipelined": {"median": 7.15, "host_issue_ms": 2.10}},
-        {"name": "packed-compiled", "unet_ms_pipelined": {"median": 7.45, "host_issue_ms": 7.30}}]}
+        {"name": "fp16-sdpa-compiled", "compile": True, "unet_ms_pipelined": {"median": 7.15, "host_issue_ms": 2.10}},
+        {"name": "packed-compiled", "compile": True, "unet_ms_pipelined": {"median": 7.45, "host_issue_ms": 7.30}}]}
     text = markdown_report(res)
     assert ("Host time to issue a compiled UNet step back to back: fp16-sdpa-compiled 2.10 of 7.15 ms, "
             "packed-compiled 7.30 of 7.45 ms (host-bound)") in text
     assert "fp16-sdpa 26.9" not in text                  # eager steps are host-bound by design: not listed
-    assert host_issue_lines(summary_rows({"configs": [{"name": "packed-compiled",
+    assert host_issue_lines(summary_rows({"configs": [{"name": "packed-compiled", "compile": True,
                                                        "unet_ms_pipelined": {"median": 7.4}}]})) == []

@@ -243,8 +243,7 @@ def unet_step_pipelined_ms(pipe, side: int, calls: int = 20, repeats: int = 5, b
     with torch.inference_mode():
         res = cuda_time_ms(run, repeats, 1)
     out = {k: (v / calls if k != "n" else v) for k, v in res.items()}
-    timed = issue_ms[-repeats:]          # (the warm-up window's first)
-    out["host_issue_ms"] = sorted(timed)[len(timed) // 2]
+    out["host_issue_ms"] = _pctl(issue_ms[-repeats:])["median"]     # (the warm-up window's first)
     return out
 
 

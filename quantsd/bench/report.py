@@ -29,7 +29,7 @@ def summary_rows(results: dict) -> list[dict]:
     fp32 = _get(base.get("fp32-classic", {}), "image", "median")
     for c in results.get("configs", []):
         img = _get(c, "image", "median")
-        row = {"config": c["name"], "unet_ms": _get(c, "unet_ms", "median"),
+        row = {"config": c["name"], "compiled": bool(c.get("compile")), "unet_ms": _get(c, "unet_ms", "median"),
                "unet_ms_pipelined": _get(c, "unet_ms_pipelined", "median"),
                "host_issue_ms": _get(c, "unet_ms_pipelined", "host_issue_ms"), "s_per_image": img,
                "speedup_vs_fp32_classic": (fp32 / img) if (fp32 and img) else None,
@@ -97,7 +97,7 @@ def host_issue_lines(rows: list[dict]) -> list[str]:
     parts = []
     for r in rows:
         host, step = r.get("host_issue_ms"), r.get("unet_ms_pipelined")
-        if "compiled" in r["config"] and host and step:
+        if r.get("compiled") and host and step:
             parts.append(f"{r['config']} {host:.2f} of {step:.2f} ms" + (" (host-bound)" if host >= 0.9 * step else ""))
     return ["", "Host time to issue a compiled UNet step back to back: " + ", ".join(parts)] if parts else []
 
